@@ -1,0 +1,51 @@
+"""somax: composable, planned second-order optimization for JAX and Optax.
+
+Describe a method with specs and :func:`assemble` it, or :func:`make` a preset::
+
+    method = somax.make("sgn_mse", predict_fn=model, learning_rate=1.0)
+    state = method.init(params)
+    params, state, info = jax.jit(method.step)(params, batch, state, rng)
+"""
+
+from somax import curvature as curvature  # noqa: F401  (registers curvature kinds)
+from somax import damping as damping  # noqa: F401
+from somax import estimators as estimators  # noqa: F401
+from somax import precond as precond  # noqa: F401
+from somax import solvers as solvers  # noqa: F401
+from somax import specs as specs
+from somax.assemble import IncompatibleSpecsError, assemble
+from somax.method import MethodState, SecondOrderMethod
+from somax.plan import Plan
+from somax.presets import describe, list_methods, make, newton_cg, sgn_ce, sgn_mse
+from somax.registry import UnknownKindError, register
+from somax.specs import CurvatureSpec, DampingSpec, EstimatorSpec, PrecondSpec, SolverSpec, TelemetrySpec
+from somax.telemetry import CORE_FIELDS, InfoField, to_floats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "assemble",
+    "make",
+    "list_methods",
+    "describe",
+    "register",
+    "sgn_mse",
+    "sgn_ce",
+    "newton_cg",
+    "SecondOrderMethod",
+    "MethodState",
+    "Plan",
+    "CurvatureSpec",
+    "EstimatorSpec",
+    "SolverSpec",
+    "PrecondSpec",
+    "DampingSpec",
+    "TelemetrySpec",
+    "InfoField",
+    "CORE_FIELDS",
+    "to_floats",
+    "UnknownKindError",
+    "IncompatibleSpecsError",
+    "specs",
+    "__version__",
+]

@@ -1,0 +1,20 @@
+"""Curvature operators: exact Hessian and generalized Gauss-Newton (paper §2.3)."""
+
+from somax.curvature.base import Linearization
+from somax.curvature.ggn import GGNCurvature, ggn, ggn_ce, ggn_mse
+from somax.curvature.hessian import HessianCurvature, hessian
+from somax.curvature.losses import MSELoss, OutputCurvature, OutputLoss, SoftmaxCELoss
+
+__all__ = [
+    "Linearization",
+    "GGNCurvature",
+    "HessianCurvature",
+    "ggn",
+    "ggn_mse",
+    "ggn_ce",
+    "hessian",
+    "OutputLoss",
+    "OutputCurvature",
+    "MSELoss",
+    "SoftmaxCELoss",
+]

@@ -1,0 +1,70 @@
+"""The step-local curvature snapshot shared by every module of one step (paper Table 6).
+
+A curvature component's ``linearize(params, batch)`` is called exactly once per
+step. It returns a :class:`Linearization` whose closures reuse that single
+``jax.linearize``: loss, gradient, the matrix-free product ``v ↦ H v``, the
+quadratic form ``vᵀ H v`` for the predicted decrease, and (for GGN kinds) the
+model's JVP/VJP for row-space solves and estimators. Only ``loss_at`` evaluates
+the model again, and only post-update probes call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+
+from somax._tree import tree_vdot
+
+PyTree = Any
+
+__all__ = ["Linearization", "get_batch_entry"]
+
+
+@dataclass(frozen=True)
+class Linearization:
+    """Curvature snapshot at ``w_t`` for one batch.
+
+    Attributes:
+      loss: mini-batch loss ``L_B(w_t)`` (2.2).
+      grad: ``g_t = ∇L_B(w_t)``.
+      matvec: ``v ↦ H_t v`` (undamped).
+      quad: ``v ↦ vᵀ H_t v``.
+      loss_at: ``w ↦ L_B(w)`` on the same batch (a new forward pass).
+      outputs: model outputs ``z`` (GGN kinds), else ``None``.
+      jvp: ``v ↦ J v`` (GGN kinds), else ``None``.
+      vjp: ``u ↦ Jᵀ u`` (GGN kinds), else ``None``.
+      output_hvp: ``u ↦ H_z u`` at ``z`` (GGN kinds), else ``None``.
+      extras: kind-specific step-local values (for user components).
+    """
+
+    loss: jax.Array
+    grad: PyTree
+    matvec: Callable[[PyTree], PyTree]
+    quad: Callable[[PyTree], jax.Array]
+    loss_at: Callable[[PyTree], jax.Array]
+    outputs: jax.Array | None = None
+    jvp: Callable[[PyTree], jax.Array] | None = None
+    vjp: Callable[[jax.Array], PyTree] | None = None
+    output_hvp: Callable[[jax.Array], jax.Array] | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def quad_from_matvec(self, v: PyTree) -> jax.Array:
+        return tree_vdot(v, self.matvec(v))
+
+
+def get_batch_entry(batch: Any, key: str, *, kind: str, role: str) -> Any:
+    """``batch[key]`` with an error that names the missing key and what the batch holds."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"{kind}: batch must be a mapping with key {key!r} ({role}); got {type(batch).__name__}. "
+            f"Set x_key/y_key in the curvature kwargs to name other entries."
+        )
+    if key not in batch:
+        raise KeyError(
+            f"{kind}: batch has no entry {key!r} ({role}); it has {sorted(map(str, batch))}. "
+            f"Set {'x_key' if role == 'inputs' else 'y_key'} in the curvature kwargs."
+        )
+    return batch[key]

@@ -1,0 +1,5 @@
+"""Diagonal preconditioners for the diagonal lane and for PCG."""
+
+from somax.precond.diag import DiagDirect, DiagEMA, DiagEMAState, IdentityPrecond, diag_direct, diag_ema, identity
+
+__all__ = ["DiagDirect", "DiagEMA", "DiagEMAState", "IdentityPrecond", "diag_direct", "diag_ema", "identity"]

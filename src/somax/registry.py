@@ -1,0 +1,135 @@
+"""Registries through which spec ``kind`` names are resolved to component factories.
+
+A registry maps a kind name (``"cg"``, ``"trust_region"`` …) to a factory that
+takes the spec's keyword arguments and returns a frozen component object. Users
+add their own components with :func:`register`::
+
+    @somax.register("solver", "my_solver")
+    class MySolver: ...
+
+and then name them in a spec: ``SolverSpec("my_solver", kwargs={...})``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = [
+    "Registry",
+    "UnknownKindError",
+    "CURVATURES",
+    "SOLVERS",
+    "PRECONDITIONERS",
+    "DAMPINGS",
+    "ESTIMATORS",
+    "register",
+    "registry_for",
+    "build_component",
+]
+
+
+class UnknownKindError(ValueError):
+    """Raised when a spec names a kind that no registry holds."""
+
+
+class Registry:
+    """A named table ``kind name -> factory``."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._factories: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str, factory: Callable[..., Any] | None = None, *, overwrite: bool = False):
+        """Register ``factory`` under ``name``; usable as a decorator when ``factory`` is omitted."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{self.what} name must be a non-empty string, got {name!r}")
+
+        def _do(f: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._factories and not overwrite and self._factories[name] is not f:
+                raise ValueError(
+                    f"{self.what} kind {name!r} is already registered; pass overwrite=True to replace it"
+                )
+            self._factories[name] = f
+            return f
+
+        return _do if factory is None else _do(factory)
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._factories:
+            known = sorted(self._factories)
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownKindError(f"Unknown {self.what} kind {name!r}.{hint} Known kinds: {', '.join(known)}.")
+        return self._factories[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
+
+
+CURVATURES = Registry("curvature")
+SOLVERS = Registry("solver")
+PRECONDITIONERS = Registry("preconditioner")
+DAMPINGS = Registry("damping")
+ESTIMATORS = Registry("estimator")
+
+_BY_KIND: Mapping[str, Registry] = {
+    "curvature": CURVATURES,
+    "solver": SOLVERS,
+    "precond": PRECONDITIONERS,
+    "preconditioner": PRECONDITIONERS,
+    "damping": DAMPINGS,
+    "estimator": ESTIMATORS,
+}
+
+
+def registry_for(component: str) -> Registry:
+    """The registry for a component family: curvature, solver, precond, damping, estimator."""
+    try:
+        return _BY_KIND[component]
+    except KeyError:
+        close = difflib.get_close_matches(component, list(_BY_KIND), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownKindError(f"Unknown component family {component!r}.{hint}") from None
+
+
+def register(component: str, name: str, factory: Callable[..., Any] | None = None, *, overwrite: bool = False):
+    """Register a user component factory under ``name`` in the ``component`` family."""
+    return registry_for(component).register(name, factory, overwrite=overwrite)
+
+
+def build_component(reg: Registry, name: str, kwargs: Mapping[str, Any], *, where: str) -> Any:
+    """Instantiate ``name`` from ``reg`` with ``kwargs``, naming the spec on a bad keyword."""
+    factory = reg.get(name)
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        params = sig.parameters
+        takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if not takes_var_kw:
+            accepted = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            for key in kwargs:
+                if key not in accepted:
+                    close = difflib.get_close_matches(key, accepted, n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    raise TypeError(
+                        f"{where}: {reg.what} kind {name!r} got an unexpected keyword {key!r}.{hint} "
+                        f"Accepted: {', '.join(accepted) or '(none)'}."
+                    )
+            missing = [
+                n
+                for n, p in params.items()
+                if p.default is inspect.Parameter.empty
+                and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and n not in kwargs
+            ]
+            if missing:
+                raise TypeError(f"{where}: {reg.what} kind {name!r} requires keyword(s) {', '.join(map(repr, missing))}.")
+    return factory(**dict(kwargs))

@@ -1,0 +1,153 @@
+"""Preconditioned conjugate gradient on pytrees for the damped system (2.4).
+
+Solves ``A s = g`` with ``A = H_t + λ_t I`` given only ``v ↦ A v``, stopping when
+the relative residual (2.5) ``‖A s − g‖ ≤ τ‖g‖`` holds or after ``maxiter``
+iterations. Two details that existing implementations get wrong:
+
+* **Negative curvature.** ``pᵀAp ≤ 0`` (an indefinite Hessian with small λ) ends
+  the solve instead of dividing by it (truncated Newton, Nocedal & Wright Alg. 7.1):
+  the last iterate is returned if it is a descent direction, else ``g`` itself.
+  No NaN can come out of a finite system.
+* **Residual refresh.** Every ``stabilise_every`` iterations the recursive residual
+  is replaced by the true ``g − A s`` *without* resetting the search direction, so
+  rounding drift is removed and convergence is not destroyed (a restart would be).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from somax._tree import tree_axpy, tree_norm, tree_sub, tree_vdot, tree_where, tree_zeros_like
+from somax.registry import SOLVERS
+
+PyTree = Any
+
+__all__ = ["CGResult", "conjugate_gradient", "CGSolver", "cg"]
+
+
+class CGResult(NamedTuple):
+    """Solution and statistics of one CG solve."""
+
+    x: PyTree
+    iters: jax.Array
+    residual: jax.Array
+    converged: jax.Array
+    negative_curvature: jax.Array
+
+
+class _Carry(NamedTuple):
+    i: jax.Array
+    x: PyTree
+    r: PyTree
+    p: PyTree
+    rz: jax.Array
+    rnorm: jax.Array
+    neg: jax.Array
+
+
+def conjugate_gradient(
+    matvec: Callable[[PyTree], PyTree],
+    b: PyTree,
+    *,
+    x0: PyTree | None = None,
+    tol: float = 1e-5,
+    maxiter: int = 10,
+    stabilise_every: int = 0,
+    precond: Callable[[PyTree], PyTree] | None = None,
+) -> CGResult:
+    """(P)CG for ``matvec(x) = b`` on pytrees; see the module docstring for the exits."""
+    bnorm = tree_norm(b)
+    if x0 is None:
+        x, r = tree_zeros_like(b), b
+    else:
+        x, r = x0, tree_sub(b, matvec(x0))
+    apply_m = precond if precond is not None else (lambda v: v)
+    z = apply_m(r)
+    rnorm = tree_norm(r)
+    threshold = tol * bnorm
+
+    def cond(c: _Carry) -> jax.Array:
+        return (c.i < maxiter) & (c.rnorm > threshold) & (c.rnorm > 0) & ~c.neg
+
+    def body(c: _Carry) -> _Carry:
+        ap = matvec(c.p)
+        pap = tree_vdot(c.p, ap)
+        neg = ~(pap > 0)  # also true for NaN
+        alpha = jnp.where(neg, 0.0, c.rz / jnp.where(neg, 1.0, pap)).astype(c.rz.dtype)
+        x = tree_axpy(alpha, c.p, c.x)
+        r = tree_axpy(-alpha, ap, c.r)
+        if stabilise_every > 0:
+            r = jax.lax.cond((c.i + 1) % stabilise_every == 0, lambda: tree_sub(b, matvec(x)), lambda: r)
+        z = apply_m(r)
+        rz = tree_vdot(r, z)
+        beta = rz / jnp.where(c.rz == 0, 1.0, c.rz)
+        p = tree_axpy(beta, c.p, z)
+        return _Carry(jnp.where(neg, c.i, c.i + 1), x, r, p, rz, tree_norm(r), neg)
+
+    init = _Carry(jnp.zeros((), jnp.int32), x, r, z, tree_vdot(r, z), rnorm, jnp.zeros((), bool))
+    c = jax.lax.while_loop(cond, body, init)
+    is_descent = tree_vdot(c.x, b) > 0
+    x = tree_where(c.neg & ~is_descent, b, c.x)
+    rel = jnp.where(bnorm > 0, c.rnorm / jnp.where(bnorm > 0, bnorm, 1.0), 0.0)
+    return CGResult(x, c.i, rel, (c.rnorm <= threshold) & ~c.neg, c.neg)
+
+
+@dataclass(frozen=True)
+class CGSolver:
+    """Parameter-space (P)CG on ``(H_t + λ_t I) s = g_t`` (lane ``"param"``).
+
+    Args:
+      maxiter: iteration cap.
+      tol: relative residual tolerance ``τ`` of (2.5).
+      warm_start: start from the previous step's solution (kept in solver state).
+      stabilise_every: refresh the true residual every k iterations (0 = never).
+    """
+
+    maxiter: int = 10
+    tol: float = 1e-5
+    warm_start: bool = False
+    stabilise_every: int = 0
+
+    lane = "param"
+    uses_precond = True
+    info_keys = ("cg_iters", "cg_residual", "cg_converged")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.maxiter, bool) or not isinstance(self.maxiter, int) or self.maxiter < 1:
+            raise ValueError(f"SolverSpec('cg'): maxiter must be an int >= 1, got {self.maxiter!r}")
+        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
+            raise ValueError(f"SolverSpec('cg'): tol must be a number >= 0, got {self.tol!r}")
+        if not isinstance(self.stabilise_every, int) or self.stabilise_every < 0:
+            raise ValueError(f"SolverSpec('cg'): stabilise_every must be an int >= 0, got {self.stabilise_every!r}")
+
+    def init(self, params: PyTree) -> PyTree:
+        return tree_zeros_like(params) if self.warm_start else ()
+
+    def solve(self, lin, rhs: PyTree, lam: jax.Array, precond, state: PyTree):
+        def damped(v: PyTree) -> PyTree:
+            return tree_axpy(lam, v, lin.matvec(v))
+
+        res = conjugate_gradient(
+            damped,
+            rhs,
+            x0=state if self.warm_start else None,
+            tol=self.tol,
+            maxiter=self.maxiter,
+            stabilise_every=self.stabilise_every,
+            precond=precond,
+        )
+        stats = {"cg_iters": res.iters, "cg_residual": res.residual, "cg_converged": res.converged}
+        return res.x, (res.x if self.warm_start else ()), stats
+
+
+def cg(*, maxiter: int = 10, tol: float = 1e-5, warm_start: bool = False, stabilise_every: int = 0) -> CGSolver:
+    """Factory for :class:`CGSolver` (registered as ``"cg"``)."""
+    return CGSolver(maxiter=maxiter, tol=tol, warm_start=warm_start, stabilise_every=stabilise_every)
+
+
+SOLVERS.register("cg", cg)

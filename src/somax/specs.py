@@ -1,0 +1,138 @@
+"""Declarative, frozen specifications of a second-order method (paper Appendix B.2, Table 5).
+
+A spec names a component *kind* (resolved through :mod:`somax.registry`) and carries
+that component's keyword arguments. Specs hold no arrays and do no work; the
+assembler turns them into components and a static :class:`~somax.plan.Plan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CurvatureSpec",
+    "EstimatorSpec",
+    "SolverSpec",
+    "PrecondSpec",
+    "DampingSpec",
+    "TelemetrySpec",
+    "OFF",
+]
+
+#: Cadence value meaning "never" (paper §3.4: ``rho_every_k = -1`` disables the probe).
+OFF = -1
+
+
+def _check_kind(spec: str, kind: Any) -> None:
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"{spec}: kind must be a non-empty string, got {kind!r}")
+
+
+def _check_kwargs(spec: str, kwargs: Any) -> None:
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"{spec}: kwargs must be a mapping, got {type(kwargs).__name__}")
+    bad = [k for k in kwargs if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"{spec}: kwargs keys must be strings, got {bad!r}")
+
+
+def check_cadence(where: str, every_k: Any) -> int:
+    """Validate a cadence: ``-1`` (off) or a positive integer ``k`` (fires at steps 0, k, 2k, …)."""
+    if isinstance(every_k, bool) or not isinstance(every_k, int):
+        raise TypeError(f"{where} must be an int (-1 for off, k >= 1 for every k steps), got {every_k!r}")
+    if every_k != OFF and every_k < 1:
+        raise ValueError(f"{where} must be -1 (off) or >= 1, got {every_k}")
+    return every_k
+
+
+@dataclass(frozen=True)
+class CurvatureSpec:
+    """Curvature operator ``H_t``: ``"hessian"``, ``"ggn_mse"``, ``"ggn_ce"`` or a registered kind.
+
+    ``kwargs`` carry the model: ``predict_fn(params, x)`` for GGN kinds,
+    ``loss_fn(params, batch)`` (or ``predict_fn`` plus ``loss``) for the Hessian,
+    and ``x_key`` / ``y_key`` naming the batch entries.
+    """
+
+    kind: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_kind("CurvatureSpec", self.kind)
+        _check_kwargs("CurvatureSpec", self.kwargs)
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """Randomised curvature estimator layered on the step's linearization (e.g. ``"hutchinson"``)."""
+
+    kind: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_kind("EstimatorSpec", self.kind)
+        _check_kwargs("EstimatorSpec", self.kwargs)
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """Solver of the damped system (2.4); its kind fixes the lane (``"cg"`` → parameter space)."""
+
+    kind: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_kind("SolverSpec", self.kind)
+        _check_kwargs("SolverSpec", self.kwargs)
+
+
+@dataclass(frozen=True)
+class PrecondSpec:
+    """Diagonal scaling used by the diagonal lane or as the PCG preconditioner (``"diag_ema"`` …)."""
+
+    kind: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_kind("PrecondSpec", self.kind)
+        _check_kwargs("PrecondSpec", self.kwargs)
+
+
+@dataclass(frozen=True)
+class DampingSpec:
+    """Damping policy for ``λ_t`` in (2.4): ``"constant"`` or ``"trust_region"``; ``lam0`` is ``λ_0``."""
+
+    kind: str = "constant"
+    lam0: float = 1.0
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_kind("DampingSpec", self.kind)
+        _check_kwargs("DampingSpec", self.kwargs)
+        if isinstance(self.lam0, bool) or not isinstance(self.lam0, (int, float)):
+            raise TypeError(f"DampingSpec: lam0 must be a number, got {self.lam0!r}")
+        if not self.lam0 >= 0.0:
+            raise ValueError(f"DampingSpec: lam0 must be >= 0, got {self.lam0}")
+
+
+@dataclass(frozen=True)
+class TelemetrySpec:
+    """Optional in-step probes and their cadences (paper §3.3–3.4).
+
+    Each ``*_every_k`` is ``-1`` (off) or ``k >= 1``: the probe fires at steps
+    ``0, k, 2k, …`` of the method's step counter.
+
+    Attributes:
+      rho_every_k: the rho bundle — loss after the applied update, predicted
+        decrease ``-(gᵀu + ½ uᵀH u)`` and gain ratio ``rho``.
+      loss_after_every_k: loss at the new parameters only.
+    """
+
+    rho_every_k: int = OFF
+    loss_after_every_k: int = OFF
+
+    def __post_init__(self) -> None:
+        check_cadence("TelemetrySpec.rho_every_k", self.rho_every_k)
+        check_cadence("TelemetrySpec.loss_after_every_k", self.loss_after_every_k)
