@@ -37,6 +37,8 @@ class Linearization:
       jvp: ``v ↦ J v`` (GGN kinds), else ``None``.
       vjp: ``u ↦ Jᵀ u`` (GGN kinds), else ``None``.
       output_hvp: ``u ↦ H_z u`` at ``z`` (GGN kinds), else ``None``.
+      output_loss: the :class:`~somax.curvature.losses.OutputLoss` (GGN kinds), else ``None``.
+      targets: the batch targets ``y`` as given in the batch (GGN kinds), else ``None``.
       extras: kind-specific step-local values (for user components).
     """
 
@@ -49,6 +51,8 @@ class Linearization:
     jvp: Callable[[PyTree], jax.Array] | None = None
     vjp: Callable[[jax.Array], PyTree] | None = None
     output_hvp: Callable[[jax.Array], jax.Array] | None = None
+    output_loss: Any = None
+    targets: Any = None
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def quad_from_matvec(self, v: PyTree) -> jax.Array:

@@ -74,7 +74,8 @@ class GGNCurvature:
             jvp=jvp,
             vjp=vjp,
             output_hvp=out.hvp,
-            extras={"targets": y},
+            output_loss=self.loss,
+            targets=y,
         )
 
 
