@@ -76,6 +76,9 @@ class GGNCurvature:
             output_hvp=out.hvp,
             output_loss=self.loss,
             targets=y,
+            # For per-example row primitives (somax.curvature.rows): the linearization point,
+            # the inputs and the model; nothing is computed unless a row solver asks for it.
+            extras={"params": params, "inputs": x, "predict_fn": self.predict_fn},
         )
 
 

@@ -1,0 +1,104 @@
+"""Preconditioned CG against dense solves, with its exits and statistics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from somax.solvers.cg import conjugate_gradient
+
+
+def _spd(n, cond, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return (q * np.geomspace(1.0, cond, n)) @ q.T
+
+
+def _mv(a):
+    a = jnp.asarray(a)
+    return lambda v: a @ v
+
+
+def test_converges_to_dense_solution_with_stats():
+    a = _spd(30, 1e3)
+    b = jnp.asarray(np.random.default_rng(1).normal(size=30))
+    res = conjugate_gradient(_mv(a), b, tol=1e-10, maxiter=200)
+    x_true = np.linalg.solve(a, np.asarray(b))
+    np.testing.assert_allclose(np.asarray(res.x), x_true, rtol=1e-7)
+    true_rel = np.linalg.norm(a @ np.asarray(res.x) - np.asarray(b)) / np.linalg.norm(b)
+    assert true_rel <= 1e-9
+    assert bool(res.converged) and not bool(res.negative_curvature)
+    assert 0 < int(res.iters) <= 200
+    assert float(res.residual) <= 1e-10
+
+
+def test_maxiter_caps_iterations_and_reports_not_converged():
+    a = _spd(30, 1e4)
+    b = jnp.ones(30)
+    res = conjugate_gradient(_mv(a), b, tol=1e-12, maxiter=3)
+    assert int(res.iters) == 3 and not bool(res.converged)
+    rel = np.linalg.norm(a @ np.asarray(res.x) - 1.0) / np.sqrt(30)
+    np.testing.assert_allclose(float(res.residual), rel, rtol=1e-6)
+
+
+def test_jacobi_preconditioner_reduces_iterations_same_solution():
+    rng = np.random.default_rng(2)
+    d = np.geomspace(1, 1e4, 40)
+    a = np.diag(d) + 0.1 * _spd(40, 10.0, seed=3)
+    b = jnp.asarray(rng.normal(size=40))
+    plain = conjugate_gradient(_mv(a), b, tol=1e-10, maxiter=500)
+    inv_diag = jnp.asarray(1.0 / np.diag(a))
+    pcg = conjugate_gradient(_mv(a), b, tol=1e-10, maxiter=500, precond=lambda v: inv_diag * v)
+    np.testing.assert_allclose(np.asarray(pcg.x), np.linalg.solve(a, np.asarray(b)), rtol=1e-6)
+    assert int(pcg.iters) < int(plain.iters) // 2
+
+
+def test_warm_start_at_solution_needs_no_iterations():
+    a = _spd(10, 10.0)
+    b = jnp.ones(10)
+    x_true = jnp.asarray(np.linalg.solve(a, np.ones(10)))
+    res = conjugate_gradient(_mv(a), b, x0=x_true, tol=1e-8, maxiter=50)
+    assert int(res.iters) == 0
+    np.testing.assert_allclose(np.asarray(res.x), np.asarray(x_true))
+
+
+def test_residual_refresh_keeps_search_direction():
+    """Refreshing the true residual every 5 iterations does not slow convergence (a restart would)."""
+    a = _spd(60, 1e4, seed=4)
+    b = jnp.asarray(np.random.default_rng(5).normal(size=60))
+    base = conjugate_gradient(_mv(a), b, tol=1e-8, maxiter=1000)
+    refreshed = conjugate_gradient(_mv(a), b, tol=1e-8, maxiter=1000, stabilise_every=5)
+    assert int(refreshed.iters) <= 1.25 * int(base.iters)
+    true_rel = np.linalg.norm(a @ np.asarray(refreshed.x) - np.asarray(b)) / np.linalg.norm(b)
+    assert true_rel <= 1e-8 * 1.01
+    # a restart-every-5 CG is steepest-descent-like and needs far more than `base` iterations
+    x = jnp.zeros(60)
+    total = 0
+    for _ in range(int(refreshed.iters) // 5 + 1):
+        r = conjugate_gradient(_mv(a), b, x0=x, tol=1e-8, maxiter=5)
+        x, total = r.x, total + int(r.iters)
+    assert np.linalg.norm(a @ np.asarray(x) - np.asarray(b)) / np.linalg.norm(b) > 1e-8
+
+
+@pytest.mark.parametrize("x0", [None, "warm"])
+def test_negative_curvature_exit_gives_finite_descent(x0):
+    rng = np.random.default_rng(6)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    a = (q * np.array([-3.0, -1.0, 0.5, 1, 2, 3, 4, 5])) @ q.T
+    b = jnp.asarray(rng.normal(size=8))
+    start = None if x0 is None else 0.01 * b
+    res = conjugate_gradient(_mv(a), b, x0=start, tol=1e-10, maxiter=50)
+    assert bool(res.negative_curvature) and not bool(res.converged)
+    assert np.all(np.isfinite(np.asarray(res.x)))
+    assert float(jnp.vdot(res.x, b)) > 0  # -x is a descent direction for gradient b
+
+
+def test_zero_rhs_and_pytrees():
+    tree = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    res = conjugate_gradient(lambda v: jax.tree_util.tree_map(lambda x: 2.0 * x, v), tree, tol=1e-6, maxiter=5)
+    assert int(res.iters) == 0 and float(res.residual) == 0.0
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(res.x))
+    rhs = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+    res = conjugate_gradient(lambda v: jax.tree_util.tree_map(lambda x: 2.0 * x, v), rhs, tol=1e-10, maxiter=5)
+    np.testing.assert_allclose(np.asarray(res.x["b"]), 0.5)
+    assert int(res.iters) == 1
