@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "Registry",
     "UnknownKindError",
+    "did_you_mean",
     "CURVATURES",
     "SOLVERS",
     "PRECONDITIONERS",
@@ -29,6 +30,17 @@ __all__ = [
     "registry_for",
     "build_component",
 ]
+
+
+def did_you_mean(name: object, known: list[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest known name (typos, swapped letters), else ``""``."""
+    text = str(name)
+    close = difflib.get_close_matches(text, known, n=1)
+    if not close:
+        close = [k for k in known if sorted(k) == sorted(text)]
+    if not close:
+        close = difflib.get_close_matches(text, known, n=1, cutoff=0.4)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 class UnknownKindError(ValueError):
@@ -60,8 +72,7 @@ class Registry:
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._factories:
             known = sorted(self._factories)
-            close = difflib.get_close_matches(str(name), known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, known)
             raise UnknownKindError(f"Unknown {self.what} kind {name!r}.{hint} Known kinds: {', '.join(known)}.")
         return self._factories[name]
 
@@ -93,8 +104,7 @@ def registry_for(component: str) -> Registry:
     try:
         return _BY_KIND[component]
     except KeyError:
-        close = difflib.get_close_matches(component, list(_BY_KIND), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(component, list(_BY_KIND))
         raise UnknownKindError(f"Unknown component family {component!r}.{hint}") from None
 
 
@@ -117,8 +127,7 @@ def build_component(reg: Registry, name: str, kwargs: Mapping[str, Any], *, wher
             accepted = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
             for key in kwargs:
                 if key not in accepted:
-                    close = difflib.get_close_matches(key, accepted, n=1)
-                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    hint = did_you_mean(key, accepted)
                     raise TypeError(
                         f"{where}: {reg.what} kind {name!r} got an unexpected keyword {key!r}.{hint} "
                         f"Accepted: {', '.join(accepted) or '(none)'}."

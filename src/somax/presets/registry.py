@@ -8,12 +8,12 @@ handling and never swallow a misspelled keyword.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from somax.method import SecondOrderMethod
+from somax.registry import did_you_mean
 
 __all__ = ["define_preset", "make", "list_methods", "describe", "PRESETS"]
 
@@ -21,8 +21,7 @@ PRESETS: dict[str, Callable[..., SecondOrderMethod]] = {}
 
 
 def _unknown_keyword(preset: str, key: str, accepted: list[str]) -> TypeError:
-    close = difflib.get_close_matches(key, accepted, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(key, accepted)
     return TypeError(f"{preset}() got an unexpected keyword argument {key!r}.{hint} Accepted: {', '.join(accepted)}.")
 
 
@@ -73,8 +72,7 @@ def define_preset(
 
 def _get(name: str) -> Callable[..., SecondOrderMethod]:
     if name not in PRESETS:
-        close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, list(PRESETS))
         raise ValueError(f"Unknown method {name!r}.{hint} Known: {', '.join(list_methods())}.")
     return PRESETS[name]
 
