@@ -150,7 +150,9 @@ def test_row_solver_with_hessian_is_rejected_naming_both():
 
     somax.register("solver", "fake_row_test", FakeRow)
     _, predict = tiny_mlp()
-    with pytest.raises(somax.IncompatibleSpecsError, match=r"SolverSpec\('fake_row_test'\).*CurvatureSpec\('hessian'\)"):
+    with pytest.raises(
+        somax.IncompatibleSpecsError, match=r"SolverSpec\('fake_row_test'\).*CurvatureSpec\('hessian'\)"
+    ):
         somax.assemble(
             curvature=CurvatureSpec("hessian", kwargs={"predict_fn": predict, "loss": "mse"}),
             solver=SolverSpec("fake_row_test"),

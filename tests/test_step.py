@@ -210,7 +210,9 @@ def test_lax_scan_over_steps_matches_python_loop():
     params, predict = tiny_mlp(sizes=(3, 5, 2))
     batches = [regression_batch(key=i, d_out=2) for i in range(6)]
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *batches)
-    method = somax.make("sgn_mse", predict, damping="trust_region", tr_every_k=3, telemetry=TelemetrySpec(rho_every_k=2))
+    method = somax.make(
+        "sgn_mse", predict, damping="trust_region", tr_every_k=3, telemetry=TelemetrySpec(rho_every_k=2)
+    )
 
     def body(carry, batch):
         p, s = carry

@@ -10,15 +10,42 @@ Describe a method with specs and :func:`assemble` it, or :func:`make` a preset::
 from somax import curvature as curvature  # noqa: F401  (registers curvature kinds)
 from somax import damping as damping  # noqa: F401
 from somax import estimators as estimators  # noqa: F401
+from somax import line_search as line_search  # noqa: F401
 from somax import precond as precond  # noqa: F401
 from somax import solvers as solvers  # noqa: F401
 from somax import specs as specs
 from somax.assemble import IncompatibleSpecsError, assemble
 from somax.method import MethodState, SecondOrderMethod
 from somax.plan import Plan
-from somax.presets import describe, list_methods, make, newton_cg, sgn_ce, sgn_mse
+from somax.presets import (
+    adahessian,
+    describe,
+    egn_ce,
+    egn_ce_cg,
+    egn_mse,
+    egn_mse_cg,
+    ggn_direct_ce,
+    ggn_direct_mse,
+    list_methods,
+    make,
+    newton_cg,
+    newton_direct,
+    sgn_ce,
+    sgn_mse,
+    sophia_g,
+    sophia_h,
+    sophia_n,
+)
 from somax.registry import UnknownKindError, register
-from somax.specs import CurvatureSpec, DampingSpec, EstimatorSpec, PrecondSpec, SolverSpec, TelemetrySpec
+from somax.specs import (
+    CurvatureSpec,
+    DampingSpec,
+    EstimatorSpec,
+    LineSearchSpec,
+    PrecondSpec,
+    SolverSpec,
+    TelemetrySpec,
+)
 from somax.telemetry import CORE_FIELDS, InfoField, to_floats
 
 __version__ = "0.1.0"
@@ -32,6 +59,17 @@ __all__ = [
     "sgn_mse",
     "sgn_ce",
     "newton_cg",
+    "adahessian",
+    "sophia_h",
+    "sophia_g",
+    "sophia_n",
+    "egn_mse",
+    "egn_ce",
+    "egn_mse_cg",
+    "egn_ce_cg",
+    "ggn_direct_mse",
+    "ggn_direct_ce",
+    "newton_direct",
     "SecondOrderMethod",
     "MethodState",
     "Plan",
@@ -41,6 +79,7 @@ __all__ = [
     "PrecondSpec",
     "DampingSpec",
     "TelemetrySpec",
+    "LineSearchSpec",
     "InfoField",
     "CORE_FIELDS",
     "to_floats",

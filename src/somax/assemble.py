@@ -14,8 +14,17 @@ import optax
 
 from somax.method import SecondOrderMethod
 from somax.plan import Plan, ProbeRequest
-from somax.registry import CURVATURES, DAMPINGS, ESTIMATORS, PRECONDITIONERS, SOLVERS, build_component
-from somax.specs import CurvatureSpec, DampingSpec, EstimatorSpec, PrecondSpec, SolverSpec, TelemetrySpec
+from somax.probes import spectral_fields, spectral_requests
+from somax.registry import CURVATURES, DAMPINGS, ESTIMATORS, LINE_SEARCHES, PRECONDITIONERS, SOLVERS, build_component
+from somax.specs import (
+    CurvatureSpec,
+    DampingSpec,
+    EstimatorSpec,
+    LineSearchSpec,
+    PrecondSpec,
+    SolverSpec,
+    TelemetrySpec,
+)
 from somax.telemetry import CORE_FIELDS, InfoField
 
 __all__ = ["assemble", "IncompatibleSpecsError"]
@@ -43,6 +52,7 @@ def assemble(
     telemetry: TelemetrySpec | None = None,
     tx: optax.GradientTransformation | None = None,
     grad_tx: optax.GradientTransformation | None = None,
+    line_search: LineSearchSpec | None = None,
 ) -> SecondOrderMethod:
     """Assemble a second-order method from declarative specs.
 
@@ -56,6 +66,7 @@ def assemble(
       tx: Optax chain applied to the direction ``s_t``; it must turn ``s_t`` into a
         *descent* update (e.g. end in ``optax.scale(-lr)``). Default ``optax.scale(-1.0)``.
       grad_tx: Optax transform applied to ``g_t`` before the solve (e.g. momentum).
+      line_search: step-size policy on the applied update (``"grid"`` or ``"armijo"``).
 
     Returns:
       A :class:`~somax.method.SecondOrderMethod` with ``init``, ``step`` and ``plan``.
@@ -66,6 +77,7 @@ def assemble(
     _expect("precondition", precondition, PrecondSpec)
     _expect("estimator", estimator, EstimatorSpec)
     _expect("telemetry", telemetry, TelemetrySpec)
+    _expect("line_search", line_search, LineSearchSpec)
     for name, t in (("tx", tx), ("grad_tx", grad_tx)):
         if t is not None and not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
             raise TypeError(f"assemble: {name}= must be an optax.GradientTransformation, got {type(t).__name__}")
@@ -80,17 +92,28 @@ def assemble(
     solv = build_component(SOLVERS, solver.kind, solver.kwargs, where="SolverSpec")
     prec = build_component(PRECONDITIONERS, precondition.kind, precondition.kwargs, where="PrecondSpec")
     damp = build_component(DAMPINGS, damping.kind, damping.kwargs, where="DampingSpec")
+    search = None
+    if line_search is not None:
+        search = build_component(LINE_SEARCHES, line_search.kind, line_search.kwargs, where="LineSearchSpec")
     est = None
     if estimator is not None:
         est = build_component(ESTIMATORS, estimator.kind, estimator.kwargs, where="EstimatorSpec")
 
     lane = getattr(solv, "lane", None)
     if lane not in ("param", "row", "diag"):
-        raise TypeError(f"SolverSpec({solver.kind!r}): a solver must declare lane 'param', 'row' or 'diag', got {lane!r}")
+        raise TypeError(
+            f"SolverSpec({solver.kind!r}): a solver must declare lane 'param', 'row' or 'diag', got {lane!r}"
+        )
     if lane == "row" and not getattr(curv, "has_rows", False):
         raise IncompatibleSpecsError(
             f"SolverSpec({solver.kind!r}) solves in row space, but CurvatureSpec({curvature.kind!r}) has no row "
             f"form (J Jᵀ); use a GGN curvature ('ggn_mse', 'ggn_ce') or a parameter-space solver such as 'cg'"
+        )
+    if grad_tx is not None and getattr(solv, "needs_gradient_rhs", False):
+        raise IncompatibleSpecsError(
+            f"SolverSpec({solver.kind!r}) solves for the gradient itself (its row residual r has Ĵᵀr = n·g), "
+            f"so grad_tx= would be ignored; drop grad_tx (put momentum on the direction via tx=) or use a "
+            f"parameter-space solver such as 'cg'"
         )
     needs_diag = getattr(prec, "needs_diagonal", False)
     if lane == "diag" and not needs_diag:
@@ -107,9 +130,14 @@ def assemble(
             f"EstimatorSpec({estimator.kind!r}) produces a diagonal estimate, but PrecondSpec({precondition.kind!r}) "
             f"does not use one; pair it with 'diag_ema' or 'diag_direct'"
         )
-    if est is not None and getattr(est, "needs_model_outputs", False) and not getattr(curv, "needs_model_outputs", False):
+    if (
+        est is not None
+        and getattr(est, "needs_model_outputs", False)
+        and not getattr(curv, "needs_model_outputs", False)
+    ):
         raise IncompatibleSpecsError(
-            f"EstimatorSpec({estimator.kind!r}) samples from the model's outputs, but CurvatureSpec({curvature.kind!r}) "
+            f"EstimatorSpec({estimator.kind!r}) samples from the model's outputs, but "
+            f"CurvatureSpec({curvature.kind!r}) "
             f"has no model-output linearization; use a GGN curvature"
         )
 
@@ -117,12 +145,22 @@ def assemble(
         ProbeRequest("rho", "telemetry", telemetry.rho_every_k),
         ProbeRequest("loss_after", "telemetry", telemetry.loss_after_every_k),
     ]
+    requests += [ProbeRequest(probe, "telemetry", k) for probe, k in spectral_requests(telemetry)]
+    requests.append(ProbeRequest("damping", "damping", getattr(damp, "every_k", -1)))
     if getattr(damp, "needs_rho", False):
         requests.append(ProbeRequest("rho", "damping", damp.every_k))
     if est is not None and needs_diag:
         requests.append(ProbeRequest("estimator", "precondition", est.every_k))
+    needs_rng = tuple(
+        name
+        for name, on in (
+            ("estimator", est is not None and needs_diag and est.every_k != -1),
+            ("spectral telemetry", any(k != -1 for _, k in spectral_requests(telemetry))),
+        )
+        if on
+    )
 
-    schema: dict[str, InfoField] = dict(CORE_FIELDS)
+    schema: dict[str, InfoField] = {**CORE_FIELDS, **spectral_fields(telemetry)}
     for key in getattr(solv, "info_keys", ()):
         if key not in schema:
             extra = getattr(solv, "info_fields", {})
@@ -140,8 +178,10 @@ def assemble(
         components["estimator"] = estimator.kind + _kwargs_summary(estimator.kwargs)
     if grad_tx is not None:
         components["grad_tx"] = "optax transform on g before the solve"
+    if line_search is not None:
+        components["line_search"] = line_search.kind + _kwargs_summary(line_search.kwargs)
 
-    plan = Plan(lane=lane, components=components, requests=tuple(requests), info_schema=schema)
+    plan = Plan(lane=lane, components=components, requests=tuple(requests), info_schema=schema, needs_rng=needs_rng)
     return SecondOrderMethod(
         plan=plan,
         curvature=curv,
@@ -152,6 +192,8 @@ def assemble(
         tx=tx,
         grad_tx=grad_tx,
         lam0=float(damping.lam0),
+        telemetry=telemetry,
+        line_search=search,
     )
 
 

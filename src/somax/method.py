@@ -2,8 +2,9 @@
 
 ::
 
-    linearize ─► gradient-side transform ─► (estimator, cadence-gated) ─► preconditioner
-      ─► solve in the lane ─► Optax chain on the direction ─► apply
+    linearize ─► spectral probes (cadence-gated) ─► gradient-side transform
+      ─► (estimator, cadence-gated) ─► preconditioner ─► solve in the lane
+      ─► Optax chain on the direction ─► line search (optional) ─► apply
       ─► post-update probes (cadence-gated) ─► damping update / accept ─► state, info
 
 Lanes differ only in the solver object that turns ``(linearization, g, λ, M⁻¹)``
@@ -20,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from somax._tree import scalar_dtype, tree_norm, tree_vdot, tree_where
+from somax._tree import scalar_dtype, tree_norm, tree_scale, tree_vdot, tree_where
 from somax.plan import Plan, cadence_gate
+from somax.probes import block_names, spectral_values
+from somax.specs import TelemetrySpec
 from somax.telemetry import fill_info
 
 PyTree = Any
@@ -58,6 +61,8 @@ class SecondOrderMethod:
     tx: optax.GradientTransformation
     grad_tx: optax.GradientTransformation | None
     lam0: float
+    telemetry: TelemetrySpec = TelemetrySpec()
+    line_search: Any = None
 
     def init(self, params: PyTree) -> MethodState:
         """Initial method state for ``params`` (λ in the parameters' scalar dtype, ≥ float32)."""
@@ -78,10 +83,16 @@ class SecondOrderMethod:
         plan = self.plan
         count = state.count
         fdt = scalar_dtype(params)
+        nan = jnp.asarray(jnp.nan, fdt)
+        if rng is None and plan.needs_rng:
+            raise ValueError(f"step: rng=None, but this plan draws random probes ({', '.join(plan.needs_rng)})")
 
         lin = self.curvature.linearize(params, batch)
         g = lin.grad
         lam = state.damping.lam
+        values: dict[str, Any] = {}
+        if any(plan.enabled(p) for p in ("trace", "eig", "density", "block_eig")):
+            values.update(spectral_values(self.telemetry, lin, params, rng, lambda p: plan.gate(p, count), _gated, fdt))
 
         rhs, grad_tx_state = g, state.grad_tx
         if self.grad_tx is not None:
@@ -92,61 +103,65 @@ class SecondOrderMethod:
             if self.estimator is None:
                 precond_state = self.precond.update(precond_state, jax.tree_util.tree_map(jnp.square, g))
             else:
-                if rng is None:
-                    raise ValueError(f"step: the estimator {plan.components['estimator']!r} needs an rng; got rng=None")
 
-                def refresh(_: None):
+                def refresh():
                     diag, est_state = self.estimator.diagonal(lin, jax.random.fold_in(rng, 1), estimator_state)
                     return self.precond.update(precond_state, diag), est_state
 
-                fire = plan.gate("estimator", count)
-                if fire is True:
-                    precond_state, estimator_state = refresh(None)
-                elif fire is not False:
-                    precond_state, estimator_state = jax.lax.cond(
-                        fire, refresh, lambda _: (precond_state, estimator_state), None
-                    )
+                precond_state, estimator_state = _gated(
+                    plan.gate("estimator", count), refresh, (precond_state, estimator_state)
+                )
         inverse = self.precond.inverse(precond_state, lam)
 
         direction, solver_state, solver_stats = self.solver.solve(lin, rhs, lam, inverse, state.solver)
         updates, tx_state = self.tx.update(direction, state.tx, params)
-        new_params = optax.apply_updates(params, updates)
 
-        values: dict[str, Any] = {
-            "step": count,
-            "loss": lin.loss,
-            "grad_norm": tree_norm(g),
-            "update_norm": tree_norm(updates),
-            "lam": lam,
-            **solver_stats,
-        }
-        nan = jnp.asarray(jnp.nan, fdt)
-
-        # Post-update probes: the rho bundle and loss-after are computed against the
-        # applied update u_t and reuse the step's linearization for uᵀHu.
+        # Post-update probes are computed against the update actually applied.
+        loss_after = nan
         fire_loss = cadence_gate(count, plan.cadences("loss_after") + plan.cadences("rho"))
+        if self.line_search is not None:
+            alpha, loss_after = self.line_search.search(lin, params, updates, fdt)
+            updates = tree_scale(alpha, updates)
+            values["ls_alpha"] = alpha
+            fire_loss = True  # the line search evaluated L_B(w + αu) already
+            loss_after = loss_after.astype(fdt)
+        else:
+            loss_after = _gated(fire_loss, lambda: lin.loss_at(optax.apply_updates(params, updates)).astype(fdt), nan)
+        new_params = optax.apply_updates(params, updates)
+        update_norm = tree_norm(updates)
+        values.update(
+            step=count,
+            loss=lin.loss,
+            grad_norm=tree_norm(g),
+            update_norm=update_norm,
+            rel_update=update_norm / jnp.maximum(tree_norm(params), jnp.finfo(fdt).tiny),
+            g_dot_s=tree_vdot(g, direction),
+            lam=lam,
+            **solver_stats,
+        )
         fire_rho = plan.gate("rho", count)
-        loss_after = _gated(fire_loss, lambda: lin.loss_at(new_params).astype(fdt), nan)
-        pred = _gated(fire_rho, lambda: -(tree_vdot(g, updates) + 0.5 * lin.quad(updates)).astype(fdt), nan)
         rho = nan
-        if fire_rho is not False:
-            actual = lin.loss.astype(fdt) - loss_after
-            rho = jnp.where(pred > 0, actual / jnp.where(pred > 0, pred, 1.0), -jnp.inf)
-            rho = jnp.where(jnp.isfinite(rho), rho, -jnp.inf)
-            rho = jnp.where(_as_array(fire_rho), rho, nan)
-            values.update(rho=rho, pred_decrease=pred)
         if fire_loss is not False:
-            values["loss_after"] = loss_after
+            values["loss_after"] = jnp.where(_as_array(fire_loss), loss_after, nan)
+            values["actual_decrease"] = lin.loss.astype(fdt) - values["loss_after"]
+        if fire_rho is not False:
+            pred = _gated(fire_rho, lambda: -(tree_vdot(g, updates) + 0.5 * lin.quad(updates)).astype(fdt), nan)
+            rho = jnp.where(pred > 0, values["actual_decrease"] / jnp.where(pred > 0, pred, 1.0), -jnp.inf)
+            rho = jnp.where(_as_array(fire_rho), jnp.where(jnp.isfinite(rho), rho, -jnp.inf), nan)
+            values.update(rho=rho, pred_decrease=pred)
 
         damping_state, accepted = state.damping, jnp.asarray(True)
-        if self.damping.needs_rho:
-            fire_damp = plan.gate("rho", count, requester="damping")
-            new_damping, ok = self.damping.update(state.damping, rho)
+        fire_damp = plan.gate("damping", count)
+        if fire_damp is not False:
+            signals = {"rho": rho, "update_norm": update_norm, "rel_update": values["rel_update"]}
+            new_damping, ok, action = self.damping.update(state.damping, signals)
             fire_damp = _as_array(fire_damp)
             damping_state = tree_where(fire_damp, new_damping, state.damping)
             accepted = jnp.where(fire_damp, ok, True)
-            new_params = tree_where(accepted, new_params, params)
-            tx_state = tree_where(accepted, tx_state, state.tx)
+            values["tr_action"] = jnp.where(fire_damp, action, -1)
+            if getattr(self.damping, "can_reject", False):
+                new_params = tree_where(accepted, new_params, params)
+                tx_state = tree_where(accepted, tx_state, state.tx)
         values["step_accepted"] = accepted
 
         new_state = MethodState(
@@ -158,7 +173,8 @@ class SecondOrderMethod:
             grad_tx=grad_tx_state,
             tx=tx_state,
         )
-        return new_params, new_state, fill_info(plan.info_schema, values, fdt)
+        blocks = block_names(params) if "block_top_eig" in plan.info_schema else ()
+        return new_params, new_state, fill_info(plan.info_schema, values, fdt, blocks)
 
 
 def _as_array(flag: bool | jax.Array) -> jax.Array:

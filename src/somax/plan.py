@@ -53,6 +53,7 @@ class Plan:
     components: Mapping[str, str]
     requests: tuple[ProbeRequest, ...]
     info_schema: Mapping[str, InfoField]
+    needs_rng: tuple[str, ...] = ()
 
     def cadences(self, probe: str, requester: str | None = None) -> tuple[int, ...]:
         return tuple(
@@ -79,7 +80,9 @@ class Plan:
         if active:
             lines.append("  probes:")
             for r in active:
-                when = "every step" if r.every_k == 1 else f"every {r.every_k} steps (0, {r.every_k}, {2 * r.every_k}, …)"
+                when = (
+                    "every step" if r.every_k == 1 else f"every {r.every_k} steps (0, {r.every_k}, {2 * r.every_k}, …)"
+                )
                 lines.append(f"    {r.probe:<11} for {r.requester}: {when}")
         else:
             lines.append("  probes:     none (no post-update work compiled)")

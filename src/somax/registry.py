@@ -26,6 +26,7 @@ __all__ = [
     "PRECONDITIONERS",
     "DAMPINGS",
     "ESTIMATORS",
+    "LINE_SEARCHES",
     "register",
     "registry_for",
     "build_component",
@@ -61,9 +62,7 @@ class Registry:
 
         def _do(f: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._factories and not overwrite and self._factories[name] is not f:
-                raise ValueError(
-                    f"{self.what} kind {name!r} is already registered; pass overwrite=True to replace it"
-                )
+                raise ValueError(f"{self.what} kind {name!r} is already registered; pass overwrite=True to replace it")
             self._factories[name] = f
             return f
 
@@ -88,6 +87,7 @@ SOLVERS = Registry("solver")
 PRECONDITIONERS = Registry("preconditioner")
 DAMPINGS = Registry("damping")
 ESTIMATORS = Registry("estimator")
+LINE_SEARCHES = Registry("line search")
 
 _BY_KIND: Mapping[str, Registry] = {
     "curvature": CURVATURES,
@@ -96,6 +96,7 @@ _BY_KIND: Mapping[str, Registry] = {
     "preconditioner": PRECONDITIONERS,
     "damping": DAMPINGS,
     "estimator": ESTIMATORS,
+    "line_search": LINE_SEARCHES,
 }
 
 
@@ -140,5 +141,7 @@ def build_component(reg: Registry, name: str, kwargs: Mapping[str, Any], *, wher
                 and n not in kwargs
             ]
             if missing:
-                raise TypeError(f"{where}: {reg.what} kind {name!r} requires keyword(s) {', '.join(map(repr, missing))}.")
+                raise TypeError(
+                    f"{where}: {reg.what} kind {name!r} requires keyword(s) {', '.join(map(repr, missing))}."
+                )
     return factory(**dict(kwargs))

@@ -18,6 +18,7 @@ __all__ = [
     "PrecondSpec",
     "DampingSpec",
     "TelemetrySpec",
+    "LineSearchSpec",
     "OFF",
 ]
 
@@ -119,20 +120,64 @@ class DampingSpec:
 
 @dataclass(frozen=True)
 class TelemetrySpec:
-    """Optional in-step probes and their cadences (paper §3.3–3.4).
+    """Optional in-step probes and their cadences (paper §3.3–3.4, App. A "Curvature telemetry").
 
     Each ``*_every_k`` is ``-1`` (off) or ``k >= 1``: the probe fires at steps
-    ``0, k, 2k, …`` of the method's step counter.
+    ``0, k, 2k, …`` of the method's step counter. Spectral probes use matrix-vector
+    products of the step's own linearization (Hessian or GGN); none linearizes again.
 
     Attributes:
       rho_every_k: the rho bundle — loss after the applied update, predicted
-        decrease ``-(gᵀu + ½ uᵀH u)`` and gain ratio ``rho``.
-      loss_after_every_k: loss at the new parameters only.
+        decrease ``-(gᵀu + ½ uᵀH u)`` and gain ratio ``rho`` → ``rho``,
+        ``loss_after``, ``pred_decrease``, ``actual_decrease``.
+      loss_after_every_k: loss at the new parameters only → ``loss_after``.
+      trace_every_k: ``tr(H_t)`` → ``trace``; ``trace_estimator`` is
+        ``"hutchinson"`` or ``"hutch++"`` with ``trace_probes`` matvecs.
+      eig_every_k: top-``eig_k`` eigenvalues of ``H_t`` by ``eig_iters`` Lanczos
+        steps → ``top_eigs`` (shape ``(eig_k,)``, descending).
+      density_every_k: spectral density by stochastic Lanczos quadrature with
+        ``density_probes`` probes × ``density_iters`` steps → ``density_nodes`` and
+        ``density_weights`` (each ``(density_probes, density_iters)``).
+      block_eig_every_k: top eigenvalue of each per-layer diagonal block of ``H_t``
+        (``block_eig_iters`` Lanczos steps) → ``block_top_eig``, a dict keyed by layer path.
     """
 
     rho_every_k: int = OFF
     loss_after_every_k: int = OFF
+    trace_every_k: int = OFF
+    trace_estimator: str = "hutchinson"
+    trace_probes: int = 10
+    eig_every_k: int = OFF
+    eig_k: int = 1
+    eig_iters: int = 20
+    density_every_k: int = OFF
+    density_probes: int = 4
+    density_iters: int = 16
+    block_eig_every_k: int = OFF
+    block_eig_iters: int = 20
 
     def __post_init__(self) -> None:
-        check_cadence("TelemetrySpec.rho_every_k", self.rho_every_k)
-        check_cadence("TelemetrySpec.loss_after_every_k", self.loss_after_every_k)
+        for name in ("rho", "loss_after", "trace", "eig", "density", "block_eig"):
+            check_cadence(f"TelemetrySpec.{name}_every_k", getattr(self, f"{name}_every_k"))
+        for name in ("trace_probes", "eig_k", "eig_iters", "density_probes", "density_iters", "block_eig_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TelemetrySpec.{name} must be an int >= 1, got {value!r}")
+        if self.trace_estimator not in ("hutchinson", "hutch++"):
+            raise ValueError(
+                f"TelemetrySpec.trace_estimator must be 'hutchinson' or 'hutch++', got {self.trace_estimator!r}"
+            )
+        if self.eig_iters < self.eig_k:
+            raise ValueError(f"TelemetrySpec.eig_iters ({self.eig_iters}) must be >= eig_k ({self.eig_k})")
+
+
+@dataclass(frozen=True)
+class LineSearchSpec:
+    """Post-direction step-size policy on the applied update: ``"grid"`` or ``"armijo"``."""
+
+    kind: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_kind("LineSearchSpec", self.kind)
+        _check_kwargs("LineSearchSpec", self.kwargs)

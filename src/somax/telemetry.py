@@ -12,8 +12,10 @@ int        ``-1``
 bool       ``False``
 =========  ==========
 
-Sentinels never enter the method state. :func:`to_floats` turns one step's info
-into Python numbers with the sentinel entries dropped, for any logger.
+Array-valued telemetry (``top_eigs``, density nodes/weights) has a fixed shape;
+``block_top_eig`` is a dict keyed by parameter-block (layer) path. Sentinels never
+enter the method state. :func:`to_floats` turns one step's info into a flat dict of
+Python numbers with the sentinel entries dropped, for CSV, TensorBoard or any logger.
 """
 
 from __future__ import annotations
@@ -39,12 +41,24 @@ class InfoField:
 
     kind: Literal["float", "int", "bool"]
     doc: str
+    shape: tuple[int, ...] | Literal["blocks"] = ()
 
     def dtype(self, float_dtype) -> Any:
         return {"float": float_dtype, "int": jnp.int32, "bool": jnp.bool_}[self.kind]
 
-    def sentinel(self, float_dtype) -> Any:
-        return jnp.asarray(SENTINELS[self.kind], self.dtype(float_dtype))
+    def sentinel(self, float_dtype, blocks: tuple[str, ...] = ()) -> Any:
+        value = jnp.full(() if self.shape == "blocks" else self.shape, SENTINELS[self.kind], self.dtype(float_dtype))
+        if self.shape == "blocks":
+            return {name: value for name in blocks}
+        return value
+
+    def cast(self, value: Any, float_dtype, blocks: tuple[str, ...] = ()) -> Any:
+        dtype = self.dtype(float_dtype)
+        if self.shape == "blocks":
+            if set(value) != set(blocks):
+                raise KeyError(f"StepInfo: block values for {sorted(value)}, expected {sorted(blocks)}")
+            return {name: jnp.asarray(value[name]).astype(dtype).reshape(()) for name in blocks}
+        return jnp.asarray(value).astype(dtype).reshape(self.shape)
 
 
 CORE_FIELDS: Mapping[str, InfoField] = {
@@ -60,10 +74,17 @@ CORE_FIELDS: Mapping[str, InfoField] = {
     "cg_residual": InfoField("float", "final relative residual ‖As − g‖/‖g‖; nan in lanes without CG"),
     "cg_converged": InfoField("bool", "CG met its tolerance; False in lanes without CG"),
     "step_accepted": InfoField("bool", "False when the damping policy rejected the step"),
+    "rel_update": InfoField("float", "‖u_t‖ / ‖w_t‖"),
+    "g_dot_s": InfoField("float", "g_tᵀs_t for the solved direction s_t (Newton decrement² for exact solves)"),
+    "actual_decrease": InfoField("float", "L_B(w_t) − L_B(w_t + u_t); nan unless loss_after is known"),
+    "tr_action": InfoField("int", "damping update: 0 keep, 1 λ increased, 2 λ decreased; -1 when not updated"),
+    "ls_alpha": InfoField("float", "step size chosen by the line search; nan without one"),
 }
 
 
-def fill_info(schema: Mapping[str, InfoField], values: Mapping[str, Any], float_dtype) -> dict:
+def fill_info(
+    schema: Mapping[str, InfoField], values: Mapping[str, Any], float_dtype, blocks: tuple[str, ...] = ()
+) -> dict:
     """Build the fixed-structure info dict: given values cast, the rest sentinels."""
     unknown = set(values) - set(schema)
     if unknown:
@@ -71,9 +92,9 @@ def fill_info(schema: Mapping[str, InfoField], values: Mapping[str, Any], float_
     out = {}
     for key, field in schema.items():
         if key in values:
-            out[key] = jnp.asarray(values[key]).astype(field.dtype(float_dtype)).reshape(())
+            out[key] = field.cast(values[key], float_dtype, blocks)
         else:
-            out[key] = field.sentinel(float_dtype)
+            out[key] = field.sentinel(float_dtype, blocks)
     return out
 
 
@@ -85,15 +106,26 @@ def _is_sentinel(value: Any) -> bool:
     return value == -1
 
 
-def to_floats(info: Mapping[str, Any]) -> dict[str, float]:
-    """One step's info as Python numbers, dropping sentinel entries (bools become 0.0/1.0)."""
+def to_floats(info: Mapping[str, Any], *, max_array: int = 32) -> dict[str, float]:
+    """One step's info as a flat dict of Python numbers, dropping sentinel entries.
+
+    Bools become 0.0/1.0. Arrays with at most ``max_array`` entries become
+    ``key/i`` (``key/i/j`` …); per-block dicts become ``key/<block path>``. Larger
+    arrays (e.g. SLQ nodes) are left out: read them from ``info`` directly.
+    """
     out: dict[str, float] = {}
     for key, value in info.items():
-        arr = np.asarray(value)
-        if arr.shape != ():
-            raise ValueError(f"to_floats: info[{key!r}] has shape {arr.shape}; pass one step's info")
-        item = arr.item()
-        if _is_sentinel(item):
+        if isinstance(value, Mapping):
+            out.update({f"{key}/{k}": v for k, v in to_floats(value, max_array=max_array).items()})
             continue
-        out[key] = float(item)
+        arr = np.asarray(value)
+        if arr.shape == ():
+            item = arr.item()
+            if not _is_sentinel(item):
+                out[key] = float(item)
+        elif arr.size <= max_array:
+            for idx in np.ndindex(arr.shape):
+                item = arr[idx].item()
+                if not _is_sentinel(item):
+                    out[key + "".join(f"/{i}" for i in idx)] = float(item)
     return out

@@ -1,5 +1,27 @@
-"""Damping policies: constant and trust region (Levenberg–Marquardt on rho)."""
+"""Damping policies: constant, trust region (Levenberg–Marquardt on rho), step-norm band."""
 
-from somax.damping.policies import ConstantDamping, DampingState, TrustRegion, constant, trust_region
+from somax.damping.policies import (
+    DECREASED,
+    INCREASED,
+    KEEP,
+    ConstantDamping,
+    DampingState,
+    StepNormDamping,
+    TrustRegion,
+    constant,
+    step_norm,
+    trust_region,
+)
 
-__all__ = ["ConstantDamping", "DampingState", "TrustRegion", "constant", "trust_region"]
+__all__ = [
+    "ConstantDamping",
+    "DampingState",
+    "StepNormDamping",
+    "TrustRegion",
+    "constant",
+    "step_norm",
+    "trust_region",
+    "KEEP",
+    "INCREASED",
+    "DECREASED",
+]

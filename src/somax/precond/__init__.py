@@ -1,5 +1,23 @@
 """Diagonal preconditioners for the diagonal lane and for PCG."""
 
-from somax.precond.diag import DiagDirect, DiagEMA, DiagEMAState, IdentityPrecond, diag_direct, diag_ema, identity
+from somax.precond.diag import (
+    DiagDirect,
+    DiagEMA,
+    DiagEMAState,
+    IdentityPrecond,
+    diag_direct,
+    diag_ema,
+    identity,
+    spatial_average_tree,
+)
 
-__all__ = ["DiagDirect", "DiagEMA", "DiagEMAState", "IdentityPrecond", "diag_direct", "diag_ema", "identity"]
+__all__ = [
+    "DiagDirect",
+    "DiagEMA",
+    "DiagEMAState",
+    "IdentityPrecond",
+    "diag_direct",
+    "diag_ema",
+    "identity",
+    "spatial_average_tree",
+]

@@ -1,7 +1,37 @@
 """Named methods: each is a few lines of specs (see ``somax.describe(name)``)."""
 
-from somax.presets import param_lane  # noqa: F401  (registers the presets)
+from somax.presets import diag_lane, param_lane  # noqa: F401  (registers the presets)
+from somax.presets.diag_lane import adahessian, sophia_g, sophia_h, sophia_n
 from somax.presets.param_lane import newton_cg, sgn_ce, sgn_mse
 from somax.presets.registry import PRESETS, define_preset, describe, list_methods, make
+from somax.presets.row_lane import (  # registers the row-lane and direct presets
+    egn_ce,
+    egn_ce_cg,
+    egn_mse,
+    egn_mse_cg,
+    ggn_direct_ce,
+    ggn_direct_mse,
+    newton_direct,
+)
 
-__all__ = ["PRESETS", "define_preset", "describe", "list_methods", "make", "newton_cg", "sgn_ce", "sgn_mse"]
+__all__ = [
+    "PRESETS",
+    "define_preset",
+    "describe",
+    "list_methods",
+    "make",
+    "newton_cg",
+    "sgn_ce",
+    "sgn_mse",
+    "adahessian",
+    "sophia_h",
+    "sophia_g",
+    "sophia_n",
+    "egn_mse",
+    "egn_ce",
+    "egn_mse_cg",
+    "egn_ce_cg",
+    "ggn_direct_mse",
+    "ggn_direct_ce",
+    "newton_direct",
+]

@@ -10,7 +10,7 @@ import optax
 from somax.specs import DampingSpec, PrecondSpec, SolverSpec
 
 __all__ = ["OUTER_OPTIONS", "DAMPING_OPTIONS", "CG_OPTIONS", "outer_chain", "damping_spec", "precond_spec",
-           "cg_spec", "model_kwargs"]  # fmt: skip
+           "cg_spec", "model_kwargs", "DIAG_OPTIONS", "diag_grad_tx", "diag_outer_chain"]  # fmt: skip
 
 #: The Optax chain on the direction (every preset).
 OUTER_OPTIONS: dict[str, Any] = {
@@ -67,7 +67,9 @@ def cg_spec(o: Mapping[str, Any]) -> SolverSpec:
     return SolverSpec("cg", kwargs={k: o[k] for k in keys})
 
 
-def model_kwargs(preset: str, o: Mapping[str, Any], names: tuple[str, ...], extra: Mapping[str, Any] | None = None) -> dict:
+def model_kwargs(
+    preset: str, o: Mapping[str, Any], names: tuple[str, ...], extra: Mapping[str, Any] | None = None
+) -> dict:
     """Curvature kwargs from the model options ``names`` plus ``curvature_kwargs``; duplicates raise."""
     out = {k: o[k] for k in names if o[k] is not None}
     out.update(extra or {})
@@ -86,4 +88,40 @@ def require(preset: str, kwargs: Mapping[str, Any], *alternatives: tuple[str, ..
     raise TypeError(f"{preset}: missing model callable: pass {wanted}")
 
 
+#: Diagonal-lane presets (AdaHessian, Sophia-*): gradient momentum → ``D⁻¹`` → Optax chain.
+#: Every preset overrides the defaults with its paper's values (see ``presets/diag_lane.py``).
+DIAG_OPTIONS: dict[str, Any] = {
+    "learning_rate": 3e-4,
+    "b1": 0.96,
+    "b2": 0.99,
+    "eps": 1e-12,
+    "weight_decay": 0.0,
+    "eval_every_k": 10,
+    "grad_clip_norm": None,
+    "telemetry": None,
+    "curvature_kwargs": None,
+}
 
+
+def diag_grad_tx(o: Mapping[str, Any], *, debias: bool) -> optax.GradientTransformation:
+    """Gradient side, before the solve: optional ``clip_by_global_norm`` then ``m_t = EMA_{b1}(g)``."""
+    parts = []
+    if o["grad_clip_norm"] is not None:
+        parts.append(optax.clip_by_global_norm(o["grad_clip_norm"]))
+    parts.append(optax.ema(decay=o["b1"], debias=debias))
+    return optax.chain(*parts) if len(parts) > 1 else parts[0]
+
+
+def diag_outer_chain(o: Mapping[str, Any], *, clip: float | None = None) -> optax.GradientTransformation:
+    """Direction side, after ``s = D⁻¹ m``: optional element-wise ``clip(s, ±clip)`` → ``+ wd·w`` → ``−lr``.
+
+    The decoupled weight decay enters as ``u = −lr (clip(s) + wd·w)``, which is the
+    ``w ← w − lr·wd·w`` of AdamW-style optimizers (Sophia Alg. 3, AdaHessian's code).
+    """
+    parts = []
+    if clip is not None:
+        parts.append(optax.clip(clip))
+    if o["weight_decay"]:
+        parts.append(optax.add_decayed_weights(o["weight_decay"]))
+    parts.append(optax.scale_by_learning_rate(o["learning_rate"]))
+    return optax.chain(*parts) if len(parts) > 1 else parts[0]

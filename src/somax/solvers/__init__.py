@@ -1,6 +1,23 @@
 """Solvers of the damped subproblem (2.4); each fixes a lane."""
 
 from somax.solvers.cg import CGResult, CGSolver, cg, conjugate_gradient
+from somax.solvers.dense import DenseCholeskySolver, DenseEighSolver, dense_cholesky, dense_eigh
 from somax.solvers.diagonal import DiagonalSolver, diagonal
+from somax.solvers.row import RowCGSolver, RowCholeskySolver, row_cg, row_cholesky
 
-__all__ = ["CGResult", "CGSolver", "cg", "conjugate_gradient", "DiagonalSolver", "diagonal"]
+__all__ = [
+    "CGResult",
+    "CGSolver",
+    "cg",
+    "conjugate_gradient",
+    "DiagonalSolver",
+    "diagonal",
+    "RowCholeskySolver",
+    "RowCGSolver",
+    "row_cholesky",
+    "row_cg",
+    "DenseCholeskySolver",
+    "DenseEighSolver",
+    "dense_cholesky",
+    "dense_eigh",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks for somax (run as ``python -m benchmarks.<name>``)."""

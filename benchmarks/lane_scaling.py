@@ -1,0 +1,258 @@
+"""Lane scaling (paper §4.2, Figure 2, Appendix C.1) on this machine, plus the EGN-CE cost check.
+
+Part 1 — Figure 2: a depth-3 ReLU MLP with scalar output on ``make_regression`` data
+(input 128), ``sgn_mse`` (parameter lane, CG) against ``egn_mse_cg`` (row lane, CG), both
+with learning rate 1e-3, constant λ = 1, CG tolerance 1e-5, at most 5 CG iterations and
+warm-started solves. Width sweep at batch 128 and batch sweep at width 128. For every
+point both methods are jitted, warmed up (2 steps, compilation excluded) and then
+timed *interleaved* in one process (param step, row step, param step, …) on the same
+batches; we report the median and p90 of the per-step wall time and the row/param ratio.
+
+Part 2 — ``egn_ce`` (row-Cholesky, dense Gram from per-example Jacobians) against
+``sgn_ce`` (10 CG iterations) on a ~100k-parameter MLP (784-128-10), batch 256,
+10 classes; ``egn_ce_cg`` (row-CG, 10 iterations) is timed alongside for reference.
+
+Usage::
+
+    python benchmarks/lane_scaling.py            # full sweep
+    python benchmarks/lane_scaling.py --quick    # fewer points and steps (smoke run)
+
+Writes ``benchmarks/results/lane_scaling.json`` and ``benchmarks/results/lane_scaling.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import somax
+from somax.models import mlp_apply, mlp_init
+
+__all__ = ["main", "time_interleaved", "regression_sweep", "ce_comparison"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FULL_SWEEP = (32, 64, 128, 256, 512, 1024, 2048)
+QUICK_SWEEP = (32, 128, 512)
+
+
+def _scalar_mlp(params: Any, x: jax.Array) -> jax.Array:
+    return mlp_apply(params, x)[:, 0]
+
+
+def _regression_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import make_regression
+
+    x, y = make_regression(n_samples=n, n_features=128, noise=0.1, random_state=seed)
+    y = (y - y.mean()) / y.std()
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def _classification_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=n, n_features=784, n_informative=64, n_classes=10, n_clusters_per_class=1, random_state=seed
+    )
+    return x.astype(np.float32), y.astype(np.int32)
+
+
+def _batches(x: np.ndarray, y: np.ndarray, batch: int, count: int) -> list[dict[str, jax.Array]]:
+    n = x.shape[0]
+    out = []
+    for k in range(count):
+        idx = (np.arange(batch) + k * batch) % n
+        out.append({"x": jnp.asarray(x[idx]), "y": jnp.asarray(y[idx])})
+    return out
+
+
+def time_interleaved(
+    methods: dict[str, somax.SecondOrderMethod],
+    params: Any,
+    batches: Sequence[dict[str, jax.Array]],
+    *,
+    warmup: int = 2,
+    steps: int = 20,
+    max_seconds: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """Median/p90 step time (ms) of each method, steps interleaved round-robin, after ``warmup`` steps."""
+    runners: dict[str, list[Any]] = {}
+    for name, method in methods.items():
+        step = jax.jit(method.step)
+        runners[name] = [step, params, method.init(params)]
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    start = time.perf_counter()
+    for k in range(warmup + steps):
+        batch = batches[k % len(batches)]
+        for name, run in runners.items():
+            step, p, st = run
+            t0 = time.perf_counter()
+            p, st, info = step(p, batch, st)
+            jax.block_until_ready((p, st, info))
+            dt = time.perf_counter() - t0
+            run[1], run[2] = p, st
+            if k >= warmup:
+                times[name].append(dt * 1e3)
+        if max_seconds is not None and k >= warmup + 2 and time.perf_counter() - start > max_seconds:
+            break
+    out = {}
+    for name, ts in times.items():
+        arr = np.asarray(ts)
+        out[name] = {"median_ms": float(np.median(arr)), "p90_ms": float(np.percentile(arr, 90)), "steps": len(ts)}
+    return out
+
+
+def _fig2_methods() -> dict[str, Callable[..., somax.SecondOrderMethod]]:
+    common = {"learning_rate": 1e-3, "lam0": 1.0, "damping": "constant", "tol": 1e-5, "maxiter": 5, "warm_start": True}
+    return {
+        "sgn_mse": lambda: somax.sgn_mse(predict_fn=_scalar_mlp, **common),
+        "egn_mse_cg": lambda: somax.egn_mse_cg(predict_fn=_scalar_mlp, **common),
+    }
+
+
+def regression_sweep(
+    widths: Sequence[int], batches: Sequence[int], *, steps: int, max_seconds: float, log: Callable[[str], None]
+) -> dict[str, list[dict[str, Any]]]:
+    """Figure 2: width sweep at batch 128 and batch sweep at width 128."""
+    x, y = _regression_data(max(max(batches), 128) * 8)
+    methods = {name: make() for name, make in _fig2_methods().items()}
+    out: dict[str, list[dict[str, Any]]] = {"width": [], "batch": []}
+    points = [("width", w, 128) for w in widths] + [("batch", 128, b) for b in batches]
+    for sweep, width, batch in points:
+        params = mlp_init(jax.random.PRNGKey(0), (128, width, width, width, 1))
+        d = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+        data = _batches(x, y, batch, 8)
+        res = time_interleaved(methods, params, data, steps=steps, max_seconds=max_seconds)
+        ratio = res["egn_mse_cg"]["median_ms"] / res["sgn_mse"]["median_ms"]
+        row = {"width": width, "batch": batch, "params": d, **res, "ratio_row_over_param": ratio}
+        out[sweep].append(row)
+        log(
+            f"[{sweep}] width={width:5d} batch={batch:5d} d={d:9d}  "
+            f"sgn_mse {res['sgn_mse']['median_ms']:9.2f} ms (p90 {res['sgn_mse']['p90_ms']:9.2f})  "
+            f"egn_mse_cg {res['egn_mse_cg']['median_ms']:9.2f} ms (p90 {res['egn_mse_cg']['p90_ms']:9.2f})  "
+            f"row/param {ratio:5.2f}"
+        )
+    return out
+
+
+def ce_comparison(*, steps: int, max_seconds: float, log: Callable[[str], None], warmup: int = 1) -> dict[str, Any]:
+    """``egn_ce`` (row-Cholesky) vs ``sgn_ce`` (10 CG iterations), ~100k params, batch 256, 10 classes."""
+    x, y = _classification_data(256 * 8)
+    params = mlp_init(jax.random.PRNGKey(0), (784, 128, 10))
+    d = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+    common = {"predict_fn": mlp_apply, "learning_rate": 1.0, "lam0": 1.0}
+    cg = {"maxiter": 10, "tol": 0.0, "warm_start": True}  # tol 0: exactly 10 iterations per step
+    methods = {
+        "sgn_ce": somax.sgn_ce(**common, **cg),
+        "egn_ce": somax.egn_ce(**common),
+        "egn_ce_cg": somax.egn_ce_cg(**common, **cg),
+    }
+    res = time_interleaved(methods, params, _batches(x, y, 256, 8), warmup=warmup, steps=steps, max_seconds=max_seconds)
+    ratio = res["egn_ce"]["median_ms"] / res["sgn_ce"]["median_ms"]
+    rows = 256 * 9
+    out = {
+        "params": d,
+        "batch": 256,
+        "classes": 10,
+        "row_dim": rows,
+        **res,
+        "ratio_egn_ce_over_sgn_ce": ratio,
+        "ratio_egn_ce_cg_over_sgn_ce": res["egn_ce_cg"]["median_ms"] / res["sgn_ce"]["median_ms"],
+        "flops_estimate": {
+            "sgn_ce_10cg": 2 * 256 * d * (3 + 2 * 10 * 2),
+            "egn_ce_gram_matmul": 2 * rows * rows * d,
+            "egn_ce_cholesky": rows**3 // 3,
+        },
+    }
+    log(
+        f"[ce] d={d} batch=256 rows={rows}  "
+        f"sgn_ce {res['sgn_ce']['median_ms']:.1f} ms (p90 {res['sgn_ce']['p90_ms']:.1f})"
+        f"  egn_ce {res['egn_ce']['median_ms']:.1f} ms (p90 {res['egn_ce']['p90_ms']:.1f})"
+        f"  egn_ce_cg {res['egn_ce_cg']['median_ms']:.1f} ms  egn_ce/sgn_ce {ratio:.1f}x"
+    )
+    return out
+
+
+def _plot(sweeps: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (("width", "hidden width (batch 128)"), ("batch", "batch size (width 128)"))
+    for ax, (sweep, label) in zip(axes, panels, strict=True):
+        pts = sweeps[sweep]
+        if not pts:
+            continue
+        xs = [p[sweep] for p in pts]
+        for name, style in (("sgn_mse", "o-"), ("egn_mse_cg", "s-")):
+            med = np.array([p[name]["median_ms"] for p in pts])
+            p90 = np.array([p[name]["p90_ms"] for p in pts])
+            ax.errorbar(xs, med, yerr=[np.zeros_like(med), p90 - med], fmt=style, capsize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("step time, median ms (bar: p90)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Lane scaling on {platform.machine()} CPU ({os.cpu_count()} cores), jax {jax.__version__}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sweep points and timed steps")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per point (default 20, quick 6)")
+    parser.add_argument("--max-seconds", type=float, default=None, help="time cap per sweep point")
+    parser.add_argument("--skip-ce", action="store_true", help="skip the egn_ce vs sgn_ce comparison")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    args = parser.parse_args(argv)
+
+    sweep = QUICK_SWEEP if args.quick else FULL_SWEEP
+    steps = args.steps or (6 if args.quick else 20)
+    max_seconds = args.max_seconds or (20.0 if args.quick else 45.0)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    meta = {
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or 'unknown'})",
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "python": sys.version.split()[0],
+        "dtype": "float32",
+        "quick": args.quick,
+        "timed_steps_per_point": steps,
+        "warmup_steps": 2,
+        "config": "lr 1e-3, constant lam 1, CG tol 1e-5, maxiter 5, warm start; depth-3 ReLU MLP, scalar output",
+        "load_average_start": os.getloadavg(),
+    }
+    log(f"lane_scaling: {meta['machine']}, jax {meta['jax']} ({meta['backend']}), {steps} timed steps per point")
+    results: dict[str, Any] = {"meta": meta}
+    results["figure2"] = regression_sweep(sweep, sweep, steps=steps, max_seconds=max_seconds, log=log)
+    if not args.skip_ce:
+        # egn_ce's dense Gram is ~1e12 flops here (see the report), so few steps: 1 warm-up + 2..4 timed.
+        results["ce"] = ce_comparison(steps=2 if args.quick else 4, max_seconds=max_seconds, log=log)
+    meta["load_average_end"] = os.getloadavg()
+    (args.out / "lane_scaling.json").write_text(json.dumps(results, indent=2))
+    _plot(results["figure2"], args.out / "lane_scaling.png")
+    log(f"wrote {args.out / 'lane_scaling.json'} and {args.out / 'lane_scaling.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

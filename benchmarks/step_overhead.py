@@ -1,0 +1,587 @@
+"""Step-overhead benchmark (issue 2, "Performance"; DESIGN.md "Performance doctrine").
+
+Times, in one process and interleaved, one optimisation step of
+
+* ``somax_sgn``    — ``somax.make("sgn_mse", ...)`` step (GGN-CG, constant damping);
+* ``hand_sgn``     — a hand-written jitted function doing the same arithmetic: one
+  ``jax.linearize`` of the model (+ ``jax.linear_transpose`` for the VJP), the MSE
+  loss and gradient, ``maxiter`` GGN products ``Jᵀ(J v)/b + λv`` inside a CG
+  ``lax.while_loop`` with the same stopping rule, then ``params − lr·s``;
+* ``somax_newton`` — ``somax.make("newton_cg", ...)`` step (Hessian-CG, constant damping);
+* ``hand_newton``  — hand-written: one forward-over-reverse ``jax.linearize`` of
+  ``value_and_grad`` (``has_aux``) plus ``maxiter`` HVPs in the same CG loop;
+* ``adam``         — ``jax.value_and_grad`` + ``optax.adam`` update + ``apply_updates``;
+
+on ReLU MLPs ``(d_in, w, w, 1)`` for a grid of widths ``w`` and batch sizes. CG runs
+with ``tol=0`` and warm start off, so every solve does exactly ``maxiter`` curvature
+products in both implementations (checked after warm-up and recorded).
+
+Each repeat calls every variant once, in an order rotated per repeat, and waits with
+``jax.block_until_ready`` on all outputs; the same inputs are fed every call, so the
+work per call is constant. It also measures first-call compile time (trace + lower +
+XLA compile, and the first run) of each step after ``jax.clear_caches()``, interleaved
+over several fresh repeats.
+
+Run ``python -m benchmarks.step_overhead`` (full grid, a few minutes on 2 CPU cores),
+``--quick`` (< 1 minute) or ``--smoke`` (seconds; used by the test suite). Results go
+to ``benchmarks/results/step_overhead.json`` (or ``--out``) and a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import somax
+from somax.models import mlp_apply
+
+__all__ = ["main", "PROFILES", "VARIANTS"]
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "step_overhead.json"
+VARIANTS = ("somax_sgn", "hand_sgn", "somax_newton", "hand_newton", "adam")
+PAIRS = {"sgn": ("somax_sgn", "hand_sgn"), "newton": ("somax_newton", "hand_newton")}
+HAND_KEYS = ("sgn_vs_hand", "newton_vs_hand")
+F32 = jnp.float32
+
+#: Grids. ``repeats`` is the target number of timed rounds per point, ``min_repeats`` the
+#: floor when ``max_seconds`` (per point) would stop earlier; ``compile_repeats`` fresh compiles.
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": dict(widths=(64, 128, 256, 512), batches=(128, 1024), d_in=64, maxiter=10, warmup=5,
+                 repeats=100, min_repeats=20, max_seconds=75.0, compile_repeats=5, compile_point=(256, 256)),
+    "quick": dict(widths=(128, 256), batches=(128, 512), d_in=64, maxiter=10, warmup=3,
+                  repeats=25, min_repeats=8, max_seconds=8.0, compile_repeats=2, compile_point=(128, 128)),
+    "smoke": dict(widths=(32,), batches=(16,), d_in=8, maxiter=2, warmup=1,
+                  repeats=3, min_repeats=3, max_seconds=5.0, compile_repeats=0, compile_point=(32, 16),
+                  compiler_options={"xla_backend_optimization_level": 0}),  # compiles faster; figures meaningless
+}  # fmt: skip
+
+LR = 1.0
+LAM = 1.0
+#: Newton-CG damping: large enough that (H + λI) stays positive definite along the CG path on
+#: these ReLU MLPs at init (λ ≤ 30 hits negative curvature at width 512), so CG never exits early.
+LAM_NEWTON = 100.0
+TOL = 0.0
+ADAM_LR = 1e-3
+
+
+# --------------------------------------------------------------------------- problem
+
+
+def make_problem(width: int, batch: int, d_in: int, seed: int = 0) -> tuple[dict, dict]:
+    """He-initialised ``(d_in, w, w, 1)`` ReLU MLP (the ``somax.models.mlp_init`` layout) and a
+    float32 regression batch ``y = sin(3 x·u) + 0.1 ε``. Built with NumPy: eager JAX ops would
+    each compile a small program, which costs more than the smoke run itself."""
+    rs = np.random.default_rng(seed)
+    sizes = (d_in, width, width, 1)
+    params = {
+        f"layer{i}": {
+            "w": jnp.asarray(rs.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in), F32),
+            "b": jnp.zeros((n_out,), F32),
+        }
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    }
+    x = rs.standard_normal((batch, d_in))
+    u = rs.standard_normal((d_in, 1)) / np.sqrt(d_in)
+    y = np.sin(3.0 * x @ u) + 0.1 * rs.standard_normal((batch, 1))
+    return params, {"x": jnp.asarray(x, F32), "y": jnp.asarray(y, F32)}
+
+
+def mse_loss(params: dict, batch: dict) -> jax.Array:
+    """``1/(2b) Σ‖f(x) − y‖²`` — the normalisation ``sgn_mse`` uses."""
+    r = mlp_apply(params, batch["x"]) - batch["y"]
+    return 0.5 * jnp.sum(r * r) / r.shape[0]
+
+
+# --------------------------------------------------------------------------- hand-written floor
+
+
+def _vdot(a: Any, b: Any) -> jax.Array:
+    leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    return sum(jnp.vdot(x, y) for x, y in leaves)
+
+
+def _cg(matvec: Callable[[Any], Any], b: Any, lam: float, tol: float, maxiter: int) -> tuple[Any, jax.Array]:
+    """Textbook CG on ``(H + λI) s = b`` from ``s = 0``: stop at ``maxiter``, at
+    ``‖r‖ ≤ tol‖b‖`` or at ``pᵀAp ≤ 0`` (the stopping rule somax's CG uses)."""
+    tm = jax.tree_util.tree_map
+    threshold = tol * jnp.sqrt(_vdot(b, b))
+
+    def cond(c):
+        i, _, _, _, rr, neg = c
+        return (i < maxiter) & (jnp.sqrt(rr) > threshold) & ~neg
+
+    def body(c):
+        i, x, r, p, rr, _ = c
+        ap = tm(lambda hv, v: hv + lam * v, matvec(p), p)
+        pap = _vdot(p, ap)
+        neg = ~(pap > 0)
+        alpha = jnp.where(neg, 0.0, rr / jnp.where(neg, 1.0, pap))
+        x = tm(lambda xi, pi: xi + alpha * pi, x, p)
+        r = tm(lambda ri, ai: ri - alpha * ai, r, ap)
+        rr_new = _vdot(r, r)
+        p = tm(lambda ri, pi: ri + (rr_new / rr) * pi, r, p)
+        return i + jnp.where(neg, 0, 1), x, r, p, rr_new, neg
+
+    x0 = tm(jnp.zeros_like, b)
+    init = (jnp.zeros((), jnp.int32), x0, b, b, _vdot(b, b), jnp.zeros((), bool))
+    i, x, *_ = jax.lax.while_loop(cond, body, init)
+    return x, i
+
+
+def make_hand_sgn(lr: float, lam: float, tol: float, maxiter: int) -> Callable:
+    """SGN-MSE step by hand: ``jax.linearize`` of the model + ``jax.linear_transpose``."""
+
+    def step(params, batch):
+        x, y = batch["x"], batch["y"]
+        z, jvp = jax.linearize(lambda p: mlp_apply(p, x), params)
+        vjp = jax.linear_transpose(jvp, params)
+        b = z.shape[0]
+        r = z - y
+        loss = 0.5 * jnp.sum(r * r) / b
+        (g,) = vjp(r / b)
+        s, iters = _cg(lambda v: vjp(jvp(v) / b)[0], g, lam, tol, maxiter)
+        new = jax.tree_util.tree_map(lambda w, si: w - lr * si, params, s)
+        return new, loss, iters
+
+    return step
+
+
+def make_hand_newton(lr: float, lam: float, tol: float, maxiter: int) -> Callable:
+    """Newton-CG step by hand: forward-over-reverse ``jax.linearize`` of ``value_and_grad``."""
+
+    def step(params, batch):
+        def grad_and_loss(p):
+            value, g = jax.value_and_grad(mse_loss)(p, batch)
+            return g, value
+
+        g, hvp, loss = jax.linearize(grad_and_loss, params, has_aux=True)
+        s, iters = _cg(hvp, g, lam, tol, maxiter)
+        new = jax.tree_util.tree_map(lambda w, si: w - lr * si, params, s)
+        return new, loss, iters
+
+    return step
+
+
+def make_adam(lr: float) -> tuple[Callable, optax.GradientTransformation]:
+    tx = optax.adam(lr)
+
+    def step(params, batch, opt_state):
+        loss, g = jax.value_and_grad(mse_loss)(params, batch)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step, tx
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def build_variants(params: dict, batch: dict, maxiter: int) -> dict[str, tuple[Callable, tuple]]:
+    """``name -> (python step function, positional args)``; not jitted yet."""
+    common = dict(learning_rate=LR, maxiter=maxiter, tol=TOL, warm_start=False, damping="constant")
+    sgn = somax.make("sgn_mse", predict_fn=mlp_apply, lam0=LAM, **common)
+    newton = somax.make("newton_cg", loss_fn=mse_loss, lam0=LAM_NEWTON, **common)
+    rng = jnp.asarray([0, 1], jnp.uint32)  # = jax.random.PRNGKey(1) without an eager compile; unused here
+    adam_step, adam_tx = make_adam(ADAM_LR)
+    return {
+        "somax_sgn": (sgn.step, (params, batch, sgn.init(params), rng)),
+        "hand_sgn": (make_hand_sgn(LR, LAM, TOL, maxiter), (params, batch)),
+        "somax_newton": (newton.step, (params, batch, newton.init(params), rng)),
+        "hand_newton": (make_hand_newton(LR, LAM_NEWTON, TOL, maxiter), (params, batch)),
+        "adam": (adam_step, (params, batch, adam_tx.init(params))),
+    }
+
+
+def hlo_size(lowered: Any, compiled: Any) -> dict[str, int]:
+    """Deterministic program-size figures: StableHLO ops, optimised HLO instructions, fusions."""
+    shlo = lowered.as_text()
+    hlo = compiled.as_text() or ""
+    return {
+        "stablehlo_ops": len(re.findall(r"^\s*(?:%\S+(?:, %\S+)* = )?\"?[a-z_]+\.[a-z_]+", shlo, flags=re.M)),
+        "hlo_instructions": len(re.findall(r"^\s+(?:ROOT )?%\S+ = ", hlo, flags=re.M)),
+        "hlo_fusions": len(re.findall(r" fusion\(", hlo)),
+        "hlo_computations": len(re.findall(r"^(?:ENTRY )?%\S+ .*\{\s*$", hlo, flags=re.M)),
+    }
+
+
+def first_call(fn: Callable, args: tuple, options: dict | None = None) -> tuple[Any, dict[str, float], dict[str, int]]:
+    """Trace + lower, XLA-compile and run ``jax.jit(fn)`` once (ahead of time); returns the
+    output, the three timings (ms; ``first_call`` is their sum) and the program size. The
+    executable lands in JAX's caches, so a later ``jax.jit(fn)(*args)`` does not recompile."""
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn, compiler_options=options).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    t3 = time.perf_counter()
+    ms = {"lower": (t1 - t0) * 1e3, "compile": (t2 - t1) * 1e3, "first_call": (t3 - t0) * 1e3}
+    return out, ms, hlo_size(lowered, compiled)
+
+
+def _cg_iters(name: str, out: Any) -> int | None:
+    if name.startswith("somax"):
+        return int(out[2]["cg_iters"])
+    if name.startswith("hand"):
+        return int(out[2])
+    return None
+
+
+def _stats(times: Sequence[float]) -> dict[str, float]:
+    t = np.asarray(times) * 1e3
+    return {
+        "median_ms": float(np.median(t)),
+        "p90_ms": float(np.percentile(t, 90)),
+        "min_ms": float(np.min(t)),
+        "mean_ms": float(np.mean(t)),
+    }
+
+
+def _goal(width: int) -> float:
+    return 1.03 if width >= 128 else 1.10
+
+
+def time_point(width: int, batch_size: int, cfg: dict) -> dict[str, Any]:
+    """Interleaved steady-state timings of every variant at one (width, batch) point."""
+    params, batch = make_problem(width, batch_size, cfg["d_in"])
+    variants = build_variants(params, batch, cfg["maxiter"])
+
+    iters: dict[str, int | None] = {}
+    compile_ms: dict[str, dict[str, float]] = {}
+    sizes: dict[str, dict[str, int]] = {}
+    jitted = {}
+    # adam first (it warms the shared start-up and, on GPU, GEMM autotuning for the new shapes),
+    # then the rest in an order rotated with the point, so no variant always pays those costs
+    rest = [n for n in VARIANTS if n != "adam"]
+    k = cfg.get("_point_index", 0) % len(rest)
+    for name in ["adam"] + rest[k:] + rest[:k]:
+        fn, args = variants[name]
+        # fresh closures / bound methods and new shapes: this is a real first call
+        _, compile_ms[name], sizes[name] = first_call(fn, args, cfg.get("compiler_options"))
+        f = jax.jit(fn, compiler_options=cfg.get("compiler_options"))
+        for _ in range(cfg["warmup"]):
+            out = jax.block_until_ready(f(*args))
+        iters[name] = _cg_iters(name, out)
+        jitted[name] = (f, args)
+    for name in ("somax_sgn", "hand_sgn", "somax_newton", "hand_newton"):
+        if iters[name] != cfg["maxiter"]:
+            raise RuntimeError(
+                f"width={width} batch={batch_size}: {name} ran {iters[name]} CG iterations, expected "
+                f"{cfg['maxiter']} (negative curvature or zero residual); the comparison would be unfair"
+            )
+
+    names = list(VARIANTS)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    started = time.perf_counter()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        rep = 0
+        while rep < cfg["repeats"]:
+            if rep >= cfg["min_repeats"] and time.perf_counter() - started > cfg["max_seconds"]:
+                break
+            k = rep % len(names)
+            for name in names[k:] + names[:k]:  # round-robin, rotated each repeat
+                f, args = jitted[name]
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                times[name].append(time.perf_counter() - t0)
+            rep += 1
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    stats = {n: _stats(times[n]) for n in names}
+    ratios: dict[str, dict[str, float]] = {}
+    for lane, (s, h) in PAIRS.items():
+        ts, th, ta = np.asarray(times[s]), np.asarray(times[h]), np.asarray(times["adam"])
+        ratios[f"{lane}_vs_hand"] = {
+            "median": stats[s]["median_ms"] / stats[h]["median_ms"],
+            "p90": stats[s]["p90_ms"] / stats[h]["p90_ms"],
+            "paired_median": float(np.median(ts / th)),  # per-round ratio (same round, adjacent calls)
+        }
+        ratios[f"{lane}_vs_adam"] = {
+            "median": stats[s]["median_ms"] / stats["adam"]["median_ms"],
+            "p90": stats[s]["p90_ms"] / stats["adam"]["p90_ms"],
+            "paired_median": float(np.median(ts / ta)),
+        }
+    goal = _goal(width)
+    return {
+        "width": width,
+        "batch": batch_size,
+        "n_params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
+        "repeats": len(times[names[0]]),
+        "cg_iters": iters,
+        "compile_ms": compile_ms,
+        "program_size": sizes,
+        "stats": stats,
+        "ratios": ratios,
+        "goal": goal,
+        "meets_goal": {lane: ratios[f"{lane}_vs_hand"]["median"] <= goal for lane in PAIRS},
+    }
+
+
+def compile_from_points(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compile section from the timing pass alone (one first call per variant, first point)."""
+    p = points[0]
+    med = {n: p["compile_ms"][n] for n in VARIANTS if n != "adam"}
+    return _compile_section(p["width"], p["batch"], 1, "first call of each step in the timing pass", med,
+                            {n: p["program_size"][n] for n in med})  # fmt: skip
+
+
+def _compile_section(width, batch_size, repeats, source, med, sizes) -> dict[str, Any]:
+    ratios = {
+        lane: {k: med[s][k] / med[h][k] for k in ("lower", "compile", "first_call")} for lane, (s, h) in PAIRS.items()
+    }
+    return {
+        "width": width,
+        "batch": batch_size,
+        "repeats": repeats,
+        "source": source,
+        "median_ms": med,
+        "ratios": ratios,
+        "program_size": sizes,
+        "goal": 1.1,
+        "meets_goal": {lane: r["first_call"] <= 1.1 for lane, r in ratios.items()},
+    }
+
+
+def time_compile(width: int, batch_size: int, cfg: dict) -> dict[str, Any]:
+    """First-call cost of each step after ``jax.clear_caches()``, interleaved over fresh repeats.
+
+    ``lower`` = trace + lower to StableHLO (``jax.jit(f).lower``), ``compile`` = XLA compile,
+    ``first_call`` = lower + compile + the first run of the compiled step.
+    """
+    params, batch = make_problem(width, batch_size, cfg["d_in"])
+    variants = build_variants(params, batch, cfg["maxiter"])
+    names = [n for n in VARIANTS if n != "adam"]
+    rec: dict[str, dict[str, list[float]]] = {n: {"lower": [], "compile": [], "first_call": []} for n in names}
+    sizes: dict[str, dict[str, int]] = {}
+    for rep in range(cfg["compile_repeats"]):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            fn, args = variants[name]
+            jax.clear_caches()
+            _, ms, sizes[name] = first_call(fn, args, cfg.get("compiler_options"))
+            for key, value in ms.items():
+                rec[name][key].append(value)
+    med = {n: {k: float(np.median(v)) for k, v in r.items()} for n, r in rec.items()}
+    source = "jax.clear_caches(), then jax.jit(f).lower(*args), .compile() and one run; variants interleaved"
+    return _compile_section(width, batch_size, cfg["compile_repeats"], source, med, sizes)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def machine_info() -> dict[str, Any]:
+    import jaxlib
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        affinity = None
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "jax_backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "versions": {
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "optax": optax.__version__,
+            "numpy": np.__version__,
+            "somax": somax.__version__,
+        },
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "somax_git": _git_state(),
+    }
+
+
+def _git_state() -> dict[str, Any] | None:
+    """Commit of the checkout and whether ``src/`` has uncommitted changes (read-only git calls)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout
+        commit = run("rev-parse", "HEAD").strip()
+        dirty = run("status", "--porcelain", "--", "src").strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit or None, "src_dirty": bool(dirty)} if commit else None
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        "step time, ms: median / p90.  ratios somax/hand: median / p90 / paired (median of per-round ratios);"
+        " somax/adam: median",
+        f"{'w':>4} {'b':>5} {'rep':>4} | {'somax_sgn':>13} {'hand_sgn':>13} {'somax_ncg':>13} {'hand_ncg':>13} "
+        f"{'adam':>11} | {'sgn/hand':>17} {'ncg/hand':>17} {'sgn/adam':>8} {'ncg/adam':>8} goal",
+    ]
+    for p in result["points"]:
+        st, r = p["stats"], p["ratios"]
+        cells = [f"{st[n]['median_ms']:6.2f}/{st[n]['p90_ms']:<6.2f}" for n in VARIANTS[:4]]
+        cells.append(f"{st['adam']['median_ms']:5.2f}/{st['adam']['p90_ms']:<5.2f}")
+        rat = [f"{r[k]['median']:.3f}/{r[k]['p90']:.3f}/{r[k]['paired_median']:.3f}" for k in HAND_KEYS]
+        rat += [f"{r[k]['median']:8.2f}" for k in ("sgn_vs_adam", "newton_vs_adam")]
+        ok = "ok" if all(p["meets_goal"].values()) else "MISS"
+        lines.append(f"{p['width']:>4} {p['batch']:>5} {p['repeats']:>4} | " + " ".join(cells) + " | "
+                     + " ".join(rat) + f" ≤{p['goal']:.2f} {ok}")  # fmt: skip
+    c = result.get("compile")
+    if c:
+        lines.append("")
+        lines.append(f"first-call compile, ms (median of {c['repeats']} fresh; width {c['width']}, batch {c['batch']})")
+        lines.append(f"{'variant':>13} {'lower':>8} {'compile':>8} {'first_call':>10}   "
+                     f"{'shlo':>6} {'hlo':>6} {'fus':>5}  (StableHLO ops, HLO instrs, fusions)")  # fmt: skip
+        for n, m in c["median_ms"].items():
+            z = c["program_size"][n]
+            lines.append(f"{n:>13} {m['lower']:8.1f} {m['compile']:8.1f} {m['first_call']:10.1f}   "
+                         f"{z['stablehlo_ops']:6d} {z['hlo_instructions']:6d} {z['hlo_fusions']:5d}")  # fmt: skip
+        for lane, r in c["ratios"].items():
+            ok = "ok" if c["meets_goal"][lane] else "MISS"
+            lines.append(f"{lane + ' somax/hand':>20}: lower {r['lower']:.3f}  compile {r['compile']:.3f}  "
+                         f"first_call {r['first_call']:.3f}  (goal ≤1.1 {ok})")  # fmt: skip
+        def fc_ratio(p: dict, lane: str) -> float:
+            s, h = PAIRS[lane]
+            return p["compile_ms"][s]["first_call"] / p["compile_ms"][h]["first_call"]
+
+        fc = " ".join(
+            f"{p['width']}x{p['batch']}: sgn {fc_ratio(p, 'sgn'):.2f} ncg {fc_ratio(p, 'newton'):.2f}"
+            for p in result["points"]
+        )
+        lines.append(f"first-call ratio somax/hand at each point (1 sample each): {fc}")
+    return "\n".join(lines)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The measured figures of a result as Markdown (for ``docs/benchmarks.md``)."""
+    m, cfg = result["machine"], result["config"]
+    v = m["versions"]
+    out = [
+        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, backend `{m['jax_backend']}` ({m['device']}); "
+        f"jax {v['jax']}, jaxlib {v['jaxlib']}, optax {v['optax']}, numpy {v['numpy']}. "
+        f"CG maxiter={cfg['maxiter']}, tol={cfg['cg_tol']}; {cfg['profile']} profile.",
+        "",
+        "| w | b | rounds | somax_sgn | hand_sgn | somax_newton | hand_newton | adam "
+        "| sgn/hand (med / p90 / paired) | newton/hand (med / p90 / paired) | sgn/adam | newton/adam | goal |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|",
+    ]
+    for p in result["points"]:
+        st, r = p["stats"], p["ratios"]
+        cells = [f"{st[n]['median_ms']:.2f} / {st[n]['p90_ms']:.2f}" for n in VARIANTS]
+        rat = [f"{r[k]['median']:.3f} / {r[k]['p90']:.3f} / {r[k]['paired_median']:.3f}" for k in HAND_KEYS]
+        rat += [f"{r[k]['median']:.1f}" for k in ("sgn_vs_adam", "newton_vs_adam")]
+        ok = "met" if all(p["meets_goal"].values()) else "missed"
+        out.append(f"| {p['width']} | {p['batch']} | {p['repeats']} | " + " | ".join(cells + rat)
+                   + f" | ≤ {p['goal']:.2f}: {ok} |")  # fmt: skip
+    c = result.get("compile")
+    if c:
+        out += [
+            "",
+            f"First call (trace + lower, XLA compile, first run), ms, median of {c['repeats']} fresh compiles "
+            f"at width {c['width']}, batch {c['batch']}; program size of the compiled step:",
+            "",
+            "| variant | lower | compile | first call | StableHLO ops | HLO instructions | fusions |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n, t in c["median_ms"].items():
+            z = c["program_size"][n]
+            out.append(f"| {n} | {t['lower']:.0f} | {t['compile']:.0f} | {t['first_call']:.0f} | "
+                       f"{z['stablehlo_ops']} | {z['hlo_instructions']} | {z['hlo_fusions']} |")  # fmt: skip
+        for lane, r in c["ratios"].items():
+            ok = "met" if c["meets_goal"][lane] else "missed"
+            out.append(f"\n{lane}: somax/hand first call {r['first_call']:.2f}× (lower {r['lower']:.2f}×, "
+                       f"compile {r['compile']:.2f}×) — goal ≤ 1.1: {ok}.")  # fmt: skip
+    return "\n".join(out)
+
+
+def _warm_up_jax() -> None:
+    """Pay JAX's one-time start-up costs (backend, first traces) before anything is timed."""
+    params, batch = make_problem(8, 4, 4, seed=1)
+    jax.block_until_ready(jax.jit(jax.value_and_grad(mse_loss))(params, batch))  # one small compile
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small grid, few repeats (< 1 minute)")
+    mode.add_argument("--smoke", action="store_true", help="one tiny point, 3 repeats (for the test suite)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT})")
+    ap.add_argument("--widths", type=int, nargs="+", help="override the profile's widths")
+    ap.add_argument("--batches", type=int, nargs="+", help="override the profile's batch sizes")
+    ap.add_argument("--maxiter", type=int, help="override CG iterations per step")
+    ap.add_argument("--repeats", type=int, help="override the target number of timed rounds per point")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compile-time measurement")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="print an existing result as Markdown and exit")
+    args = ap.parse_args(argv)
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        print(markdown_table(result))
+        return result
+
+    profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    cfg = dict(PROFILES[profile])
+    for key in ("widths", "batches", "maxiter", "repeats"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    cfg["min_repeats"] = min(cfg["min_repeats"], cfg["repeats"])
+
+    config = {
+        "profile": profile,
+        "model": "ReLU MLP (d_in, w, w, 1), float32, He init (somax.models)",
+        "loss": "MSE 1/(2b) Σ‖f(x) − y‖²",
+        "learning_rate": LR,
+        "lam_sgn": LAM,
+        "lam_newton": LAM_NEWTON,
+        "damping": "constant",
+        "cg_tol": TOL,
+        "warm_start": False,
+        "adam_lr": ADAM_LR,
+        "hand_sgn": "jax.linearize(model) + jax.linear_transpose; CG in lax.while_loop",
+        "hand_newton": "jax.linearize(value_and_grad, has_aux=True) (forward-over-reverse); CG in lax.while_loop",
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+    }
+    _warm_up_jax()
+    result: dict[str, Any] = {"benchmark": "step_overhead", "machine": machine_info(), "config": config, "points": []}
+    for width in cfg["widths"]:
+        for b in cfg["batches"]:
+            point = time_point(width, b, {**cfg, "_point_index": len(result["points"])})
+            result["points"].append(point)
+            print(f"  done w={width} b={b} ({point['repeats']} rounds)", file=sys.stderr, flush=True)
+    if not args.no_compile:
+        if cfg["compile_repeats"] > 0:
+            result["compile"] = time_compile(*cfg["compile_point"], cfg)
+        else:
+            result["compile"] = compile_from_points(result["points"])
+
+    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    m = result["machine"]
+    print(f"{m['platform']}  cpus={m['cpu_count']}  backend={m['jax_backend']}  jax {m['versions']['jax']}  "
+          f"jaxlib {m['versions']['jaxlib']}  optax {m['versions']['optax']}  maxiter={cfg['maxiter']}")  # fmt: skip
+    print(format_table(result))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

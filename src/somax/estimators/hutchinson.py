@@ -1,0 +1,89 @@
+"""Hutchinson diagonal estimator on any curvature operator (Hessian or GGN).
+
+For a probe ``z`` with independent Rademacher entries (``z_i = ±1``, ``E[z zᵀ] = I``),
+
+    d̂ = z ⊙ (H z),    E[d̂_i] = Σ_j H_ij E[z_i z_j] = H_ii,
+
+so ``d̂`` is an unbiased estimate of ``diag(H)`` [Hutchinson 1989; Bekas, Kokiopoulou
+& Saad 2007], with variance ``Var[d̂_i] = Σ_{j≠i} H_ij²``. ``n_probes`` independent
+probes are averaged (variance ``/ n_probes``). ``H v`` is the step's own matrix-free
+product ``lin.matvec`` — an HVP for ``CurvatureSpec("hessian")`` (AdaHessian
+[Yao et al. 2021], Sophia-H [Liu et al. 2023]) or ``Jᵀ H_z J v`` for a GGN kind
+(Sophia-N, Somax paper §4.4) — so no second linearization is made.
+
+The estimate is *signed* for an indefinite Hessian; the preconditioner decides what
+to do with negative entries (``diag_ema`` clamps them at 0, or squares ``|d̂|`` for
+AdaHessian).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+from somax.curvature.base import Linearization
+from somax.estimators.base import (
+    EstimatorState,
+    average_over_keys,
+    check_count,
+    check_every_k,
+    init_state,
+    rademacher_like,
+    refresh_key,
+)
+from somax.registry import ESTIMATORS
+
+PyTree = Any
+
+__all__ = ["HutchinsonDiagonal", "hutchinson"]
+
+
+@dataclass(frozen=True)
+class HutchinsonDiagonal:
+    """``d̂ = 1/n Σ_k z_k ⊙ (H z_k)`` with Rademacher probes ``z_k`` (see module docstring).
+
+    Attributes:
+      n_probes: number of probes averaged per refresh.
+      every_k: refresh cadence (steps ``0, k, 2k, …``; ``-1`` never).
+    """
+
+    n_probes: int = 1
+    every_k: int = 1
+
+    produces_diagonal = True
+    needs_model_outputs = False
+
+    def __post_init__(self) -> None:
+        check_count("EstimatorSpec('hutchinson'): n_probes", self.n_probes)
+        check_every_k("EstimatorSpec('hutchinson'): eval_every_k", self.every_k)
+
+    def init(self, params: PyTree) -> EstimatorState:
+        return init_state()
+
+    def diagonal(self, lin: Linearization, rng: jax.Array, state: EstimatorState) -> tuple[PyTree, EstimatorState]:
+        """One refresh: the averaged probe estimate and the state with ``refreshes + 1``."""
+        like = lin.grad
+
+        def one(key: jax.Array) -> PyTree:
+            z = rademacher_like(key, like)
+            hz = lin.matvec(z)
+            return jax.tree_util.tree_map(lambda a, b: (a * b).astype(a.dtype), z, hz)
+
+        diag = average_over_keys(one, refresh_key(rng, state), self.n_probes)
+        return diag, EstimatorState(state.refreshes + 1)
+
+
+def hutchinson(*, n_probes: int = 1, eval_every_k: int = 1) -> HutchinsonDiagonal:
+    """Factory for :class:`HutchinsonDiagonal` (``EstimatorSpec("hutchinson")``).
+
+    Args:
+      n_probes: Rademacher probes averaged per refresh (Sophia and AdaHessian use 1).
+      eval_every_k: refresh cadence; between refreshes the preconditioner keeps the
+        last estimate. ``-1`` never refreshes.
+    """
+    return HutchinsonDiagonal(n_probes=n_probes, every_k=eval_every_k)
+
+
+ESTIMATORS.register("hutchinson", hutchinson)

@@ -1,0 +1,150 @@
+"""Row-space lane presets (EGN [Korbit et al. 2025]) and dense direct-solve presets.
+
+* ``egn_mse`` / ``egn_ce``: GGN + ``row_cholesky`` (dense Gram at per-example cost).
+* ``egn_mse_cg`` / ``egn_ce_cg``: GGN + matrix-free ``row_cg``.
+* ``ggn_direct_mse`` / ``ggn_direct_ce``: GGN materialised in parameter space + ``dense_cholesky``.
+* ``newton_direct``: exact Hessian materialised + ``dense_eigh`` (``|Λ|`` or ``max(Λ, 0)``).
+
+Each is a few lines of specs; options are shared with the parameter-lane presets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from somax.assemble import assemble
+from somax.method import SecondOrderMethod
+from somax.presets._common import (
+    CG_OPTIONS,
+    DAMPING_OPTIONS,
+    OUTER_OPTIONS,
+    damping_spec,
+    model_kwargs,
+    outer_chain,
+    require,
+)
+from somax.presets.registry import define_preset
+from somax.specs import CurvatureSpec, SolverSpec
+
+__all__ = ["egn_mse", "egn_ce", "egn_mse_cg", "egn_ce_cg", "ggn_direct_mse", "ggn_direct_ce", "newton_direct"]
+
+#: Row-space CG: the parameter-lane CG options without a preconditioner (row CG takes none).
+ROW_CG_OPTIONS: dict[str, Any] = {k: v for k, v in CG_OPTIONS.items() if k != "precondition"}
+#: Row-Cholesky.
+ROW_CHOLESKY_OPTIONS: dict[str, Any] = {"solve_dtype": None}
+#: Dense parameter-space solves.
+DENSE_OPTIONS: dict[str, Any] = {"solve_dtype": None, "max_params": 20_000}
+
+_GGN_MODEL = {"predict_fn": None}
+_HESSIAN_MODEL = {"loss_fn": None, "predict_fn": None, "loss": None}
+
+
+def _solver(kind: str, table: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], SolverSpec]:
+    return lambda o: SolverSpec(kind, kwargs={k: o[k] for k in table})
+
+
+def _define(
+    name: str,
+    curvature_kind: str,
+    solver_kind: str,
+    solver_options: Mapping[str, Any],
+    doc: str,
+) -> Callable[..., SecondOrderMethod]:
+    model = _HESSIAN_MODEL if curvature_kind == "hessian" else _GGN_MODEL
+    make_solver = _solver(solver_kind, solver_options)
+
+    def build(o: dict[str, Any]) -> SecondOrderMethod:
+        kwargs = model_kwargs(name, o, tuple(model))
+        if curvature_kind == "hessian":
+            require(name, kwargs, ("loss_fn",), ("predict_fn", "loss"))
+        else:
+            require(name, kwargs, ("predict_fn",))
+        return assemble(
+            curvature=CurvatureSpec(curvature_kind, kwargs=kwargs),
+            solver=make_solver(o),
+            damping=damping_spec(o),
+            telemetry=o["telemetry"],
+            tx=outer_chain(o),
+        )
+
+    return define_preset(
+        name,
+        build,
+        positional="loss_fn" if curvature_kind == "hessian" else "predict_fn",
+        options={**model, **solver_options, **DAMPING_OPTIONS, **OUTER_OPTIONS},
+        doc=doc,
+    )
+
+
+_EGN_DOC = """Exact Gauss-Newton (EGN) for {what} [Korbit et al. 2025], row-space lane ({solver}).
+
+    Solves the damped GGN system (2.4) in row space (2.8): ``(Ĵ Ĵᵀ + μI) v = r``,
+    ``s = Ĵᵀ v`` with ``Ĵ = R J`` (``RᵀR = n·H_z``, {factor}) and ``μ = nλ`` (``n`` = batch
+    size, or number of positions for sequence CE), so ``s = (H_GGN + λI)⁻¹ g`` exactly —
+    the same direction as ``{twin}`` with an exact inner solve. Then ``w ← w − lr·s``
+    through the Optax chain (optional ``clip_norm``, ``weight_decay``, direction ``momentum``).
+    Damping is ``constant`` (``λ = lam0``) or ``trust_region`` (every ``tr_every_k`` steps).
+    {solver_doc}
+    Model: ``predict_fn(params, x)``; batch ``{{"x", "y"}}`` (keys via ``curvature_kwargs``).
+    """
+_CHOLESKY_DOC = (
+    "Row-Cholesky: the dense ``m×m`` Gram is formed from per-example Jacobians (vmap over single\n"
+    "    examples), factorised in ``solve_dtype`` (None: the model's dtype; 'float64' needs x64)."
+)
+_CG_DOC = (
+    "Row-CG: matrix-free CG (one VJP + one JVP per iteration, no Gram), ``maxiter``, relative\n"
+    "    tolerance ``tol``; ``warm_start`` maps the previous direction into this batch's rows."
+)
+_MSE = {"what": "mean squared error", "factor": "``R = I``", "twin": "sgn_mse"}
+_CE = {
+    "what": "softmax cross-entropy (integer or one-hot labels)",
+    "factor": "closed-form rank-(C−1) square root of ``diag(p) − ppᵀ``",
+    "twin": "sgn_ce",
+}
+
+egn_mse = _define(
+    "egn_mse", "ggn_mse", "row_cholesky", ROW_CHOLESKY_OPTIONS,
+    _EGN_DOC.format(solver="row-Cholesky", solver_doc=_CHOLESKY_DOC, **_MSE),
+)  # fmt: skip
+egn_ce = _define(
+    "egn_ce", "ggn_ce", "row_cholesky", ROW_CHOLESKY_OPTIONS,
+    _EGN_DOC.format(solver="row-Cholesky", solver_doc=_CHOLESKY_DOC, **_CE),
+)  # fmt: skip
+egn_mse_cg = _define(
+    "egn_mse_cg", "ggn_mse", "row_cg", ROW_CG_OPTIONS,
+    _EGN_DOC.format(solver="row-CG", solver_doc=_CG_DOC, **_MSE),
+)  # fmt: skip
+egn_ce_cg = _define(
+    "egn_ce_cg", "ggn_ce", "row_cg", ROW_CG_OPTIONS,
+    _EGN_DOC.format(solver="row-CG", solver_doc=_CG_DOC, **_CE),
+)  # fmt: skip
+
+_DIRECT_DOC = """Gauss-Newton with a dense direct solve for {what}, parameter lane (small models).
+
+    Materialises ``H_GGN`` (``d`` GGN-vector products from the step's linearization) and
+    solves ``(H_GGN + λI) s = g`` by Cholesky in ``solve_dtype``; refuses models with more
+    than ``max_params`` parameters. Exact, and a reference for ``sgn_*`` / ``egn_*``.
+    Damping and the Optax chain as in ``sgn_mse``. Model: ``predict_fn(params, x)``.
+    """
+
+ggn_direct_mse = _define(
+    "ggn_direct_mse", "ggn_mse", "dense_cholesky", DENSE_OPTIONS, _DIRECT_DOC.format(what="mean squared error")
+)
+ggn_direct_ce = _define(
+    "ggn_direct_ce", "ggn_ce", "dense_cholesky", DENSE_OPTIONS, _DIRECT_DOC.format(what="softmax cross-entropy")
+)
+newton_direct = _define(
+    "newton_direct",
+    "hessian",
+    "dense_eigh",
+    {**DENSE_OPTIONS, "negative": "abs"},
+    """Newton's method with a dense eigendecomposition, parameter lane (small models).
+
+    Materialises the exact Hessian ``∇²L`` (``d`` Hessian-vector products) and returns
+    ``s = Q diag(1/(f(Λ) + λ)) Qᵀ g`` with ``f = |·|`` (``negative="abs"``, saddle-free
+    Newton) or ``f = max(·, 0)`` (``negative="clip"``), so an indefinite Hessian gives a
+    finite descent direction; reports ``eig_min``. Model: ``loss_fn(params, batch)``, or
+    ``predict_fn`` with ``loss="mse"``/``"ce"``. Other options as in ``ggn_direct_mse``.
+    """,
+)

@@ -1,0 +1,115 @@
+"""Cadence-gated spectral probes of the step's curvature (trace, top-k, SLQ density, per-block top).
+
+Each probe runs only on its own cadence (inside a ``lax.cond``) and uses the
+step's ``Linearization.matvec`` — never a second linearization. Vectors are
+flattened with ``ravel_pytree`` so Lanczos can keep a dense basis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from somax.estimators import spectral
+from somax.specs import TelemetrySpec
+from somax.telemetry import InfoField
+
+__all__ = ["SPECTRAL_PROBES", "spectral_fields", "spectral_requests", "spectral_values"]
+
+#: probe name → the TelemetrySpec cadence attribute that enables it
+SPECTRAL_PROBES = {"trace": "trace_every_k", "eig": "eig_every_k", "density": "density_every_k",
+                   "block_eig": "block_eig_every_k"}  # fmt: skip
+
+
+def spectral_fields(t: TelemetrySpec) -> dict[str, InfoField]:
+    """StepInfo fields added by the enabled spectral probes."""
+    fields: dict[str, InfoField] = {}
+    if t.trace_every_k != -1:
+        fields["trace"] = InfoField("float", f"tr(H_t) by {t.trace_estimator} ({t.trace_probes} matvecs)")
+    if t.eig_every_k != -1:
+        fields["top_eigs"] = InfoField("float", f"top-{t.eig_k} eigenvalues of H_t (Lanczos)", (t.eig_k,))
+    if t.density_every_k != -1:
+        shape = (t.density_probes, t.density_iters)
+        fields["density_nodes"] = InfoField("float", "SLQ nodes θ (per probe)", shape)
+        fields["density_weights"] = InfoField("float", "SLQ weights τ (per probe, each row sums to 1)", shape)
+    if t.block_eig_every_k != -1:
+        fields["block_top_eig"] = InfoField("float", "top eigenvalue of each per-layer block of H_t", "blocks")
+    return fields
+
+
+def spectral_requests(t: TelemetrySpec) -> list[tuple[str, int]]:
+    return [(probe, getattr(t, attr)) for probe, attr in SPECTRAL_PROBES.items()]
+
+
+def spectral_values(
+    t: TelemetrySpec,
+    lin: Any,
+    params: Any,
+    rng: jax.Array,
+    gate: Callable[[str], bool | jax.Array],
+    gated: Callable[[bool | jax.Array, Callable[[], Any], Any], Any],
+    float_dtype,
+) -> dict[str, Any]:
+    """Values of the spectral probes that may fire at this step (sentinels where skipped)."""
+    flat, unravel = ravel_pytree(params)
+    dim, dtype = flat.shape[0], flat.dtype
+
+    def matvec(v: jax.Array) -> jax.Array:
+        return ravel_pytree(lin.matvec(unravel(v)))[0]
+
+    def key(i: int) -> jax.Array:
+        return jax.random.fold_in(rng, 100 + i)
+
+    nan = jnp.asarray(jnp.nan, float_dtype)
+    out: dict[str, Any] = {}
+    if t.trace_every_k != -1:
+        est = spectral.hutchinson_trace if t.trace_estimator == "hutchinson" else spectral.hutchpp_trace
+        out["trace"] = gated(
+            gate("trace"), lambda: est(matvec, dim, key(0), t.trace_probes, dtype).astype(float_dtype), nan
+        )
+    if t.eig_every_k != -1:
+        sentinel = jnp.full((t.eig_k,), jnp.nan, float_dtype)
+        out["top_eigs"] = gated(
+            gate("eig"),
+            lambda: spectral.top_eigenvalues(matvec, dim, key(1), t.eig_k, t.eig_iters, dtype).astype(float_dtype),
+            sentinel,
+        )
+    if t.density_every_k != -1:
+        shape = (t.density_probes, t.density_iters)
+        sentinel = (jnp.full(shape, jnp.nan, float_dtype), jnp.full(shape, jnp.nan, float_dtype))
+
+        def density():
+            nodes, weights = spectral.slq_density(matvec, dim, key(2), t.density_probes, t.density_iters, dtype)
+            return nodes.astype(float_dtype), weights.astype(float_dtype)
+
+        out["density_nodes"], out["density_weights"] = gated(gate("density"), density, sentinel)
+    if t.block_eig_every_k != -1:
+        blocks = spectral.parameter_blocks(params)
+        masks = block_masks(params, blocks).astype(dtype)
+        sentinel = jnp.full((len(blocks),), jnp.nan, float_dtype)
+        tops = gated(
+            gate("block_eig"),
+            lambda: spectral.block_top_eigenvalues(matvec, masks, key(3), t.block_eig_iters, dtype).astype(float_dtype),
+            sentinel,
+        )
+        out["block_top_eig"] = {name: tops[i] for i, name in enumerate(blocks)}
+    return out
+
+
+def block_masks(params: Any, blocks: dict[str, list[int]]) -> jax.Array:
+    """0/1 masks ``(n_blocks, dim)`` over the flattened parameters, one row per block."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    rows = []
+    for indices in blocks.values():
+        chosen = set(indices)
+        marked = [jnp.full(x.shape, 1.0 if i in chosen else 0.0) for i, x in enumerate(leaves)]
+        rows.append(ravel_pytree(jax.tree_util.tree_unflatten(treedef, marked))[0])
+    return jnp.stack(rows)
+
+
+def block_names(params: Any) -> tuple[str, ...]:
+    return tuple(spectral.parameter_blocks(params))

@@ -1,0 +1,30 @@
+"""Smoke test for the step-overhead benchmark: it runs and writes the documented JSON.
+
+No timing is asserted (benchmarks never become timed tests); this only checks that the
+script works end to end on one tiny point with three rounds.
+"""
+
+import json
+
+from benchmarks import step_overhead
+
+
+def test_step_overhead_smoke(tmp_path):
+    out = tmp_path / "step_overhead.json"
+    result = step_overhead.main(["--smoke", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "step_overhead" and data["config"]["profile"] == "smoke"
+    for key in ("platform", "cpu_count", "versions"):
+        assert key in data["machine"]
+    assert set(data["machine"]["versions"]) >= {"jax", "jaxlib", "optax", "numpy"}
+    (point,) = data["points"]
+    assert set(point["stats"]) == set(step_overhead.VARIANTS)
+    for stats in point["stats"].values():
+        assert stats["median_ms"] > 0 and stats["p90_ms"] >= stats["median_ms"]
+    for key in ("sgn_vs_hand", "newton_vs_hand", "sgn_vs_adam", "newton_vs_adam"):
+        assert set(point["ratios"][key]) >= {"median", "p90"}
+    assert point["repeats"] == 3
+    maxiter = data["config"]["maxiter"]
+    assert all(point["cg_iters"][n] == maxiter for n in ("somax_sgn", "hand_sgn", "somax_newton", "hand_newton"))
+    assert set(data["compile"]["ratios"]) == {"sgn", "newton"}
+    assert result["points"][0]["width"] == point["width"]
