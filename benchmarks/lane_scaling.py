@@ -51,19 +51,29 @@ def _scalar_mlp(params: Any, x: jax.Array) -> jax.Array:
 
 
 def _regression_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import make_regression
-
-    x, y = make_regression(n_samples=n, n_features=128, noise=0.1, random_state=seed)
+    try:
+        from sklearn.datasets import make_regression
+    except ImportError:  # a machine without scikit-learn: the same linear-Gaussian model
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((n, 128))
+        y = x @ rng.uniform(0, 100, 128) + 0.1 * rng.standard_normal(n)
+    else:
+        x, y = make_regression(n_samples=n, n_features=128, noise=0.1, random_state=seed)
     y = (y - y.mean()) / y.std()
     return x.astype(np.float32), y.astype(np.float32)
 
 
 def _classification_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import make_classification
-
-    x, y = make_classification(
-        n_samples=n, n_features=784, n_informative=64, n_classes=10, n_clusters_per_class=1, random_state=seed
-    )
+    try:
+        from sklearn.datasets import make_classification
+    except ImportError:  # a machine without scikit-learn: Gaussian class clusters
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 10, n)
+        x = rng.standard_normal((10, 784))[y] + rng.standard_normal((n, 784))
+    else:
+        x, y = make_classification(
+            n_samples=n, n_features=784, n_informative=64, n_classes=10, n_clusters_per_class=1, random_state=seed
+        )
     return x.astype(np.float32), y.astype(np.int32)
 
 
@@ -145,46 +155,63 @@ def regression_sweep(
     return out
 
 
-def ce_comparison(*, steps: int, max_seconds: float, log: Callable[[str], None], warmup: int = 1) -> dict[str, Any]:
-    """``egn_ce`` (row-Cholesky) vs ``sgn_ce`` (10 CG iterations), ~100k params, batch 256, 10 classes."""
+def ce_comparison(*, steps: int, gram_steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """``egn_ce`` (row-Cholesky) vs ``sgn_ce`` (10 CG iterations), ~100k params, batch 256, 10 classes.
+
+    ``sgn_ce`` and ``egn_ce_cg`` are timed interleaved over ``steps`` steps; ``egn_ce`` (whose dense
+    Gram costs ~1e12 flops here) is timed over ``gram_steps`` steps interleaved with ``sgn_ce`` again.
+    """
     x, y = _classification_data(256 * 8)
     params = mlp_init(jax.random.PRNGKey(0), (784, 128, 10))
     d = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
     common = {"predict_fn": mlp_apply, "learning_rate": 1.0, "lam0": 1.0}
     cg = {"maxiter": 10, "tol": 0.0, "warm_start": True}  # tol 0: exactly 10 iterations per step
-    methods = {
-        "sgn_ce": somax.sgn_ce(**common, **cg),
-        "egn_ce": somax.egn_ce(**common),
-        "egn_ce_cg": somax.egn_ce_cg(**common, **cg),
-    }
-    res = time_interleaved(methods, params, _batches(x, y, 256, 8), warmup=warmup, steps=steps, max_seconds=max_seconds)
-    ratio = res["egn_ce"]["median_ms"] / res["sgn_ce"]["median_ms"]
+    sgn = somax.sgn_ce(**common, **cg)
+    data = _batches(x, y, 256, 8)
+    fast = time_interleaved({"sgn_ce": sgn, "egn_ce_cg": somax.egn_ce_cg(**common, **cg)}, params, data, steps=steps)
+    slow = time_interleaved({"sgn_ce": sgn, "egn_ce": somax.egn_ce(**common)}, params, data, warmup=1, steps=gram_steps)
     rows = 256 * 9
+    ratio = slow["egn_ce"]["median_ms"] / fast["sgn_ce"]["median_ms"]
     out = {
         "params": d,
         "batch": 256,
         "classes": 10,
         "row_dim": rows,
-        **res,
+        "sgn_ce": fast["sgn_ce"],
+        "egn_ce_cg": fast["egn_ce_cg"],
+        "egn_ce": slow["egn_ce"],
+        "sgn_ce_alongside_egn_ce": slow["sgn_ce"],
         "ratio_egn_ce_over_sgn_ce": ratio,
-        "ratio_egn_ce_cg_over_sgn_ce": res["egn_ce_cg"]["median_ms"] / res["sgn_ce"]["median_ms"],
-        "flops_estimate": {
-            "sgn_ce_10cg": 2 * 256 * d * (3 + 2 * 10 * 2),
+        "ratio_egn_ce_cg_over_sgn_ce": fast["egn_ce_cg"]["median_ms"] / fast["sgn_ce"]["median_ms"],
+        "flops_estimate": {  # rough: a pass (forward, JVP or VJP) of an MLP costs ~2·b·d flops
+            "sgn_ce_10cg_passes": 2 * 256 * d * (3 + 2 * 11),
+            "egn_ce_per_example_jacobians": 2 * 256 * 10 * d,
             "egn_ce_gram_matmul": 2 * rows * rows * d,
             "egn_ce_cholesky": rows**3 // 3,
         },
     }
     log(
         f"[ce] d={d} batch=256 rows={rows}  "
-        f"sgn_ce {res['sgn_ce']['median_ms']:.1f} ms (p90 {res['sgn_ce']['p90_ms']:.1f})"
-        f"  egn_ce {res['egn_ce']['median_ms']:.1f} ms (p90 {res['egn_ce']['p90_ms']:.1f})"
-        f"  egn_ce_cg {res['egn_ce_cg']['median_ms']:.1f} ms  egn_ce/sgn_ce {ratio:.1f}x"
+        f"sgn_ce {fast['sgn_ce']['median_ms']:.1f} ms (p90 {fast['sgn_ce']['p90_ms']:.1f})  "
+        f"egn_ce_cg {fast['egn_ce_cg']['median_ms']:.1f} ms (p90 {fast['egn_ce_cg']['p90_ms']:.1f})  "
+        f"egn_ce {slow['egn_ce']['median_ms']:.0f} ms ({slow['egn_ce']['steps']} steps)  "
+        f"egn_ce/sgn_ce {ratio:.0f}x"
     )
     return out
 
 
+def _device_name() -> str:
+    if jax.default_backend() == "cpu":
+        return f"{platform.machine()} CPU ({os.cpu_count()} cores)"
+    return f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+
+
 def _plot(sweeps: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -206,7 +233,7 @@ def _plot(sweeps: dict[str, list[dict[str, Any]]], path: Path) -> None:
         ax.set_ylabel("step time, median ms (bar: p90)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Lane scaling on {platform.machine()} CPU ({os.cpu_count()} cores), jax {jax.__version__}")
+    fig.suptitle(f"Lane scaling on {_device_name()}, jax {jax.__version__}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -218,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per point (default 20, quick 6)")
     parser.add_argument("--max-seconds", type=float, default=None, help="time cap per sweep point")
     parser.add_argument("--skip-ce", action="store_true", help="skip the egn_ce vs sgn_ce comparison")
+    parser.add_argument(
+        "--ce-only", action="store_true", help="rerun only the CE comparison, keeping the sweeps of an existing JSON"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--tag", default="", help="suffix for the output files (e.g. 'h200')")
     args = parser.parse_args(argv)
 
     sweep = QUICK_SWEEP if args.quick else FULL_SWEEP
@@ -230,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(msg, flush=True)
 
     meta = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or 'unknown'})",
+        "machine": _device_name(),
+        "host": f"{platform.machine()}, {os.cpu_count()} cores",
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "python": sys.version.split()[0],
@@ -243,14 +275,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     log(f"lane_scaling: {meta['machine']}, jax {meta['jax']} ({meta['backend']}), {steps} timed steps per point")
     results: dict[str, Any] = {"meta": meta}
-    results["figure2"] = regression_sweep(sweep, sweep, steps=steps, max_seconds=max_seconds, log=log)
+    if args.ce_only:
+        stem = f"lane_scaling{('.' + args.tag) if args.tag else ''}"
+        previous = json.loads((args.out / f"{stem}.json").read_text())
+        results["figure2"] = previous["figure2"]
+        meta["figure2_meta"] = previous["meta"]
+    else:
+        results["figure2"] = regression_sweep(sweep, sweep, steps=steps, max_seconds=max_seconds, log=log)
     if not args.skip_ce:
-        # egn_ce's dense Gram is ~1e12 flops here (see the report), so few steps: 1 warm-up + 2..4 timed.
-        results["ce"] = ce_comparison(steps=2 if args.quick else 4, max_seconds=max_seconds, log=log)
+        # egn_ce's dense Gram is ~1e12 flops here (docs/row_lane.md), so it gets 1 warm-up + 1..2 timed steps.
+        results["ce"] = ce_comparison(steps=steps, gram_steps=1 if args.quick else 2, log=log)
     meta["load_average_end"] = os.getloadavg()
-    (args.out / "lane_scaling.json").write_text(json.dumps(results, indent=2))
-    _plot(results["figure2"], args.out / "lane_scaling.png")
-    log(f"wrote {args.out / 'lane_scaling.json'} and {args.out / 'lane_scaling.png'}")
+    stem = f"lane_scaling{('.' + args.tag) if args.tag else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    _plot(results["figure2"], args.out / f"{stem}.png")
+    log(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
     return results
 
 

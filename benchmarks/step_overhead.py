@@ -22,7 +22,7 @@ work per call is constant. It also measures first-call compile time (trace + low
 XLA compile, and the first run) of each step after ``jax.clear_caches()``, interleaved
 over several fresh repeats.
 
-Run ``python -m benchmarks.step_overhead`` (full grid, a few minutes on 2 CPU cores),
+Run ``python -m benchmarks.step_overhead`` (full grid, 10–15 minutes on 2 CPU cores),
 ``--quick`` (< 1 minute) or ``--smoke`` (seconds; used by the test suite). Results go
 to ``benchmarks/results/step_overhead.json`` (or ``--out``) and a table is printed.
 """
@@ -63,8 +63,8 @@ F32 = jnp.float32
 PROFILES: dict[str, dict[str, Any]] = {
     "full": dict(widths=(64, 128, 256, 512), batches=(128, 1024), d_in=64, maxiter=10, warmup=5,
                  repeats=100, min_repeats=20, max_seconds=75.0, compile_repeats=5, compile_point=(256, 256)),
-    "quick": dict(widths=(128, 256), batches=(128, 512), d_in=64, maxiter=10, warmup=3,
-                  repeats=25, min_repeats=8, max_seconds=8.0, compile_repeats=2, compile_point=(128, 128)),
+    "quick": dict(widths=(128,), batches=(128, 512), d_in=64, maxiter=10, warmup=3,
+                  repeats=25, min_repeats=8, max_seconds=6.0, compile_repeats=1, compile_point=(128, 128)),
     "smoke": dict(widths=(32,), batches=(16,), d_in=8, maxiter=2, warmup=1,
                   repeats=3, min_repeats=3, max_seconds=5.0, compile_repeats=0, compile_point=(32, 16),
                   compiler_options={"xla_backend_optimization_level": 0}),  # compiles faster; figures meaningless
@@ -459,6 +459,7 @@ def format_table(result: dict[str, Any]) -> str:
             ok = "ok" if c["meets_goal"][lane] else "MISS"
             lines.append(f"{lane + ' somax/hand':>20}: lower {r['lower']:.3f}  compile {r['compile']:.3f}  "
                          f"first_call {r['first_call']:.3f}  (goal ≤1.1 {ok})")  # fmt: skip
+
         def fc_ratio(p: dict, lane: str) -> float:
             s, h = PAIRS[lane]
             return p["compile_ms"][s]["first_call"] / p["compile_ms"][h]["first_call"]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from oracles import classification_batch, dense_ggn, dense_hessian, output_loss_fn, regression_batch, tiny_mlp
+from oracles import classification_batch, output_loss_fn, regression_batch, tiny_mlp
 
 import somax
 from somax import CurvatureSpec, DampingSpec, EstimatorSpec, PrecondSpec, SolverSpec
@@ -35,28 +35,29 @@ ALPHA = 1e-3
 N_SAMPLES = 6000
 
 
-def _run(curvature, target_fn, params, batch, estimators, n: int, seed: int):
-    """``n`` independent estimates (rows) per estimator and the dense target, in one compiled call.
+def _run(curvature, target_fn, params, batch, estimators, seed: int):
+    """``n`` independent estimates (rows) per ``(estimator, n)`` and the dense target, in one compiled call.
 
     All estimates reuse one linearization, as in a step. ``target_fn(params, batch)``
     is the diagonal of the materialised float64 matrix.
     """
-    keys = jax.random.split(jax.random.PRNGKey(seed), n)
+    keys = [jax.random.split(jax.random.PRNGKey(seed + i), n) for i, (_, n) in enumerate(estimators)]
 
     @jax.jit
     def run(keys):
         lin = curvature.linearize(params, batch)
         flat = lambda e, k: ravel_pytree(e.diagonal(lin, k, e.init(None))[0])[0]
-        samples = [jax.vmap(lambda k, e=e: flat(e, k))(keys) for e in estimators]
+        samples = [jax.vmap(lambda k, e=e: flat(e, k))(ks) for (e, _), ks in zip(estimators, keys)]
         return samples, target_fn(params, batch)
 
     samples, target = run(keys)
     return [np.asarray(x) for x in samples], np.asarray(target)
 
 
-# Diagonals of ``oracles.dense_hessian`` / ``oracles.dense_ggn`` in jnp (same formulas:
-# the materialised float64 matrix), so they compile together with the estimates; run
-# eagerly they would dominate this file's time. One test checks them against the oracle.
+# The diagonals of ``oracles.dense_hessian`` / ``oracles.dense_ggn``, with the same
+# formulas (the materialised float64 matrix: ``jax.hessian`` of the flat loss, and
+# ``Jᵀ H_z J`` from the full Jacobian and output Hessian) written in jnp so that they
+# compile together with the estimates; run eagerly they would dominate this file's time.
 def _hessian_diag(loss_fn):
     def diag(params, batch):
         flat, unravel = ravel_pytree(params)
@@ -72,7 +73,8 @@ def _ggn_diag(predict, loss: str):
         flat, unravel = ravel_pytree(params)
         z = predict(params, batch["x"])
         jac = jax.jacfwd(lambda u: predict(unravel(u), batch["x"]).reshape(-1))(flat)
-        hz = jax.hessian(lambda zz: out.value(zz.reshape(z.shape), batch["y"]))(z.reshape(-1))
+        extra = (batch["w"],) if "w" in batch else ()  # per-position weights
+        hz = jax.hessian(lambda zz: out.value(zz.reshape(z.shape), batch["y"], *extra))(z.reshape(-1))
         return jnp.diag(jac.T @ hz @ jac)
 
     return diag
@@ -108,7 +110,7 @@ HUTCH_CASES = [
 
 @pytest.mark.parametrize("name,curv,loss,make_batch,sizes", HUTCH_CASES, ids=[c[0] for c in HUTCH_CASES])
 def test_hutchinson_is_unbiased_for_dense_diagonal(name, curv, loss, make_batch, sizes):
-    """Single probes are unbiased; ``n_probes = 16`` too, with 1/16 of the variance (within 25 %)."""
+    """Single probes are unbiased; ``n_probes = 16`` too, with 1/16 of the variance (within 25 %; Hessian case)."""
     params, predict = tiny_mlp(sizes=sizes)
     batch = make_batch()
     if curv == "hessian":
@@ -116,13 +118,15 @@ def test_hutchinson_is_unbiased_for_dense_diagonal(name, curv, loss, make_batch,
     else:
         curvature = (ggn_mse if loss == "mse" else ggn_ce)(predict_fn=predict)
         target_fn = _ggn_diag(predict, loss)
-    (single, many), target = _run(
-        curvature, target_fn, params, batch, [hutchinson(), hutchinson(n_probes=16)], N_SAMPLES, seed=11
-    )
-    _assert_unbiased(single, target)
-    _assert_unbiased(many, target)
-    ratio = np.sum(many.var(axis=0)) / np.sum(single.var(axis=0))
-    assert 1 / 16 / 1.25 < ratio < 1 / 16 * 1.25, ratio
+    estimators = [(hutchinson(), N_SAMPLES)]
+    if curv == "hessian":
+        estimators.append((hutchinson(n_probes=16), 2000))
+    samples, target = _run(curvature, target_fn, params, batch, estimators, seed=11)
+    for s in samples:
+        _assert_unbiased(s, target)
+    if len(samples) == 2:
+        ratio = np.sum(samples[1].var(axis=0)) / np.sum(samples[0].var(axis=0))
+        assert 1 / 16 / 1.25 < ratio < 1 / 16 * 1.25, ratio
 
 
 def test_hutchinson_is_exact_for_a_diagonal_hessian():
@@ -150,20 +154,27 @@ def test_rademacher_probes_are_signs_in_leaf_dtype():
     assert abs(float(np.mean(allv))) < 4 / np.sqrt(allv.size)  # fair signs (4σ)
 
 
+def _weighted(batch, weights):
+    return {**batch, "w": jnp.asarray(weights, jnp.float64)}
+
+
 GNB_CASES = [
     ("ce_int", "ce", lambda: classification_batch(c=4), (3, 5, 4)),
     ("ce_sequence_onehot_masked", "ce", _sequence_batch, (3, 5, 4)),
-    ("mse_gaussian", "mse", lambda: regression_batch(d_out=2), (3, 5, 2)),
+    ("ce_weighted", "ce", lambda: _weighted(classification_batch(c=4), [0.5, 2.0, 0.0, 1.0, 3.0, 0.25]), (3, 5, 4)),
+    # MSE as a Gaussian; with weights, w = 1 reduces to the unweighted loss
+    ("mse_gaussian_weighted", "mse", lambda: _weighted(regression_batch(d_out=2), [1, 0, 2, 0.5, 1.5, 1]), (3, 5, 2)),
 ]
 
 
 @pytest.mark.parametrize("name,loss,make_batch,sizes", GNB_CASES, ids=[c[0] for c in GNB_CASES])
 def test_gnb_expectation_is_the_ggn_diagonal(name, loss, make_batch, sizes):
-    """E[N ĝ⊙ĝ] = diag(G) with the library's mean normalisation (N = positions for CE, b for MSE)."""
+    """E[n ĝ⊙ĝ] = diag(G) with the library's mean normalisation (n = positions, or Σw with weights)."""
     params, predict = tiny_mlp(sizes=sizes)
     batch = make_batch()
-    curvature = (ggn_mse if loss == "mse" else ggn_ce)(predict_fn=predict)
-    (samples,), target = _run(curvature, _ggn_diag(predict, loss), params, batch, [gnb()], 3 * N_SAMPLES, seed=21)
+    weight_key = {"weight_key": "w"} if "w" in batch else {}
+    curvature = (ggn_mse if loss == "mse" else ggn_ce)(predict_fn=predict, **weight_key)
+    (samples,), target = _run(curvature, _ggn_diag(predict, loss), params, batch, [(gnb(), 3 * N_SAMPLES)], seed=21)
     assert (samples >= 0).all()
     _assert_unbiased(samples, target)
 
@@ -217,13 +228,3 @@ def test_estimator_spec_errors_name_the_argument():
     somax.assemble(curvature=hess, estimator=EstimatorSpec("hutchinson"), damping=DampingSpec(lam0=0.0), **diag)
     somax.assemble(curvature=cs, estimator=EstimatorSpec("gauss_newton_bartlett"), **diag)
 
-
-def test_jitted_dense_diagonals_match_the_shared_oracle():
-    params, predict = tiny_mlp(sizes=(3, 5, 4))
-    batch = classification_batch(c=4)
-    ggn_d, hess_d = jax.jit(
-        lambda p, b: (_ggn_diag(predict, "ce")(p, b), _hessian_diag(output_loss_fn(predict, "ce"))(p, b))
-    )(params, batch)
-    np.testing.assert_allclose(ggn_d, np.diag(dense_ggn(predict, params, batch, "ce")), rtol=1e-12, atol=1e-15)
-    hess = dense_hessian(output_loss_fn(predict, "ce"), params, batch)
-    np.testing.assert_allclose(hess_d, np.diag(hess), rtol=1e-12, atol=1e-15)

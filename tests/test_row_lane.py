@@ -184,19 +184,31 @@ def test_loss_without_row_factor_names_itself():
 # ----------------------------------------------------------------------------- directions vs the oracle
 
 
-@pytest.mark.parametrize(
-    "case, solver",
-    [(case, solver) for case in CASES + ["ce_sequence"] for solver in ("row_cholesky", "row_cg_warm")]
-    + [("ce_int", "row_cg")],
-)
-def test_row_direction_is_exact_damped_ggn_direction(case, solver):
-    """Each row solver returns ``(G + λI)⁻¹ g`` of the dense float64 GGN (μ = nλ inside)."""
+@pytest.mark.parametrize("case", CASES + ["ce_sequence"])
+def test_row_direction_is_exact_damped_ggn_direction(case):
+    """Each row solver returns ``(G + λI)⁻¹ g`` of the dense float64 GGN (μ = nλ inside).
+
+    The three solvers run on the step's linearization inside one jitted function per case.
+    """
     loss, predict, params, batch = _case(case)
     exact = _exact_direction(loss, predict, params, batch, case=case)
-    s, _, info = _direction(_method(loss, predict, ROW_SOLVERS[solver]), params, batch)
-    assert _rel(s, exact) <= 1e-6
-    if solver.startswith("row_cg"):
-        assert bool(info["cg_converged"]) and int(info["cg_iters"]) >= 1
+    curvature = (ggn_mse if loss == "mse" else ggn_ce)(predict_fn=predict)
+    solvers = {name: somax.registry.SOLVERS.get(spec.kind)(**spec.kwargs) for name, spec in ROW_SOLVERS.items()}
+
+    @jax.jit
+    def directions(params, batch):
+        lin = curvature.linearize(params, batch)
+        lam = jnp.asarray(LAM, jnp.float64)
+        return {name: sol.solve(lin, lin.grad, lam, None, sol.init(params))[::2] for name, sol in solvers.items()}
+
+    for name, (s, stats) in directions(params, batch).items():
+        assert _rel(flat(s), exact) <= 1e-6, name
+        if name.startswith("row_cg"):
+            assert bool(stats["cg_converged"]) and int(stats["cg_iters"]) >= 1
+    # ... and through the assembled step (μ = nλ, tx on the direction) for one solver.
+    if case == "ce_int":
+        s, _, _ = _direction(_method(loss, predict, ROW_SOLVERS["row_cholesky"]), params, batch)
+        assert _rel(s, exact) <= 1e-6
 
 
 def test_row_cholesky_and_row_cg_agree_over_steps():
@@ -335,10 +347,10 @@ def test_step_compiles_once_over_20_steps(preset, kwargs):
     assert int(state.count) == 20 and np.all(np.isfinite(losses))
 
 
-@pytest.mark.parametrize("preset", ["egn_mse", "egn_mse_cg"])
+@pytest.mark.parametrize("preset", ["egn_mse_cg"])
 def test_step_runs_inside_lax_scan(preset):
     _, predict, params, _ = _case("mse_vector")
-    method = somax.make(preset, predict_fn=predict, learning_rate=0.5, lam0=0.5)
+    method = somax.make(preset, predict_fn=predict, learning_rate=0.5, lam0=0.5, warm_start=True)
     batches = [regression_batch(key=200 + k, d_out=2) for k in range(5)]
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *batches)
 

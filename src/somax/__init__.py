@@ -7,6 +7,8 @@ Describe a method with specs and :func:`assemble` it, or :func:`make` a preset::
     params, state, info = jax.jit(method.step)(params, batch, state, rng)
 """
 
+from somax import adapters as adapters
+from somax import checkpoint as checkpoint
 from somax import curvature as curvature  # noqa: F401  (registers curvature kinds)
 from somax import damping as damping  # noqa: F401
 from somax import estimators as estimators  # noqa: F401
@@ -15,6 +17,9 @@ from somax import precond as precond  # noqa: F401
 from somax import solvers as solvers  # noqa: F401
 from somax import specs as specs
 from somax.assemble import IncompatibleSpecsError, assemble
+from somax.curvature.losses import ConvexLoss
+from somax.curvature.model import Model
+from somax.interop import as_optax
 from somax.method import MethodState, SecondOrderMethod
 from somax.plan import Plan
 from somax.presets import (
@@ -51,6 +56,11 @@ from somax.telemetry import CORE_FIELDS, InfoField, to_floats
 __version__ = "0.1.0"
 
 __all__ = [
+    "Model",
+    "ConvexLoss",
+    "as_optax",
+    "adapters",
+    "checkpoint",
     "assemble",
     "make",
     "list_methods",

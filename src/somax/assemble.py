@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 from somax.method import SecondOrderMethod
@@ -53,6 +54,8 @@ def assemble(
     tx: optax.GradientTransformation | None = None,
     grad_tx: optax.GradientTransformation | None = None,
     line_search: LineSearchSpec | None = None,
+    solve_dtype: Any = None,
+    reject_nonfinite: bool = True,
 ) -> SecondOrderMethod:
     """Assemble a second-order method from declarative specs.
 
@@ -67,6 +70,10 @@ def assemble(
         *descent* update (e.g. end in ``optax.scale(-lr)``). Default ``optax.scale(-1.0)``.
       grad_tx: Optax transform applied to ``g_t`` before the solve (e.g. momentum).
       line_search: step-size policy on the applied update (``"grid"`` or ``"armijo"``).
+      solve_dtype: dtype of curvature products, solves and method state (e.g. ``"float32"``
+        for bfloat16 parameters); the update is cast back to each parameter's dtype.
+      reject_nonfinite: reject a step whose loss, gradient or update is not finite
+        (parameters and state stay as they were; ``info["finite"]`` is False).
 
     Returns:
       A :class:`~somax.method.SecondOrderMethod` with ``init``, ``step`` and ``plan``.
@@ -82,6 +89,13 @@ def assemble(
         if t is not None and not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
             raise TypeError(f"assemble: {name}= must be an optax.GradientTransformation, got {type(t).__name__}")
 
+    if solve_dtype is not None:
+        try:
+            solve_dtype = jnp.dtype(solve_dtype)
+        except TypeError as err:
+            raise TypeError(f"assemble: solve_dtype={solve_dtype!r} is not a dtype") from err
+        if not jnp.issubdtype(solve_dtype, jnp.floating):
+            raise TypeError(f"assemble: solve_dtype must be a floating dtype, got {solve_dtype}")
     solver = solver or SolverSpec("cg")
     damping = damping or DampingSpec("constant", lam0=1.0)
     precondition = precondition or PrecondSpec("identity")
@@ -154,6 +168,7 @@ def assemble(
     needs_rng = tuple(
         name
         for name, on in (
+            ("the model (dropout)", getattr(curv, "uses_rng", False)),
             ("estimator", est is not None and needs_diag and est.every_k != -1),
             ("spectral telemetry", any(k != -1 for _, k in spectral_requests(telemetry))),
         )
@@ -194,6 +209,8 @@ def assemble(
         lam0=float(damping.lam0),
         telemetry=telemetry,
         line_search=search,
+        solve_dtype=solve_dtype,
+        reject_nonfinite=bool(reject_nonfinite),
     )
 
 

@@ -33,7 +33,12 @@ __all__ = ["MethodState", "SecondOrderMethod"]
 
 
 class MethodState(NamedTuple):
-    """Persistent state of an assembled method: a plain pytree of arrays."""
+    """Persistent state of an assembled method: a plain pytree of arrays (checkpointable).
+
+    ``model_state`` carries the model's own state (e.g. BatchNorm statistics) from
+    step to step; ``nonfinite_count`` counts steps rejected for a non-finite loss,
+    gradient or direction.
+    """
 
     count: jax.Array
     solver: PyTree
@@ -42,6 +47,8 @@ class MethodState(NamedTuple):
     estimator: PyTree
     grad_tx: PyTree
     tx: PyTree
+    model_state: PyTree = ()
+    nonfinite_count: jax.Array | int = 0
 
 
 @dataclass(frozen=True)
@@ -63,31 +70,53 @@ class SecondOrderMethod:
     lam0: float
     telemetry: TelemetrySpec = TelemetrySpec()
     line_search: Any = None
+    solve_dtype: Any = None
+    reject_nonfinite: bool = True
 
-    def init(self, params: PyTree) -> MethodState:
-        """Initial method state for ``params`` (λ in the parameters' scalar dtype, ≥ float32)."""
+    def init(self, params: PyTree, model_state: PyTree = ()) -> MethodState:
+        """Initial method state for ``params`` (and the model's initial state, if it has one).
+
+        λ, rho and metrics use the parameters' scalar dtype (≥ float32, float64 under x64).
+        With ``solve_dtype`` set, solver, preconditioner and Optax state use that dtype.
+        """
+        work = self._working(params)
         return MethodState(
             count=jnp.zeros((), jnp.int32),
-            solver=self.solver.init(params),
-            precond=self.precond.init(params),
-            damping=self.damping.init(self.lam0, scalar_dtype(params)),
-            estimator=self.estimator.init(params) if self.estimator is not None else (),
-            grad_tx=self.grad_tx.init(params) if self.grad_tx is not None else (),
-            tx=self.tx.init(params),
+            solver=self.solver.init(work),
+            precond=self.precond.init(work),
+            damping=self.damping.init(self.lam0, scalar_dtype(work)),
+            estimator=self.estimator.init(work) if self.estimator is not None else (),
+            grad_tx=self.grad_tx.init(work) if self.grad_tx is not None else (),
+            tx=self.tx.init(work),
+            model_state=model_state,
+            nonfinite_count=jnp.zeros((), jnp.int32),
         )
+
+    def _working(self, params: PyTree) -> PyTree:
+        """Parameters in the dtype of curvature products and solves (``solve_dtype``), else as given."""
+        if self.solve_dtype is None:
+            return params
+        dt = jnp.dtype(self.solve_dtype)
+        return jax.tree_util.tree_map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
     def step(
         self, params: PyTree, batch: Any, state: MethodState, rng: jax.Array | None = None
     ) -> tuple[PyTree, MethodState, dict]:
         """One optimization step; returns ``(new_params, new_state, info)``."""
         plan = self.plan
+        if not isinstance(state, MethodState):
+            raise TypeError(f"step: state must be the MethodState from method.init, got {type(state).__name__}")
         count = state.count
+        if rng is None and plan.needs_rng:
+            raise ValueError(f"step: rng=None, but this plan draws random numbers for: {', '.join(plan.needs_rng)}")
+        user_params, params = params, self._working(params)
         fdt = scalar_dtype(params)
         nan = jnp.asarray(jnp.nan, fdt)
-        if rng is None and plan.needs_rng:
-            raise ValueError(f"step: rng=None, but this plan draws random probes ({', '.join(plan.needs_rng)})")
 
-        lin = self.curvature.linearize(params, batch)
+        model_rng = None
+        if getattr(self.curvature, "uses_rng", False):
+            model_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), count)  # fresh every step
+        lin = self.curvature.linearize(params, batch, state.model_state, model_rng)
         g = lin.grad
         lam = state.damping.lam
         values: dict[str, Any] = {}
@@ -115,6 +144,12 @@ class SecondOrderMethod:
 
         direction, solver_state, solver_stats = self.solver.solve(lin, rhs, lam, inverse, state.solver)
         updates, tx_state = self.tx.update(direction, state.tx, params)
+        grad_norm = tree_norm(g)
+        finite = jnp.asarray(True)
+        if self.reject_nonfinite:
+            # ‖g‖ and ‖u‖ are finite iff every entry is (an overflow to inf also rejects)
+            finite = jnp.isfinite(lin.loss) & jnp.isfinite(grad_norm) & jnp.isfinite(tree_norm(updates))
+            updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
 
         # Post-update probes are computed against the update actually applied.
         loss_after = nan
@@ -127,12 +162,12 @@ class SecondOrderMethod:
             loss_after = loss_after.astype(fdt)
         else:
             loss_after = _gated(fire_loss, lambda: lin.loss_at(optax.apply_updates(params, updates)).astype(fdt), nan)
-        new_params = optax.apply_updates(params, updates)
+        new_params = _apply(user_params, updates)
         update_norm = tree_norm(updates)
         values.update(
             step=count,
             loss=lin.loss,
-            grad_norm=tree_norm(g),
+            grad_norm=grad_norm,
             update_norm=update_norm,
             rel_update=update_norm / jnp.maximum(tree_norm(params), jnp.finfo(fdt).tiny),
             g_dot_s=tree_vdot(g, direction),
@@ -160,9 +195,8 @@ class SecondOrderMethod:
             accepted = jnp.where(fire_damp, ok, True)
             values["tr_action"] = jnp.where(fire_damp, action, -1)
             if getattr(self.damping, "can_reject", False):
-                new_params = tree_where(accepted, new_params, params)
+                new_params = tree_where(accepted, new_params, user_params)
                 tx_state = tree_where(accepted, tx_state, state.tx)
-        values["step_accepted"] = accepted
 
         new_state = MethodState(
             count=count + 1,
@@ -172,9 +206,27 @@ class SecondOrderMethod:
             estimator=estimator_state,
             grad_tx=grad_tx_state,
             tx=tx_state,
+            model_state=lin.model_state if lin.model_state is not None else state.model_state,
+            nonfinite_count=state.nonfinite_count + jnp.where(finite, 0, 1).astype(jnp.int32),
         )
-        blocks = block_names(params) if "block_top_eig" in plan.info_schema else ()
-        return new_params, new_state, fill_info(plan.info_schema, values, fdt, blocks)
+        if self.reject_nonfinite:
+            # A non-finite loss, gradient or direction leaves everything as it was but the counters.
+            kept = state._replace(count=new_state.count, nonfinite_count=new_state.nonfinite_count)
+            new_state = tree_where(finite, new_state, kept)
+            new_params = tree_where(finite, new_params, user_params)
+            accepted = accepted & finite
+        values["step_accepted"] = accepted
+        values["finite"] = finite
+        blocks = block_names(user_params) if "block_top_eig" in plan.info_schema else ()
+        info = fill_info(plan.info_schema, values, fdt, blocks)
+        if getattr(self.curvature, "has_aux", False):
+            info["aux"] = lin.aux
+        return new_params, new_state, info
+
+
+def _apply(params: PyTree, updates: PyTree) -> PyTree:
+    """``w + u`` in each parameter's own dtype (updates may be in ``solve_dtype``)."""
+    return jax.tree_util.tree_map(lambda w, u: (w + u.astype(w.dtype)).astype(w.dtype), params, updates)
 
 
 def _as_array(flag: bool | jax.Array) -> jax.Array:

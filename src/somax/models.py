@@ -54,7 +54,10 @@ def cnn_init(
     c_in, size = in_channels, image_size
     for i, (k, c_out) in enumerate(zip(keys[:-1], channels)):
         std = jnp.sqrt(2.0 / (9 * c_in)).astype(dtype)
-        params[f"conv{i}"] = {"w": jax.random.normal(k, (3, 3, c_in, c_out), dtype) * std, "b": jnp.zeros((c_out,), dtype)}
+        params[f"conv{i}"] = {
+            "w": jax.random.normal(k, (3, 3, c_in, c_out), dtype) * std,
+            "b": jnp.zeros((c_out,), dtype),
+        }
         c_in = c_out
         if i > 0:
             size = -(-size // 2)

@@ -39,6 +39,9 @@ class Linearization:
       output_hvp: ``u ↦ H_z u`` at ``z`` (GGN kinds), else ``None``.
       output_loss: the :class:`~somax.curvature.losses.OutputLoss` (GGN kinds), else ``None``.
       targets: the batch targets ``y`` as given in the batch (GGN kinds), else ``None``.
+      weights: per-example weights/mask from the batch, or ``None``.
+      model_state: the model state returned by this forward pass (e.g. new BatchNorm statistics).
+      aux: auxiliary model outputs of this forward pass, or ``None``.
       extras: kind-specific step-local values (for user components).
     """
 
@@ -53,6 +56,9 @@ class Linearization:
     output_hvp: Callable[[jax.Array], jax.Array] | None = None
     output_loss: Any = None
     targets: Any = None
+    weights: Any = None
+    model_state: Any = None
+    aux: Any = None
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def quad_from_matvec(self, v: PyTree) -> jax.Array:

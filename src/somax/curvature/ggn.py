@@ -8,6 +8,7 @@ the gradient, every CG matvec and the predicted decrease.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 import jax
 
 from somax._tree import tree_vdot
-from somax.curvature.base import Linearization, get_batch_entry
-from somax.curvature.losses import MSELoss, OutputLoss, SoftmaxCELoss, get_output_loss
+from somax.curvature.base import Linearization
+from somax.curvature.losses import OutputLoss, get_output_loss
+from somax.curvature.model import BatchReader, Model, as_model
 from somax.registry import CURVATURES
 
 __all__ = ["GGNCurvature", "ggn", "ggn_mse", "ggn_ce"]
@@ -24,35 +26,39 @@ __all__ = ["GGNCurvature", "ggn", "ggn_mse", "ggn_ce"]
 
 @dataclass(frozen=True)
 class GGNCurvature:
-    """GGN of ``L(f(w, x), y)`` for an output-space loss ``L``."""
+    """GGN of ``L(f(w, x), y)`` for an output-space loss ``L`` and a :class:`Model` ``f``."""
 
-    predict_fn: Callable[[Any, Any], jax.Array]
+    model: Model
     loss: OutputLoss
-    x_key: str = "x"
-    y_key: str = "y"
+    reader: BatchReader
     name: str = "ggn"
 
     has_rows: bool = True
     needs_model_outputs: bool = True
 
-    def __post_init__(self) -> None:
-        if not callable(self.predict_fn):
-            raise TypeError(f"CurvatureSpec({self.name!r}): predict_fn must be callable, got {self.predict_fn!r}")
+    @property
+    def uses_rng(self) -> bool:
+        return self.model.uses_rng
 
-    def split_batch(self, batch: Any) -> tuple[Any, Any]:
-        x = get_batch_entry(batch, self.x_key, kind=self.name, role="inputs")
-        y = get_batch_entry(batch, self.y_key, kind=self.name, role="targets")
-        return x, y
+    @property
+    def has_aux(self) -> bool:
+        return self.model.has_aux
 
-    def linearize(self, params: Any, batch: Any) -> Linearization:
-        x, y = self.split_batch(batch)
-        z, jvp = jax.linearize(lambda p: self.predict_fn(p, x), params)
+    def linearize(
+        self, params: Any, batch: Any, model_state: Any = None, rng: jax.Array | None = None
+    ) -> Linearization:
+        x, y = self.reader.inputs(batch), self.reader.targets(batch)
+        w = self.reader.weights(batch)
+        apply = self.model.apply
+        z, jvp, (new_state, aux) = jax.linearize(
+            lambda p: _split_aux(apply(p, model_state, x, rng)), params, has_aux=True
+        )
         transpose = jax.linear_transpose(jvp, params)
 
         def vjp(u: jax.Array) -> Any:
             return transpose(u)[0]
 
-        out = self.loss.prepare(z, y)
+        out = self.loss.prepare(z, y, w)
 
         def matvec(v: Any) -> Any:
             return vjp(out.hvp(jvp(v)))
@@ -62,7 +68,7 @@ class GGNCurvature:
             return tree_vdot(jv, out.hvp(jv))
 
         def loss_at(p: Any) -> jax.Array:
-            return self.loss.value(self.predict_fn(p, x), y)
+            return self.loss.value(apply(p, model_state, x, rng)[0], y, w)
 
         return Linearization(
             loss=out.value,
@@ -76,26 +82,61 @@ class GGNCurvature:
             output_hvp=out.hvp,
             output_loss=self.loss,
             targets=y,
+            weights=w,
+            model_state=new_state,
+            aux=aux,
             # For per-example row primitives (somax.curvature.rows): the linearization point,
             # the inputs and the model; nothing is computed unless a row solver asks for it.
-            extras={"params": params, "inputs": x, "predict_fn": self.predict_fn},
+            extras={
+                "params": params,
+                "inputs": x,
+                "predict_fn": self.model.predict_fn(model_state, rng),
+                "couples_examples": self.model.couples_examples,
+            },
         )
 
 
-def ggn(*, predict_fn: Callable, loss: str | OutputLoss = "mse", x_key: str = "x", y_key: str = "y") -> GGNCurvature:
-    """GGN for any output-space loss object (or ``"mse"`` / ``"ce"``)."""
-    return GGNCurvature(predict_fn, get_output_loss(loss), x_key, y_key, name="ggn")
+def _split_aux(result: tuple[Any, Any, Any]) -> tuple[Any, tuple[Any, Any]]:
+    outputs, new_state, aux = result
+    return outputs, (new_state, aux)
 
 
-def ggn_mse(*, predict_fn: Callable, x_key: str = "x", y_key: str = "y") -> GGNCurvature:
-    """GGN for mean squared error ``1/(2b) Σ‖f(x_i) − y_i‖²`` (``H_z = I/b``)."""
-    return GGNCurvature(predict_fn, MSELoss(), x_key, y_key, name="ggn_mse")
+def ggn(
+    *,
+    loss: str | OutputLoss,
+    predict_fn: Callable | None = None,
+    model: Model | None = None,
+    x_key: str = "x",
+    y_key: str = "y",
+    weight_key: str | None = None,
+    x_fn: Callable | None = None,
+    y_fn: Callable | None = None,
+    weight_fn: Callable | None = None,
+) -> GGNCurvature:
+    """GGN for an output-space loss (``"mse"``, ``"ce"``, … or an :class:`OutputLoss`).
+
+    The model is ``predict_fn(params, x)`` or a :class:`~somax.curvature.model.Model`;
+    ``x``/``y``/weights are read from the batch by key or function.
+    """
+    out = get_output_loss(loss)
+    where = f"CurvatureSpec({'ggn_' + out.name if out.name in ('mse', 'ce') else 'ggn'!r})"
+    reader = BatchReader(x_key, y_key, weight_key, x_fn, y_fn, weight_fn, where=where)
+    return GGNCurvature(as_model(predict_fn=predict_fn, model=model, where=where), out, reader, name="ggn_" + out.name)
 
 
-def ggn_ce(*, predict_fn: Callable, x_key: str = "x", y_key: str = "y") -> GGNCurvature:
-    """GGN for softmax cross-entropy, integer or one-hot labels, logits ``(B, C)`` or ``(B, T, C)``."""
-    return GGNCurvature(predict_fn, SoftmaxCELoss(), x_key, y_key, name="ggn_ce")
+def _fixed_loss(loss: str, doc: str) -> Callable[..., GGNCurvature]:
+    def factory(**kwargs: Any) -> GGNCurvature:
+        return ggn(loss=loss, **kwargs)
 
+    sig = inspect.signature(ggn)
+    factory.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "loss"])  # type: ignore[attr-defined]
+    factory.__name__ = factory.__qualname__ = f"ggn_{loss}"
+    factory.__doc__ = doc
+    return factory
+
+
+ggn_mse = _fixed_loss("mse", "GGN for mean squared error ``1/(2b) Σ‖f(x_i) − y_i‖²`` (``H_z = I/b``).")
+ggn_ce = _fixed_loss("ce", "GGN for softmax cross-entropy, integer or one-hot labels, logits ``(B, C)``/``(B, T, C)``.")
 
 CURVATURES.register("ggn", ggn)
 CURVATURES.register("ggn_mse", ggn_mse)

@@ -15,34 +15,44 @@ from typing import Any
 import jax
 
 from somax._tree import tree_vdot
-from somax.curvature.base import Linearization, get_batch_entry
+from somax.curvature.base import Linearization
 from somax.curvature.losses import OutputLoss, get_output_loss
+from somax.curvature.model import BatchReader, Model, as_model
 from somax.registry import CURVATURES
 
 __all__ = ["HessianCurvature", "hessian"]
 
+#: ``loss(params, batch, model_state, rng) -> (value, (new_model_state, aux))``
+StatefulLoss = Callable[[Any, Any, Any, Any], tuple[jax.Array, tuple[Any, Any]]]
+
 
 @dataclass(frozen=True)
 class HessianCurvature:
-    """Exact Hessian of ``loss_fn(params, batch)``."""
+    """Exact Hessian of a scalar loss of the parameters."""
 
-    loss_fn: Callable[[Any, Any], jax.Array]
+    loss: StatefulLoss
+    uses_rng: bool = False
+    has_aux: bool = False
     name: str = "hessian"
     has_rows: bool = False
     needs_model_outputs: bool = False
 
-    def linearize(self, params: Any, batch: Any) -> Linearization:
-        def grad_and_loss(p: Any) -> tuple[Any, jax.Array]:
-            value, g = jax.value_and_grad(self.loss_fn)(p, batch)
-            return g, value
+    def linearize(
+        self, params: Any, batch: Any, model_state: Any = None, rng: jax.Array | None = None
+    ) -> Linearization:
+        def grad_and_loss(p: Any) -> tuple[Any, tuple[jax.Array, Any, Any]]:
+            (value, (new_state, aux)), g = jax.value_and_grad(self.loss, has_aux=True)(p, batch, model_state, rng)
+            return g, (value, new_state, aux)
 
-        g, hvp, value = jax.linearize(grad_and_loss, params, has_aux=True)
+        g, hvp, (value, new_state, aux) = jax.linearize(grad_and_loss, params, has_aux=True)
         return Linearization(
             loss=value,
             grad=g,
             matvec=hvp,
             quad=lambda v: tree_vdot(v, hvp(v)),
-            loss_at=lambda p: self.loss_fn(p, batch),
+            loss_at=lambda p: self.loss(p, batch, model_state, rng)[0],
+            model_state=new_state,
+            aux=aux,
         )
 
 
@@ -50,30 +60,38 @@ def hessian(
     *,
     loss_fn: Callable[[Any, Any], jax.Array] | None = None,
     predict_fn: Callable[[Any, Any], jax.Array] | None = None,
+    model: Model | None = None,
     loss: str | OutputLoss | None = None,
     x_key: str = "x",
     y_key: str = "y",
+    weight_key: str | None = None,
+    x_fn: Callable | None = None,
+    y_fn: Callable | None = None,
+    weight_fn: Callable | None = None,
 ) -> HessianCurvature:
-    """Exact Hessian of ``loss_fn(params, batch)``, or of ``loss(predict_fn(params, x), y)``."""
+    """Exact Hessian of ``loss_fn(params, batch)``, or of ``loss(model(params, x), y)``."""
+    where = "CurvatureSpec('hessian')"
     if loss_fn is not None:
-        if predict_fn is not None or loss is not None:
-            raise TypeError("CurvatureSpec('hessian'): pass either loss_fn, or predict_fn with loss — not both")
+        if predict_fn is not None or model is not None or loss is not None:
+            raise TypeError(f"{where}: pass either loss_fn, or predict_fn/model with loss — not both")
         if not callable(loss_fn):
-            raise TypeError(f"CurvatureSpec('hessian'): loss_fn must be callable, got {loss_fn!r}")
-        return HessianCurvature(loss_fn)
-    if predict_fn is None or loss is None:
+            raise TypeError(f"{where}: loss_fn must be callable, got {loss_fn!r}")
+        fn = loss_fn
+        return HessianCurvature(lambda p, batch, s, r: (fn(p, batch), (s, None)))
+    if (predict_fn is None and model is None) or loss is None:
         raise TypeError(
-            "CurvatureSpec('hessian') needs loss_fn(params, batch), or predict_fn(params, x) together with "
-            "loss ('mse' or 'ce')"
+            f"{where} needs loss_fn(params, batch), or predict_fn(params, x) / model= together with "
+            "loss ('mse', 'ce', …)"
         )
     out_loss = get_output_loss(loss)
+    mdl = as_model(predict_fn=predict_fn, model=model, where=where)
+    reader = BatchReader(x_key, y_key, weight_key, x_fn, y_fn, weight_fn, where=where)
 
-    def composed(params: Any, batch: Any) -> jax.Array:
-        x = get_batch_entry(batch, x_key, kind="hessian", role="inputs")
-        y = get_batch_entry(batch, y_key, kind="hessian", role="targets")
-        return out_loss.value(predict_fn(params, x), y)
+    def composed(params: Any, batch: Any, model_state: Any, rng: Any) -> tuple[jax.Array, tuple[Any, Any]]:
+        z, new_state, aux = mdl.apply(params, model_state, reader.inputs(batch), rng)
+        return out_loss.value(z, reader.targets(batch), reader.weights(batch)), (new_state, aux)
 
-    return HessianCurvature(composed)
+    return HessianCurvature(composed, uses_rng=mdl.uses_rng, has_aux=mdl.has_aux)
 
 
 CURVATURES.register("hessian", hessian)

@@ -1,9 +1,16 @@
-"""Output-space losses ``L(z, y)`` with their gradient and Hessian-vector product in ``z``.
+"""Output-space losses ``L(z, y)`` with their gradient, Hessian-vector product and row factor in ``z``.
 
 A GGN curvature (2.6) needs, besides the model's Jacobian ``J``, the output-space
-Hessian ``H_z``. Each loss here returns the batch-mean loss and closed forms for
-``∇_z L`` and ``∇²_z L · v`` that share exactly the same normalisation, so the
-reported loss, the gradient ``g = Jᵀ∇_z L`` and the GGN ``Jᵀ H_z J`` agree.
+Hessian ``H_z``. A loss is a sum of per-*position* terms ``ℓ_p(z_p, y_p)`` (a
+position is an example, or an example × time step for sequence logits), averaged
+with optional per-position weights ``w`` (a 0/1 mask is a weight):
+
+    L(z, y) = Σ_p w_p ℓ_p / n,      n = Σ_p w_p   (n = number of positions without weights).
+
+Each loss implements the *unnormalised* per-position pieces (:meth:`OutputLoss.pointwise`,
+:meth:`OutputLoss.unit_row_factor`); the base class applies the weights and ``1/n``
+once, so the reported loss, the gradient ``g = Jᵀ∇_z L`` and the GGN ``Jᵀ H_z J``
+share exactly the same normalisation, and the row lane's ``μ = nλ`` follows.
 """
 
 from __future__ import annotations
@@ -16,10 +23,14 @@ import jax.numpy as jnp
 
 __all__ = [
     "OutputCurvature",
+    "Pointwise",
     "RowFactor",
     "OutputLoss",
     "MSELoss",
     "SoftmaxCELoss",
+    "SigmoidBCELoss",
+    "GaussianNLLLoss",
+    "ConvexLoss",
     "OUTPUT_LOSSES",
     "get_output_loss",
 ]
@@ -27,9 +38,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class OutputCurvature:
-    """Loss value and output-space derivatives at one point ``z`` (step-local)."""
+    """Loss value and output-space derivatives at one point ``z`` (step-local, normalised)."""
 
     value: jax.Array
+    grad: jax.Array
+    hvp: Callable[[jax.Array], jax.Array]
+
+
+@dataclass(frozen=True)
+class Pointwise:
+    """Unnormalised per-position pieces: ``loss`` (positions-shaped), ``grad`` and ``hvp`` (z-shaped)."""
+
+    loss: jax.Array
     grad: jax.Array
     hvp: Callable[[jax.Array], jax.Array]
 
@@ -38,56 +58,97 @@ class OutputCurvature:
 class RowFactor:
     """Square-root factor of the output Hessian at ``z``, for row-space solves (paper eq. 2.8).
 
-    With ``n`` the loss normaliser (``b`` for MSE, the number of positions ``N`` for CE),
+    With ``n`` the loss normaliser (``Σw``, or the number of positions),
 
-    * ``H_z = Rᵀ R / n`` (block-diagonal over examples/positions), and
+    * ``H_z = Rᵀ R / n`` (block-diagonal over positions), and
     * ``residual`` is a row vector ``r`` with ``Rᵀ r = n ∇_z L``,
 
     so that for ``Ĵ = R J`` the GGN is ``G = Ĵᵀ Ĵ / n``, the gradient is ``g = Ĵᵀ r / n`` and
     ``(G + λI)⁻¹ g = Ĵᵀ (Ĵ Ĵᵀ + μ I)⁻¹ r`` with ``μ = n λ``.
 
     Attributes:
-      n: the normaliser ``n`` (a Python int; ``μ = n λ``).
+      n: the normaliser ``n`` (a Python int without weights, else a traced scalar; ``μ = n λ``).
       residual: ``r``, shaped like the rows (``row_shape``).
       row_shape: shape of a row-space vector; its leading axis is the batch axis.
       apply: ``u ↦ R u``, output-shaped (``z.shape``) to row-shaped; linear, vmappable.
       apply_t: ``r ↦ Rᵀ r``, row-shaped to output-shaped; linear, vmappable.
     """
 
-    n: int
+    n: int | jax.Array
     residual: jax.Array
     row_shape: tuple[int, ...]
     apply: Callable[[jax.Array], jax.Array]
     apply_t: Callable[[jax.Array], jax.Array]
 
 
+def _expand(w: jax.Array, like: jax.Array) -> jax.Array:
+    return w.reshape(w.shape + (1,) * (like.ndim - w.ndim))
+
+
 class OutputLoss:
-    """Interface: ``value(z, y)``, ``prepare(z, y) -> OutputCurvature`` and, for the
-    row-space lane, ``row_factor(z, y) -> RowFactor``."""
+    """Interface. Subclasses define :meth:`positions`, :meth:`check`, :meth:`pointwise` and,
+    for the row-space lane, :meth:`unit_row_factor`; normalisation and weights live here."""
 
     name: str = "loss"
 
+    def positions(self, z: jax.Array) -> tuple[int, ...]:
+        """Shape of the loss positions (default: the batch axis)."""
+        if z.ndim == 0:
+            raise ValueError(f"{self.name}: model output must have a leading batch axis, got a scalar")
+        return z.shape[:1]
+
     def check(self, z: jax.Array, y: jax.Array) -> jax.Array:
-        return y
+        return jnp.asarray(y)
 
-    def value(self, z: jax.Array, y: jax.Array) -> jax.Array:
+    def pointwise(self, z: jax.Array, y: jax.Array) -> Pointwise:
         raise NotImplementedError
 
-    def prepare(self, z: jax.Array, y: jax.Array) -> OutputCurvature:
-        raise NotImplementedError
-
-    def row_factor(self, z: jax.Array, y: jax.Array) -> RowFactor:
-        """Square-root factor of ``H_z`` for the row-space lane; losses without one raise."""
+    def unit_row_factor(self, z: jax.Array, y: jax.Array) -> RowFactor:
+        """Per-position ``R`` with ``H_p = RᵀR`` and ``Rᵀr = ∇ℓ_p`` (``n = 1``, no weights)."""
         raise NotImplementedError(
             f"output loss {self.name!r} ({type(self).__name__}) defines no row_factor(z, y), so it has no "
-            f"row-space form; implement row_factor or use a parameter-space solver such as 'cg'"
+            f"row-space form; implement unit_row_factor or use a parameter-space solver such as 'cg'"
         )
 
+    def _weights(self, z: jax.Array, w: jax.Array | None) -> tuple[jax.Array | None, int | jax.Array]:
+        pos = self.positions(z)
+        if w is None:
+            count = 1
+            for d in pos:
+                count *= d
+            return None, count
+        w = jnp.asarray(w)
+        if w.shape != pos:
+            raise ValueError(f"{self.name}: weights of shape {w.shape} must have the positions' shape {pos}")
+        w = w.astype(z.dtype)
+        return w, jnp.sum(w)
 
-def _num_examples(z: jax.Array) -> int:
-    if z.ndim == 0:
-        raise ValueError("model output must have a leading batch axis, got a scalar")
-    return z.shape[0]
+    def value(self, z: jax.Array, y: jax.Array, w: jax.Array | None = None) -> jax.Array:
+        return self.prepare(z, y, w).value
+
+    def prepare(self, z: jax.Array, y: jax.Array, w: jax.Array | None = None) -> OutputCurvature:
+        y = self.check(z, y)
+        w, n = self._weights(z, w)
+        pw = self.pointwise(z, y)
+        if w is None:
+            return OutputCurvature(jnp.sum(pw.loss) / n, pw.grad / n, lambda v: pw.hvp(v) / n)
+        we = _expand(w, z)
+        return OutputCurvature(jnp.sum(w * pw.loss) / n, we * pw.grad / n, lambda v: we * pw.hvp(v) / n)
+
+    def row_factor(self, z: jax.Array, y: jax.Array, w: jax.Array | None = None) -> RowFactor:
+        y = self.check(z, y)
+        w, n = self._weights(z, w)
+        f = self.unit_row_factor(z, y)
+        if w is None:
+            return RowFactor(n, f.residual, f.row_shape, f.apply, f.apply_t)
+        root = _expand(jnp.sqrt(jnp.maximum(w, 0.0)), f.residual)
+        return RowFactor(
+            n,
+            root * f.residual,
+            f.row_shape,
+            lambda u: root * f.apply(u),
+            lambda r: f.apply_t(root * r),
+        )
 
 
 @dataclass(frozen=True)
@@ -106,30 +167,18 @@ class MSELoss(OutputLoss):
             if y.size == z.size and y.ndim >= 1 and z.ndim >= 1 and y.shape[0] == z.shape[0]:
                 y = y.reshape(z.shape)
             else:
-                raise ValueError(
-                    f"mse: targets y of shape {y.shape} do not match model outputs of shape {z.shape}"
-                )
+                raise ValueError(f"mse: targets y of shape {y.shape} do not match model outputs of shape {z.shape}")
         return y.astype(z.dtype)
 
-    def value(self, z: jax.Array, y: jax.Array) -> jax.Array:
-        y = self.check(z, y)
-        return 0.5 * jnp.sum(jnp.square(z - y)) / _num_examples(z)
-
-    def prepare(self, z: jax.Array, y: jax.Array) -> OutputCurvature:
-        y = self.check(z, y)
-        b = _num_examples(z)
+    def pointwise(self, z: jax.Array, y: jax.Array) -> Pointwise:
         resid = z - y
-        return OutputCurvature(
-            value=0.5 * jnp.sum(jnp.square(resid)) / b,
-            grad=resid / b,
-            hvp=lambda v: v / b,
-        )
+        per = 0.5 * jnp.sum(jnp.square(resid).reshape(z.shape[0], -1), axis=1)
+        return Pointwise(per, resid, lambda v: v)
 
-    def row_factor(self, z: jax.Array, y: jax.Array) -> RowFactor:
-        """``R = I`` and ``r = z − y``: ``H_z = I/b = RᵀR/b`` and ``Rᵀr = b ∇_z L``; rows are ``z``'s entries."""
-        y = self.check(z, y)
+    def unit_row_factor(self, z: jax.Array, y: jax.Array) -> RowFactor:
+        """``R = I`` and ``r = z − y``; rows are ``z``'s entries."""
         identity = lambda u: u  # noqa: E731
-        return RowFactor(n=_num_examples(z), residual=z - y, row_shape=tuple(z.shape), apply=identity, apply_t=identity)
+        return RowFactor(1, z - y, tuple(z.shape), identity, identity)
 
 
 @dataclass(frozen=True)
@@ -142,6 +191,11 @@ class SoftmaxCELoss(OutputLoss):
     """
 
     name: str = "ce"
+
+    def positions(self, z: jax.Array) -> tuple[int, ...]:
+        if z.ndim < 2:
+            raise ValueError(f"ce: logits must have shape (B, C) or (B, T, C), got {z.shape}")
+        return z.shape[:-1]
 
     def check(self, z: jax.Array, y: jax.Array) -> jax.Array:
         y = jnp.asarray(y)
@@ -160,25 +214,18 @@ class SoftmaxCELoss(OutputLoss):
             )
         return y.astype(z.dtype)
 
-    def value(self, z: jax.Array, y: jax.Array) -> jax.Array:
-        y = self.check(z, y)
-        n = z.size // z.shape[-1]
-        return -jnp.sum(y * jax.nn.log_softmax(z, axis=-1)) / n
-
-    def prepare(self, z: jax.Array, y: jax.Array) -> OutputCurvature:
-        y = self.check(z, y)
-        n = z.size // z.shape[-1]
+    def pointwise(self, z: jax.Array, y: jax.Array) -> Pointwise:
         logp = jax.nn.log_softmax(z, axis=-1)
         p = jnp.exp(logp)
         mass = jnp.sum(y, axis=-1, keepdims=True)
 
         def hvp(v: jax.Array) -> jax.Array:
             pv = p * v
-            return (pv - p * jnp.sum(pv, axis=-1, keepdims=True)) * mass / n
+            return (pv - p * jnp.sum(pv, axis=-1, keepdims=True)) * mass
 
-        return OutputCurvature(value=-jnp.sum(y * logp) / n, grad=(p * mass - y) / n, hvp=hvp)
+        return Pointwise(-jnp.sum(y * logp, axis=-1), p * mass - y, hvp)
 
-    def row_factor(self, z: jax.Array, y: jax.Array) -> RowFactor:
+    def unit_row_factor(self, z: jax.Array, y: jax.Array) -> RowFactor:
         """Exact rank-``(C−1)`` square root of the softmax Hessian, closed form (no eigh/Cholesky).
 
         Per position, with ``q = √p`` (``‖q‖ = 1``) and label mass ``m = Σ_c y_c``,
@@ -189,17 +236,15 @@ class SoftmaxCELoss(OutputLoss):
         (``w`` is never small: ``‖w‖² = 2(1 + q_C) ≥ 2``.)
 
         Residual: ``t = (m p − y)/q = m q − y/q`` is orthogonal to ``q`` (``qᵀt = m − Σy = 0``),
-        so ``r = E Q t / √m`` gives ``Rᵀr = diag(q) P t = m p − y = N ∇_z L`` exactly.
+        so ``r = E Q t / √m`` gives ``Rᵀr = diag(q) P t = m p − y = ∇ℓ_p`` exactly.
         ``1/q = exp(−log p / 2)`` is computed from the log-softmax; in float32 it is finite
         for ``log p > −176`` (a true-class probability below ~1e-76 cannot occur in float32
         softmax anyway). Positions with zero label mass get ``R = 0`` and ``r = 0``.
         Rows have shape ``z.shape[:-1] + (C−1,)``.
         """
-        y = self.check(z, y)
         c = z.shape[-1]
         if c < 2:
             raise ValueError(f"ce: the row-space factor needs at least 2 classes, got logits of shape {z.shape}")
-        n = z.size // c
         logp = jax.lax.stop_gradient(jax.nn.log_softmax(z, axis=-1))
         q = jnp.exp(0.5 * logp)
         mass = jnp.sum(y, axis=-1, keepdims=True)
@@ -220,19 +265,132 @@ class SoftmaxCELoss(OutputLoss):
         t = mass * q - y * jnp.exp(-0.5 * logp)
         safe = jnp.where(root_m > 0, root_m, 1.0)
         residual = jnp.where(root_m > 0, reflect(t) / safe, 0.0)[..., :-1]
-        return RowFactor(n=n, residual=residual, row_shape=tuple(z.shape[:-1]) + (c - 1,), apply=apply, apply_t=apply_t)
+        return RowFactor(n=1, residual=residual, row_shape=tuple(z.shape[:-1]) + (c - 1,), apply=apply, apply_t=apply_t)
 
 
-OUTPUT_LOSSES: dict[str, OutputLoss] = {"mse": MSELoss(), "ce": SoftmaxCELoss()}
+@dataclass(frozen=True)
+class SigmoidBCELoss(OutputLoss):
+    """Sigmoid binary cross-entropy on logits: ``ℓ = softplus(z) − y z`` per output, summed per example.
+
+    ``y ∈ [0, 1]`` has ``z``'s shape; ``∇ℓ = σ(z) − y``, ``H_z = diag(σ(z)(1 − σ(z)))``.
+    """
+
+    name: str = "bce"
+
+    def check(self, z: jax.Array, y: jax.Array) -> jax.Array:
+        y = jnp.asarray(y)
+        if y.shape != z.shape:
+            if y.size == z.size and y.ndim >= 1 and y.shape[0] == z.shape[0]:
+                y = y.reshape(z.shape)
+            else:
+                raise ValueError(f"bce: targets y of shape {y.shape} must match logits of shape {z.shape}")
+        return y.astype(z.dtype)
+
+    def pointwise(self, z: jax.Array, y: jax.Array) -> Pointwise:
+        per = jax.nn.softplus(z) - y * z
+        s = jax.nn.sigmoid(z)
+        h = s * (1.0 - s)
+        return Pointwise(jnp.sum(per.reshape(z.shape[0], -1), axis=1), s - y, lambda v: h * v)
+
+    def unit_row_factor(self, z: jax.Array, y: jax.Array) -> RowFactor:
+        """``R = diag(√(σ(1−σ)))``, ``r = (σ − y)/√(σ(1−σ))`` computed in log space (finite for |z| < ~170)."""
+        log_h = -(jax.nn.softplus(z) + jax.nn.softplus(-z))  # log σ(z)(1 − σ(z))
+        root = jnp.exp(0.5 * log_h)
+        residual = (jax.nn.sigmoid(z) - y) * jnp.exp(-0.5 * log_h)
+        return RowFactor(1, residual, tuple(z.shape), lambda u: root * u, lambda r: root * r)
+
+
+@dataclass(frozen=True)
+class GaussianNLLLoss(OutputLoss):
+    """Heteroscedastic Gaussian negative log-likelihood; outputs ``z[..., 0] = μ``, ``z[..., 1] = s = log σ²``.
+
+    ``ℓ = ½[(y − μ)² e^{−s} + s + log 2π]`` per output, summed per example; ``y`` has
+    shape ``z.shape[:-1]``. The exact ``∇²_z ℓ`` is indefinite, so ``H_z`` is the
+    Fisher information of the Gaussian in ``(μ, s)``: ``diag(e^{−s}, ½)`` (its expectation
+    under the model), which is positive definite; gradients are exact.
+    """
+
+    name: str = "gaussian_nll"
+
+    def check(self, z: jax.Array, y: jax.Array) -> jax.Array:
+        y = jnp.asarray(y)
+        if z.ndim < 2 or z.shape[-1] != 2:
+            raise ValueError(f"gaussian_nll: outputs must end in an axis of 2 (mean, log-variance), got {z.shape}")
+        if y.shape != z.shape[:-1]:
+            if y.size == z.size // 2 and y.ndim >= 1 and y.shape[0] == z.shape[0]:
+                y = y.reshape(z.shape[:-1])
+            else:
+                raise ValueError(f"gaussian_nll: targets y of shape {y.shape} must have shape {z.shape[:-1]}")
+        return y.astype(z.dtype)
+
+    def pointwise(self, z: jax.Array, y: jax.Array) -> Pointwise:
+        mu, s = z[..., 0], z[..., 1]
+        prec = jnp.exp(-s)
+        r = mu - y
+        per = 0.5 * (r * r * prec + s + jnp.log(2 * jnp.pi))
+        grad = jnp.stack([r * prec, 0.5 * (1.0 - r * r * prec)], axis=-1)
+        fisher = jnp.stack([prec, jnp.full_like(prec, 0.5)], axis=-1)
+        return Pointwise(jnp.sum(per.reshape(z.shape[0], -1), axis=1), grad, lambda v: fisher * v)
+
+    def unit_row_factor(self, z: jax.Array, y: jax.Array) -> RowFactor:
+        """``R = diag(e^{−s/2}, 1/√2)``, ``r = ((μ − y) e^{−s/2}, (1 − (y − μ)² e^{−s})/√2)``."""
+        mu, s = z[..., 0], z[..., 1]
+        root = jnp.stack([jnp.exp(-0.5 * s), jnp.full_like(s, 0.5**0.5)], axis=-1)
+        r = mu - y
+        residual = jnp.stack([r * jnp.exp(-0.5 * s), (1.0 - r * r * jnp.exp(-s)) * 0.5**0.5], axis=-1)
+        return RowFactor(1, residual, tuple(z.shape), lambda u: root * u, lambda q: root * q)
+
+
+@dataclass(frozen=True)
+class ConvexLoss(OutputLoss):
+    """A user loss ``ℓ(z_i, y_i)`` per example (scalar, convex in ``z_i``), averaged over the batch.
+
+    Gradient and ``H_z`` products come from autodiff of ``ℓ`` in output space (one
+    forward-over-reverse product per matvec, on outputs only). Convexity in ``z``
+    makes ``H_z`` positive semi-definite, which the GGN needs; it is not checked.
+    No row-space form (use a parameter-space solver).
+    """
+
+    fn: Callable[[jax.Array, jax.Array], jax.Array] = None  # type: ignore[assignment]
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"ConvexLoss: fn(z_i, y_i) -> scalar must be callable, got {self.fn!r}")
+
+    def pointwise(self, z: jax.Array, y: jax.Array) -> Pointwise:
+        y = jnp.asarray(y)
+        if y.ndim == 0 or y.shape[0] != z.shape[0]:
+            raise ValueError(f"{self.name}: targets y of shape {y.shape} need the batch axis of outputs {z.shape}")
+        grad_fn = jax.grad(self.fn)
+        per = jax.vmap(self.fn)(z, y)
+        if per.shape != z.shape[:1]:
+            raise ValueError(f"{self.name}: fn(z_i, y_i) must return a scalar, got shape {per.shape[1:]}")
+
+        def hvp(v: jax.Array) -> jax.Array:
+            return jax.vmap(lambda zi, yi, vi: jax.jvp(lambda q: grad_fn(q, yi), (zi,), (vi,))[1])(z, y, v)
+
+        return Pointwise(per, jax.vmap(grad_fn)(z, y), hvp)
+
+
+OUTPUT_LOSSES: dict[str, OutputLoss] = {
+    "mse": MSELoss(),
+    "ce": SoftmaxCELoss(),
+    "bce": SigmoidBCELoss(),
+    "gaussian_nll": GaussianNLLLoss(),
+}
 
 
 def get_output_loss(loss: str | OutputLoss) -> OutputLoss:
+    """An :class:`OutputLoss` by name (``mse``, ``ce``, ``bce``, ``gaussian_nll``) or as given."""
     if isinstance(loss, OutputLoss):
         return loss
+    if callable(loss):
+        raise TypeError("a loss function must be wrapped: pass loss=somax.curvature.ConvexLoss(fn) for ℓ(z_i, y_i)")
     if loss not in OUTPUT_LOSSES:
-        import difflib
+        from somax.registry import did_you_mean
 
-        close = difflib.get_close_matches(str(loss), list(OUTPUT_LOSSES), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown loss {loss!r}.{hint} Known: {', '.join(OUTPUT_LOSSES)}.")
+        raise ValueError(
+            f"Unknown loss {loss!r}.{did_you_mean(loss, list(OUTPUT_LOSSES))} Known: {', '.join(OUTPUT_LOSSES)}."
+        )
     return OUTPUT_LOSSES[loss]

@@ -141,4 +141,4 @@ def row_operator(lin: Linearization) -> RowOperator:
             "row-space solve: the linearization has no model JVP/VJP and output loss (is the curvature a GGN?); "
             "use a GGN curvature ('ggn_mse', 'ggn_ce') or a parameter-space solver"
         )
-    return RowOperator(factor=lin.output_loss.row_factor(lin.outputs, lin.targets), lin=lin)
+    return RowOperator(factor=lin.output_loss.row_factor(lin.outputs, lin.targets, lin.weights), lin=lin)

@@ -1,14 +1,14 @@
 """Randomised curvature estimators layered on the step's linearization.
 
 * ``"hutchinson"``: ``z ⊙ (H z)`` with Rademacher probes, on any curvature (Hessian or GGN).
-* ``"gnb"`` (alias ``"gauss_newton_bartlett"``): ``N · ĝ ⊙ ĝ`` with labels sampled from
-  the model's predictive distribution; GGN curvatures only.
+* ``"gnb"`` (alias ``"gauss_newton_bartlett"``): ``n · ĝ ⊙ ĝ`` with labels sampled from
+  the model's predictive distribution; GGN curvatures with a CE or MSE loss.
 
 Both refresh on their ``eval_every_k`` cadence and feed a diagonal preconditioner.
 """
 
-from somax.estimators.base import EstimatorState, rademacher_like
-from somax.estimators.gnb import GaussNewtonBartlett, gnb, sampled_output_gradient
+from somax.estimators.base import EstimatorState, mean_over_samples, rademacher_like
+from somax.estimators.gnb import GaussNewtonBartlett, gnb, predictive_noise, sample_predictive
 from somax.estimators.hutchinson import HutchinsonDiagonal, hutchinson
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "HutchinsonDiagonal",
     "gnb",
     "hutchinson",
+    "mean_over_samples",
+    "predictive_noise",
     "rademacher_like",
-    "sampled_output_gradient",
+    "sample_predictive",
 ]

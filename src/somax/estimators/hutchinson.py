@@ -26,10 +26,10 @@ import jax
 from somax.curvature.base import Linearization
 from somax.estimators.base import (
     EstimatorState,
-    average_over_keys,
     check_count,
     check_every_k,
     init_state,
+    mean_over_samples,
     rademacher_like,
     refresh_key,
 )
@@ -64,14 +64,13 @@ class HutchinsonDiagonal:
 
     def diagonal(self, lin: Linearization, rng: jax.Array, state: EstimatorState) -> tuple[PyTree, EstimatorState]:
         """One refresh: the averaged probe estimate and the state with ``refreshes + 1``."""
-        like = lin.grad
+        n = self.n_probes
+        probes = rademacher_like(refresh_key(rng, state), lin.grad, None if n == 1 else n)
 
-        def one(key: jax.Array) -> PyTree:
-            z = rademacher_like(key, like)
-            hz = lin.matvec(z)
-            return jax.tree_util.tree_map(lambda a, b: (a * b).astype(a.dtype), z, hz)
+        def one(z: PyTree) -> PyTree:
+            return jax.tree_util.tree_map(lambda a, b: (a * b).astype(a.dtype), z, lin.matvec(z))
 
-        diag = average_over_keys(one, refresh_key(rng, state), self.n_probes)
+        diag = mean_over_samples(one, probes, n)
         return diag, EstimatorState(state.refreshes + 1)
 
 

@@ -70,8 +70,13 @@ def cg_spec(o: Mapping[str, Any]) -> SolverSpec:
 def model_kwargs(
     preset: str, o: Mapping[str, Any], names: tuple[str, ...], extra: Mapping[str, Any] | None = None
 ) -> dict:
-    """Curvature kwargs from the model options ``names`` plus ``curvature_kwargs``; duplicates raise."""
-    out = {k: o[k] for k in names if o[k] is not None}
+    """Curvature kwargs from the model options ``names`` plus ``curvature_kwargs``; duplicates raise.
+
+    A ``model=`` option (a :class:`somax.Model`) is taken wherever ``predict_fn`` is.
+    """
+    if "predict_fn" in names and "model" not in names:
+        names = (*names, "model")
+    out = {k: o[k] for k in names if o.get(k) is not None}
     out.update(extra or {})
     for key, value in (o["curvature_kwargs"] or {}).items():
         if key in out:
@@ -81,7 +86,10 @@ def model_kwargs(
 
 
 def require(preset: str, kwargs: Mapping[str, Any], *alternatives: tuple[str, ...]) -> None:
-    """Raise unless one of the keyword groups is fully present in ``kwargs``."""
+    """Raise unless one keyword group is fully present in ``kwargs`` (``model`` may stand for ``predict_fn``)."""
+    alternatives = alternatives + tuple(
+        tuple("model" if k == "predict_fn" else k for k in group) for group in alternatives if "predict_fn" in group
+    )
     if any(all(kwargs.get(k) is not None for k in group) for group in alternatives):
         return
     wanted = " or ".join("+".join(group) for group in alternatives)

@@ -131,7 +131,15 @@ sophia_h = define_preset(
     "sophia_h",
     _sophia("sophia_h", _hessian_curvature, "hutchinson", "n_probes"),
     positional="loss_fn",
-    options={"loss_fn": None, "predict_fn": None, "loss": None, **_SOPHIA_OPTIONS, "gamma": 0.01, "n_probes": 1},
+    options={
+        "loss_fn": None,
+        "predict_fn": None,
+        "model": None,
+        "loss": None,
+        **_SOPHIA_OPTIONS,
+        "gamma": 0.01,
+        "n_probes": 1,
+    },
     doc=_SOPHIA_DOC.format(
         variant="H",
         extra_ref="",
@@ -151,7 +159,7 @@ sophia_g = define_preset(
     "sophia_g",
     _sophia("sophia_g", _ggn_curvature, "gnb", "n_samples"),
     positional="predict_fn",
-    options={"predict_fn": None, "loss": "ce", **_SOPHIA_OPTIONS, "gamma": 0.05, "n_samples": 1},
+    options={"predict_fn": None, "model": None, "loss": "ce", **_SOPHIA_OPTIONS, "gamma": 0.05, "n_samples": 1},
     doc=_SOPHIA_DOC.format(
         variant="G",
         extra_ref="",
@@ -171,7 +179,7 @@ sophia_n = define_preset(
     "sophia_n",
     _sophia("sophia_n", _ggn_curvature, "hutchinson", "n_probes"),
     positional="predict_fn",
-    options={"predict_fn": None, "loss": "ce", **_SOPHIA_OPTIONS, "gamma": 0.05, "n_probes": 1},
+    options={"predict_fn": None, "model": None, "loss": "ce", **_SOPHIA_OPTIONS, "gamma": 0.05, "n_probes": 1},
     doc=_SOPHIA_DOC.format(
         variant="N",
         extra_ref="; Somax paper §4.4",
@@ -220,7 +228,7 @@ adahessian = define_preset(
     positional="loss_fn",
     options={
         "loss_fn": None,
-        "predict_fn": None,
+        "predict_fn": None, "model": None,
         "loss": None,
         **DIAG_OPTIONS,
         "learning_rate": 0.15,

@@ -52,7 +52,9 @@ _SGN_DOC = """Stochastic Gauss-Newton (SGN) for {what} [Gargiani et al. 2020], p
     Damping is ``constant`` (``λ = lam0``) or ``trust_region`` (updated every
     ``tr_every_k`` steps). ``precondition`` may name a diagonal preconditioner
     (e.g. ``"diag_ema"`` on squared gradients) for PCG.
-    Model: ``predict_fn(params, x)``; batch ``{{"x", "y"}}`` (keys via ``curvature_kwargs``).
+    Model: ``predict_fn(params, x)`` or ``model=somax.Model(...)`` (state, rng, aux; see
+    ``somax.adapters`` for Flax); batch ``{{"x", "y"}}`` (keys, functions or weights via
+    ``curvature_kwargs``: ``x_key``, ``y_key``, ``weight_key``, ``x_fn``, ``y_fn``, ``weight_fn``).
     Loss: {loss}.
     """
 
@@ -60,7 +62,7 @@ sgn_mse = define_preset(
     "sgn_mse",
     _param_lane("ggn_mse", ("predict_fn",), "sgn_mse"),
     positional="predict_fn",
-    options={"predict_fn": None, **_OPTIONS},
+    options={"predict_fn": None, "model": None, **_OPTIONS},
     doc=_SGN_DOC.format(what="mean squared error", loss="``1/(2b) Σ_i ‖f(x_i) − y_i‖²``"),
 )
 
@@ -68,7 +70,7 @@ sgn_ce = define_preset(
     "sgn_ce",
     _param_lane("ggn_ce", ("predict_fn",), "sgn_ce"),
     positional="predict_fn",
-    options={"predict_fn": None, **_OPTIONS},
+    options={"predict_fn": None, "model": None, **_OPTIONS},
     doc=_SGN_DOC.format(
         what="softmax cross-entropy", loss="mean softmax cross-entropy, integer or one-hot labels"
     ),
@@ -78,7 +80,7 @@ newton_cg = define_preset(
     "newton_cg",
     _param_lane("hessian", ("loss_fn", "predict_fn", "loss"), "newton_cg"),
     positional="loss_fn",
-    options={"loss_fn": None, "predict_fn": None, "loss": None, **_OPTIONS},
+    options={"loss_fn": None, "predict_fn": None, "model": None, "loss": None, **_OPTIONS},
     doc="""Newton-CG / Hessian-free [Martens 2010], parameter lane.
 
     Solves ``(∇²L + λI) s = g`` with CG on exact Hessian-vector products from one

@@ -36,8 +36,8 @@ ROW_CHOLESKY_OPTIONS: dict[str, Any] = {"solve_dtype": None}
 #: Dense parameter-space solves.
 DENSE_OPTIONS: dict[str, Any] = {"solve_dtype": None, "max_params": 20_000}
 
-_GGN_MODEL = {"predict_fn": None}
-_HESSIAN_MODEL = {"loss_fn": None, "predict_fn": None, "loss": None}
+_GGN_MODEL = {"predict_fn": None, "model": None}
+_HESSIAN_MODEL = {"loss_fn": None, "predict_fn": None, "model": None, "loss": None}
 
 
 def _solver(kind: str, table: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], SolverSpec]:

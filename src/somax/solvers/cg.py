@@ -91,8 +91,8 @@ def conjugate_gradient(
 
     init = _Carry(jnp.zeros((), jnp.int32), x, r, z, tree_vdot(r, z), rnorm, jnp.zeros((), bool))
     c = jax.lax.while_loop(cond, body, init)
-    is_descent = tree_vdot(c.x, b) > 0
-    x = tree_where(c.neg & ~is_descent, b, c.x)
+    # only a negative-curvature exit needs the descent check; it costs nothing otherwise
+    x = jax.lax.cond(c.neg, lambda: tree_where(tree_vdot(c.x, b) > 0, c.x, b), lambda: c.x)
     rel = jnp.where(bnorm > 0, c.rnorm / jnp.where(bnorm > 0, bnorm, 1.0), 0.0)
     return CGResult(x, c.i, rel, (c.rnorm <= threshold) & ~c.neg, c.neg)
 

@@ -126,9 +126,7 @@ class RowCGSolver:
             raise TypeError(f"SolverSpec('row_cg'): warm_start must be a bool, got {self.warm_start!r}")
         every = self.stabilise_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(
-                f"SolverSpec('row_cg'): stabilise_every must be an int >= 0, got {self.stabilise_every!r}"
-            )
+            raise ValueError(f"SolverSpec('row_cg'): stabilise_every must be an int >= 0, got {self.stabilise_every!r}")
 
     def init(self, params: PyTree) -> PyTree:
         return tree_zeros_like(params) if self.warm_start else ()
