@@ -74,8 +74,9 @@ def test_residual_refresh_keeps_search_direction():
     # a restart-every-5 CG is steepest-descent-like and needs far more than `base` iterations
     x = jnp.zeros(60)
     total = 0
+    restart = jax.jit(lambda x0: conjugate_gradient(_mv(a), b, x0=x0, tol=1e-8, maxiter=5))
     for _ in range(int(refreshed.iters) // 5 + 1):
-        r = conjugate_gradient(_mv(a), b, x0=x, tol=1e-8, maxiter=5)
+        r = restart(x)
         x, total = r.x, total + int(r.iters)
     assert np.linalg.norm(a @ np.asarray(x) - np.asarray(b)) / np.linalg.norm(b) > 1e-8
 

@@ -133,7 +133,7 @@ def test_trust_region_rejects_bad_steps_and_raises_lambda():
     batch = regression_batch(b=12, d_out=2)
     method = somax.make("sgn_mse", predict, learning_rate=50.0, damping="trust_region", lam0=1e-3)
     state = method.init(params)
-    new, state2, info = method.step(params, batch, state, None)
+    new, state2, info = jax.jit(method.step)(params, batch, state, None)
     assert float(info["rho"]) < 0 and not bool(info["step_accepted"])
     np.testing.assert_array_equal(flat(new), flat(params))
     assert float(state2.damping.lam) == pytest.approx(1.5e-3)
@@ -221,8 +221,9 @@ def test_lax_scan_over_steps_matches_python_loop():
 
     (p_scan, s_scan), infos = jax.lax.scan(body, (params, method.init(params)), stacked)
     p_loop, s_loop = params, method.init(params)
+    step = jax.jit(method.step)
     for b in batches:
-        p_loop, s_loop, _ = method.step(p_loop, b, s_loop, None)
+        p_loop, s_loop, _ = step(p_loop, b, s_loop, None)
     np.testing.assert_allclose(flat(p_scan), flat(p_loop), rtol=1e-7, atol=1e-10)
     assert infos["loss"].shape == (6,)
     assert np.isnan(np.asarray(infos["rho"])[1]) and np.isfinite(np.asarray(infos["rho"])[2])

@@ -13,7 +13,7 @@ from somax.specs import CurvatureSpec, DampingSpec, LineSearchSpec, SolverSpec, 
 
 
 def _one_step(method, params, batch, key=0):
-    return method.step(params, batch, method.init(params), jax.random.PRNGKey(key))
+    return jax.jit(method.step)(params, batch, method.init(params), jax.random.PRNGKey(key))
 
 
 @pytest.mark.parametrize("kind", ["ggn_ce", "hessian"])
@@ -68,7 +68,8 @@ def test_trace_probe_in_step_matches_dense_on_average():
     params, predict = tiny_mlp(sizes=(3, 5, 2))
     batch = regression_batch(d_out=2)
     method = somax.make("sgn_mse", predict, telemetry=TelemetrySpec(trace_every_k=1, trace_probes=200))
-    traces = [float(_one_step(method, params, batch, key=k)[2]["trace"]) for k in range(5)]
+    step, state = jax.jit(method.step), method.init(params)
+    traces = [float(step(params, batch, state, jax.random.PRNGKey(k))[2]["trace"]) for k in range(5)]
     G = dense_ggn(predict, params, batch, "mse")
     np.testing.assert_allclose(np.mean(traces), np.trace(G), rtol=0.1)
 
@@ -209,9 +210,10 @@ def test_step_norm_damping_keeps_update_norm_in_band():
         tx=optax.scale(-1.0),
     )
     state = method.init(params)
+    step = jax.jit(method.step)
     norms, actions = [], []
     for t in range(60):
-        params, state, info = method.step(params, regression_batch(key=t, b=16, d_out=2), state, None)
+        params, state, info = step(params, regression_batch(key=t, b=16, d_out=2), state, None)
         norms.append(float(info["update_norm"]))
         actions.append(int(info["tr_action"]))
     late = np.asarray(norms[30:])
