@@ -48,7 +48,6 @@ import gc
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -59,9 +58,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import somax
+from benchmarks import step_overhead
 from somax.models import mlp_apply
 from somax.specs import TelemetrySpec
 
@@ -417,35 +416,6 @@ def summarise(probe: str, names: list[str], cycle: int, times: dict, fired: dict
 # --------------------------------------------------------------------------- reporting
 
 
-def machine_info() -> dict[str, Any]:
-    """Platform, CPUs, backend and library versions (same fields as ``step_overhead``)."""
-    import jaxlib
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        affinity = None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "jax_backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "versions": {
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "optax": optax.__version__,
-            "numpy": np.__version__,
-            "somax": somax.__version__,
-        },
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
 def sparse_goals(sw: dict[str, Any]) -> list[str]:
     return [n for n in sw["goals"] if n != "never"]
 
@@ -694,7 +664,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "goals": {"never_max_overhead": GOAL_NEVER, "cadence_slack": GOAL_SLACK},
         **cfg,
     }
-    result: dict[str, Any] = {"benchmark": "probe_cadence", "machine": machine_info(), "config": config, "sweeps": {}}
+    result: dict[str, Any] = {
+        "benchmark": "probe_cadence",
+        "machine": step_overhead.machine_info(),
+        "config": config,
+        "sweeps": {},
+    }
     cache: dict = {}  # `off` is the same program in both sweeps: compiled once
     for probe in args.probes:
         result["sweeps"][probe] = sw = run_sweep(probe, params, stream, keys, cfg, cache)
