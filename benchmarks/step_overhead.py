@@ -33,9 +33,7 @@ import argparse
 import gc
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +46,7 @@ import numpy as np
 import optax
 
 import somax
+from benchmarks.common import machine_info
 from somax.models import mlp_apply
 
 __all__ = ["main", "PROFILES", "VARIANTS"]
@@ -115,11 +114,13 @@ def _vdot(a: Any, b: Any) -> jax.Array:
     return sum(jnp.vdot(x, y) for x, y in leaves)
 
 
-def _cg(matvec: Callable[[Any], Any], b: Any, lam: float, tol: float, maxiter: int) -> tuple[Any, jax.Array]:
+def _cg(matvec: Callable[[Any], Any], b: Any, lam: float, tol: float, maxiter: int) -> tuple[Any, dict]:
     """Textbook CG on ``(H + λI) s = b`` from ``s = 0``: stop at ``maxiter``, at
-    ``‖r‖ ≤ tol‖b‖`` or at ``pᵀAp ≤ 0`` (the stopping rule somax's CG uses)."""
+    ``‖r‖ ≤ tol‖b‖`` or at ``pᵀAp ≤ 0`` (the stopping rule somax's CG uses). Returns
+    ``s`` and the statistics every somax step reports: iterations, ``‖b‖`` and ``‖r‖/‖b‖``."""
     tm = jax.tree_util.tree_map
-    threshold = tol * jnp.sqrt(_vdot(b, b))
+    bb = _vdot(b, b)
+    threshold = tol * jnp.sqrt(bb)
 
     def cond(c):
         i, _, _, _, rr, neg = c
@@ -138,9 +139,16 @@ def _cg(matvec: Callable[[Any], Any], b: Any, lam: float, tol: float, maxiter: i
         return i + jnp.where(neg, 0, 1), x, r, p, rr_new, neg
 
     x0 = tm(jnp.zeros_like, b)
-    init = (jnp.zeros((), jnp.int32), x0, b, b, _vdot(b, b), jnp.zeros((), bool))
-    i, x, *_ = jax.lax.while_loop(cond, body, init)
-    return x, i
+    init = (jnp.zeros((), jnp.int32), x0, b, b, bb, jnp.zeros((), bool))
+    i, x, _, _, rr, _ = jax.lax.while_loop(cond, body, init)
+    bnorm = jnp.sqrt(bb)
+    return x, {"iters": i, "grad_norm": bnorm, "residual": jnp.sqrt(rr) / bnorm}
+
+
+def _apply_sgd(params: Any, s: Any, lr: float) -> tuple[Any, jax.Array]:
+    """``w − lr·s`` and ``‖lr·s‖`` (the update norm every somax step reports)."""
+    u = jax.tree_util.tree_map(lambda si: -lr * si, s)
+    return jax.tree_util.tree_map(jnp.add, params, u), jnp.sqrt(_vdot(u, u))
 
 
 def make_hand_sgn(lr: float, lam: float, tol: float, maxiter: int) -> Callable:
@@ -154,9 +162,9 @@ def make_hand_sgn(lr: float, lam: float, tol: float, maxiter: int) -> Callable:
         r = z - y
         loss = 0.5 * jnp.sum(r * r) / b
         (g,) = vjp(r / b)
-        s, iters = _cg(lambda v: vjp(jvp(v) / b)[0], g, lam, tol, maxiter)
-        new = jax.tree_util.tree_map(lambda w, si: w - lr * si, params, s)
-        return new, loss, iters
+        s, stats = _cg(lambda v: vjp(jvp(v) / b)[0], g, lam, tol, maxiter)
+        new, update_norm = _apply_sgd(params, s, lr)
+        return new, loss, stats["iters"], (stats, update_norm)
 
     return step
 
@@ -170,9 +178,9 @@ def make_hand_newton(lr: float, lam: float, tol: float, maxiter: int) -> Callabl
             return g, value
 
         g, hvp, loss = jax.linearize(grad_and_loss, params, has_aux=True)
-        s, iters = _cg(hvp, g, lam, tol, maxiter)
-        new = jax.tree_util.tree_map(lambda w, si: w - lr * si, params, s)
-        return new, loss, iters
+        s, stats = _cg(hvp, g, lam, tol, maxiter)
+        new, update_norm = _apply_sgd(params, s, lr)
+        return new, loss, stats["iters"], (stats, update_norm)
 
     return step
 
@@ -386,47 +394,6 @@ def time_compile(width: int, batch_size: int, cfg: dict) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def machine_info() -> dict[str, Any]:
-    import jaxlib
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        affinity = None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "jax_backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "versions": {
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "optax": optax.__version__,
-            "numpy": np.__version__,
-            "somax": somax.__version__,
-        },
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "somax_git": _git_state(),
-    }
-
-
-def _git_state() -> dict[str, Any] | None:
-    """Commit of the checkout and whether ``src/`` has uncommitted changes (read-only git calls)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout
-        commit = run("rev-parse", "HEAD").strip()
-        dirty = run("status", "--porcelain", "--", "src").strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit or None, "src_dirty": bool(dirty)} if commit else None
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -49,16 +49,21 @@ class Block(nn.Module):
 
 
 class ResNet20(nn.Module):
-    """CIFAR ResNet-20: 3×3 stem (16), three stages of 3 basic blocks (16, 32, 64), GAP, dense."""
+    """CIFAR ResNet-20: 3×3 stem (16), three stages of 3 basic blocks (16, 32, 64), GAP, dense.
+
+    ``width`` and ``blocks`` scale it (width w: stages w, 2w, 4w); the defaults are ResNet-20.
+    """
 
     num_classes: int = 10
+    width: int = 16
+    blocks: int = 3
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        x = nn.Conv(16, (3, 3), use_bias=False)(x)
+        x = nn.Conv(self.width, (3, 3), use_bias=False)(x)
         x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-        for i, channels in enumerate((16, 32, 64)):
-            for j in range(3):
+        for i, channels in enumerate((self.width, 2 * self.width, 4 * self.width)):
+            for j in range(self.blocks):
                 x = Block(channels, 2 if (i > 0 and j == 0) else 1)(x, train)
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
@@ -115,15 +120,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-dir", default=os.path.expanduser("~/.cache/somax"))
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--width", type=int, default=16, help="channels of the first stage (16 = ResNet-20)")
+    ap.add_argument("--blocks", type=int, default=3, help="basic blocks per stage (3 = ResNet-20)")
+    ap.add_argument("--synthetic-size", type=int, default=2048, help="training examples when CIFAR-10 is absent")
     args = ap.parse_args(argv)
 
     data = load_cifar10(args.data_dir)
     if data is None:
         print(f"CIFAR-10 not found under {args.data_dir}/cifar-10-batches-py: training on synthetic CIFAR-shaped data")
-        data = synthetic_cifar()
+        data = synthetic_cifar(n_train=args.synthetic_size, n_test=max(args.synthetic_size // 4, 1))
     x_tr, y_tr, x_te, y_te = data
 
-    net = ResNet20()
+    net = ResNet20(width=args.width, blocks=args.blocks)
     variables = net.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, 32, 32, 3)), train=False)
     params, model_state = somax.adapters.split_linen_variables(variables)
     schedule = optax.cosine_decay_schedule(args.lr or (1e-3 if args.method == "sophia_n" else 0.1), args.steps)

@@ -224,7 +224,8 @@ def test_step_norm_damping_keeps_update_norm_in_band():
 
 def test_diagnostics_are_consistent():
     params, predict = tiny_mlp(sizes=(3, 5, 2))
-    method = somax.make("sgn_mse", predict, learning_rate=0.5, telemetry=TelemetrySpec(loss_after_every_k=1))
+    telemetry = TelemetrySpec(loss_after_every_k=1, norms_every_k=1)
+    method = somax.make("sgn_mse", predict, learning_rate=0.5, telemetry=telemetry)
     new, _, info = _one_step(method, params, regression_batch(d_out=2))
     du = flat(new) - flat(params)
     np.testing.assert_allclose(float(info["update_norm"]), np.linalg.norm(du), rtol=1e-10)

@@ -29,12 +29,16 @@ __all__ = [
 ]
 
 
+# Operators rather than jnp ufuncs / jnp.where: identical programs, but each jnp call traces
+# through a jitted wrapper, which adds up in a step with hundreds of leaf-wise ops.
+
+
 def tree_add(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(jnp.add, a, b)
+    return jax.tree_util.tree_map(lambda x, y: x + y, a, b)
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(jnp.subtract, a, b)
+    return jax.tree_util.tree_map(lambda x, y: x - y, a, b)
 
 
 def tree_scale(c: jax.Array | float, a: PyTree) -> PyTree:
@@ -56,10 +60,19 @@ def tree_div(a: PyTree, b: PyTree) -> PyTree:
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
     """Euclidean inner product ``<a, b>`` of two pytrees of identical structure."""
-    parts = [jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
+    parts = [_leaf_dot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
     if not parts:
         return jnp.zeros(())
     return sum(parts[1:], parts[0])
+
+
+def _leaf_dot(x: jax.Array, y: jax.Array) -> jax.Array:
+    # sum(x * y) rather than jnp.vdot: no ravel/reshape, XLA fuses the product into the
+    # reduction; half-precision leaves are accumulated in float32.
+    dt = jnp.result_type(x, y)
+    if jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).bits < 32:
+        x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    return jnp.vdot(x, y)
 
 
 def tree_norm(a: PyTree) -> jax.Array:
@@ -71,7 +84,16 @@ def tree_zeros_like(a: PyTree) -> PyTree:
 
 
 def tree_where(pred: jax.Array, a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+    """Leaf-wise ``a if pred else b`` for a scalar boolean ``pred``."""
+    pred = jnp.asarray(pred)
+
+    def pick(x: Any, y: Any) -> Any:
+        x, y = jnp.asarray(x), jnp.asarray(y)
+        if pred.shape == () and x.dtype == y.dtype and x.shape == y.shape:
+            return jax.lax.select(pred, x, y)
+        return jnp.where(pred, x, y)
+
+    return jax.tree_util.tree_map(pick, a, b)
 
 
 def tree_all_finite(a: PyTree) -> jax.Array:

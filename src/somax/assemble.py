@@ -158,11 +158,14 @@ def assemble(
     requests = [
         ProbeRequest("rho", "telemetry", telemetry.rho_every_k),
         ProbeRequest("loss_after", "telemetry", telemetry.loss_after_every_k),
+        ProbeRequest("norms", "telemetry", telemetry.norms_every_k),
     ]
     requests += [ProbeRequest(probe, "telemetry", k) for probe, k in spectral_requests(telemetry)]
     requests.append(ProbeRequest("damping", "damping", getattr(damp, "every_k", -1)))
     if getattr(damp, "needs_rho", False):
         requests.append(ProbeRequest("rho", "damping", damp.every_k))
+    if getattr(damp, "needs_norms", False):
+        requests.append(ProbeRequest("norms", "damping", damp.every_k))
     if est is not None and needs_diag:
         requests.append(ProbeRequest("estimator", "precondition", est.every_k))
     needs_rng = tuple(

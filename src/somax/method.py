@@ -145,11 +145,14 @@ class SecondOrderMethod:
         direction, solver_state, solver_stats = self.solver.solve(lin, rhs, lam, inverse, state.solver)
         updates, tx_state = self.tx.update(direction, state.tx, params)
         grad_norm = tree_norm(g)
+        update_norm = tree_norm(updates)
         finite = jnp.asarray(True)
         if self.reject_nonfinite:
-            # ‖g‖ and ‖u‖ are finite iff every entry is (an overflow to inf also rejects)
-            finite = jnp.isfinite(lin.loss) & jnp.isfinite(grad_norm) & jnp.isfinite(tree_norm(updates))
+            # ‖g‖ and ‖u‖ are finite iff every entry is (an overflow to inf also rejects). A
+            # rejected update is zeroed, so w + u = w exactly and no select on params is needed.
+            finite = jnp.isfinite(lin.loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
             updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+            update_norm = jnp.where(finite, update_norm, 0)
 
         # Post-update probes are computed against the update actually applied.
         loss_after = nan
@@ -157,23 +160,29 @@ class SecondOrderMethod:
         if self.line_search is not None:
             alpha, loss_after = self.line_search.search(lin, params, updates, fdt)
             updates = tree_scale(alpha, updates)
+            update_norm = jnp.abs(alpha).astype(update_norm.dtype) * update_norm
             values["ls_alpha"] = alpha
             fire_loss = True  # the line search evaluated L_B(w + αu) already
             loss_after = loss_after.astype(fdt)
         else:
             loss_after = _gated(fire_loss, lambda: lin.loss_at(optax.apply_updates(params, updates)).astype(fdt), nan)
         new_params = _apply(user_params, updates)
-        update_norm = tree_norm(updates)
         values.update(
             step=count,
             loss=lin.loss,
             grad_norm=grad_norm,
             update_norm=update_norm,
-            rel_update=update_norm / jnp.maximum(tree_norm(params), jnp.finfo(fdt).tiny),
-            g_dot_s=tree_vdot(g, direction),
             lam=lam,
             **solver_stats,
         )
+        fire_norms = plan.gate("norms", count)
+        if fire_norms is not False:
+            tiny = jnp.finfo(fdt).tiny
+            values["rel_update"], values["g_dot_s"] = _gated(
+                fire_norms,
+                lambda: (update_norm / jnp.maximum(tree_norm(params), tiny), tree_vdot(g, direction).astype(fdt)),
+                (nan, nan),
+            )
         fire_rho = plan.gate("rho", count)
         rho = nan
         if fire_loss is not False:
@@ -188,7 +197,7 @@ class SecondOrderMethod:
         damping_state, accepted = state.damping, jnp.asarray(True)
         fire_damp = plan.gate("damping", count)
         if fire_damp is not False:
-            signals = {"rho": rho, "update_norm": update_norm, "rel_update": values["rel_update"]}
+            signals = {"rho": rho, "update_norm": update_norm, "rel_update": values.get("rel_update", nan)}
             new_damping, ok, action = self.damping.update(state.damping, signals)
             fire_damp = _as_array(fire_damp)
             damping_state = tree_where(fire_damp, new_damping, state.damping)
@@ -213,7 +222,6 @@ class SecondOrderMethod:
             # A non-finite loss, gradient or direction leaves everything as it was but the counters.
             kept = state._replace(count=new_state.count, nonfinite_count=new_state.nonfinite_count)
             new_state = tree_where(finite, new_state, kept)
-            new_params = tree_where(finite, new_params, user_params)
             accepted = accepted & finite
         values["step_accepted"] = accepted
         values["finite"] = finite

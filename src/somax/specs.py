@@ -140,6 +140,9 @@ class TelemetrySpec:
         ``density_weights`` (each ``(density_probes, density_iters)``).
       block_eig_every_k: top eigenvalue of each per-layer diagonal block of ``H_t``
         (``block_eig_iters`` Lanczos steps) → ``block_top_eig``, a dict keyed by layer path.
+      norms_every_k: extra step norms → ``rel_update`` (``‖u_t‖/‖w_t‖``) and ``g_dot_s``
+        (``g_tᵀs_t``). Off by default: each is one more pass over the parameters, which
+        the always-on ``grad_norm``/``update_norm`` are not.
     """
 
     rho_every_k: int = OFF
@@ -155,9 +158,10 @@ class TelemetrySpec:
     density_iters: int = 16
     block_eig_every_k: int = OFF
     block_eig_iters: int = 20
+    norms_every_k: int = OFF
 
     def __post_init__(self) -> None:
-        for name in ("rho", "loss_after", "trace", "eig", "density", "block_eig"):
+        for name in ("rho", "loss_after", "trace", "eig", "density", "block_eig", "norms"):
             check_cadence(f"TelemetrySpec.{name}_every_k", getattr(self, f"{name}_every_k"))
         for name in ("trace_probes", "eig_k", "eig_iters", "density_probes", "density_iters", "block_eig_iters"):
             value = getattr(self, name)

@@ -75,8 +75,10 @@ CORE_FIELDS: Mapping[str, InfoField] = {
     "cg_converged": InfoField("bool", "CG met its tolerance; False in lanes without CG"),
     "step_accepted": InfoField("bool", "False when the step was rejected (damping policy or non-finite values)"),
     "finite": InfoField("bool", "loss, gradient and update were finite (else the step was rejected)"),
-    "rel_update": InfoField("float", "‖u_t‖ / ‖w_t‖"),
-    "g_dot_s": InfoField("float", "g_tᵀs_t for the solved direction s_t (Newton decrement² for exact solves)"),
+    "rel_update": InfoField("float", "‖u_t‖ / ‖w_t‖; nan unless the norms probe fired"),
+    "g_dot_s": InfoField(
+        "float", "g_tᵀs_t for the solved direction s_t (Newton decrement² for exact solves); nan unless norms fired"
+    ),
     "actual_decrease": InfoField("float", "L_B(w_t) − L_B(w_t + u_t); nan unless loss_after is known"),
     "tr_action": InfoField("int", "damping update: 0 keep, 1 λ increased, 2 λ decreased; -1 when not updated"),
     "ls_alpha": InfoField("float", "step size chosen by the line search; nan without one"),

@@ -137,6 +137,11 @@ class StepNormDamping:
     needs_rho = False
     can_reject = False
 
+    @property
+    def needs_norms(self) -> bool:
+        """``relative=True`` reads ``rel_update``, which needs ``‖w_t‖`` (the "norms" probe)."""
+        return self.relative
+
     def __post_init__(self) -> None:
         where = "DampingSpec('step_norm')"
         check_cadence(f"{where}.every_k", self.every_k)

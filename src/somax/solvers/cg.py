@@ -61,14 +61,18 @@ def conjugate_gradient(
     precond: Callable[[PyTree], PyTree] | None = None,
 ) -> CGResult:
     """(P)CG for ``matvec(x) = b`` on pytrees; see the module docstring for the exits."""
-    bnorm = tree_norm(b)
+    # Every reduction here is a pass over the parameters (and HLO to compile): with no
+    # preconditioner ‖r‖² = rᵀz, and from x₀ = 0 the initial residual is b itself.
+    bb = tree_vdot(b, b)
+    bnorm = jnp.sqrt(bb)
     if x0 is None:
-        x, r = tree_zeros_like(b), b
+        x, r, rnorm = tree_zeros_like(b), b, bnorm
     else:
         x, r = x0, tree_sub(b, matvec(x0))
+        rnorm = tree_norm(r)
     apply_m = precond if precond is not None else (lambda v: v)
     z = apply_m(r)
-    rnorm = tree_norm(r)
+    rz = bb if (precond is None and x0 is None) else tree_vdot(r, z)
     threshold = tol * bnorm
 
     def cond(c: _Carry) -> jax.Array:
@@ -87,12 +91,20 @@ def conjugate_gradient(
         rz = tree_vdot(r, z)
         beta = rz / jnp.where(c.rz == 0, 1.0, c.rz)
         p = tree_axpy(beta, c.p, z)
-        return _Carry(jnp.where(neg, c.i, c.i + 1), x, r, p, rz, tree_norm(r), neg)
+        rnorm = jnp.sqrt(jnp.maximum(rz, 0)) if precond is None else tree_norm(r)
+        return _Carry(jnp.where(neg, c.i, c.i + 1), x, r, p, rz, rnorm, neg)
 
-    init = _Carry(jnp.zeros((), jnp.int32), x, r, z, tree_vdot(r, z), rnorm, jnp.zeros((), bool))
+    init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool))
     c = jax.lax.while_loop(cond, body, init)
-    # only a negative-curvature exit needs the descent check; it costs nothing otherwise
-    x = jax.lax.cond(c.neg, lambda: tree_where(tree_vdot(c.x, b) > 0, c.x, b), lambda: c.x)
+    if x0 is None:
+        # From x₀ = 0, every iterate before the first pᵀAp ≤ 0 lies in a Krylov space on which
+        # A is positive definite, so bᵀx_k > ½x_kᵀAx_k > 0 for k ≥ 1: only an exit at k = 0
+        # (x = 0) needs the fallback to b. No extra reduction is compiled.
+        fallback = c.neg & (c.i == 0)
+    else:
+        # a warm start carries no such guarantee: check descent explicitly
+        fallback = c.neg & ~(tree_vdot(c.x, b) > 0)
+    x = tree_where(fallback, b, c.x)
     rel = jnp.where(bnorm > 0, c.rnorm / jnp.where(bnorm > 0, bnorm, 1.0), 0.0)
     return CGResult(x, c.i, rel, (c.rnorm <= threshold) & ~c.neg, c.neg)
 
