@@ -295,3 +295,39 @@ def test_as_optax_matches_the_step():
     np.testing.assert_allclose(flat(p_opt), flat(p_ref), rtol=1e-10)
     assert float(opt_state.info["loss"]) == pytest.approx(float(info["loss"]))
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
+
+
+def test_malformed_params_rng_state_and_batch_dtypes_name_the_entry():
+    params, predict = tiny_mlp(sizes=(3, 5, 2))
+    method = somax.make("sgn_mse", predict)
+    state = method.init(params)
+    batch = regression_batch(d_out=2)
+    bad = jax.tree_util.tree_map(lambda x: x, params)
+    bad["layer0"]["w"] = jnp.ones(params["layer0"]["w"].shape, jnp.int32)
+    with pytest.raises(TypeError, match=r"params\['layer0'\]\['w'\] has dtype int32"):
+        method.step(bad, batch, state, None)
+    # a state from init on differently shaped params
+    other, _ = tiny_mlp(sizes=(3, 4, 2))
+    with pytest.raises(ValueError, match=r"state\.solver\['layer0'\]\['b'\] is float64\[4\].*float64\[5\]"):
+        somax.make("sgn_mse", predict, momentum=0.9).step(
+            params, batch, somax.make("sgn_mse", predict, momentum=0.9).init(other), None
+        )
+    # inputs with the wrong feature count: the message names the batch entries and their shapes
+    with pytest.raises(TypeError, match=r"batch: \['x'\]: float64\[8, 4\], \['y'\]: float64\[8, 2\]"):
+        method.step(params, {"x": jnp.ones((8, 4)), "y": jnp.ones((8, 2))}, state, None)
+    # a plan that draws random numbers needs a PRNG key
+    def mse(p, b):
+        return 0.5 * jnp.mean(jnp.sum((predict(p, b["x"]) - b["y"]) ** 2, -1))
+
+    sophia = somax.make("sophia_h", loss_fn=mse)
+    with pytest.raises(TypeError, match=r"rng must be one PRNG key.*int32\[\]"):
+        sophia.step(params, batch, sophia.init(params), jnp.asarray(3, jnp.int32))
+
+
+@pytest.mark.parametrize("flag", ["couples_examples", "uses_rng"])
+def test_row_gram_rejects_models_whose_single_example_jacobian_is_not_the_batch_one(flag):
+    _, predict = tiny_mlp(sizes=(3, 5, 2))
+    model = somax.Model(lambda p, s, x, r: (predict(p, x), s, None), **{flag: True})
+    with pytest.raises(somax.IncompatibleSpecsError, match=r"SolverSpec\('row_cholesky'\).*'row_cg'"):
+        somax.make("egn_mse", model=model)
+    assert somax.make("egn_mse_cg", model=model).plan.lane == "row"  # batch JVP/VJP: exact, allowed

@@ -123,6 +123,19 @@ def assemble(
             f"SolverSpec({solver.kind!r}) solves in row space, but CurvatureSpec({curvature.kind!r}) has no row "
             f"form (J Jᵀ); use a GGN curvature ('ggn_mse', 'ggn_ce') or a parameter-space solver such as 'cg'"
         )
+    model = getattr(curv, "model", None)
+    if getattr(solv, "per_example_model", False) and model is not None:
+        reasons = {
+            "couples_examples": "its examples interact (e.g. BatchNorm in training mode)",
+            "uses_rng": "it draws randomness (dropout) that differs between single examples and the batch",
+        }
+        for flag, why in reasons.items():
+            if getattr(model, flag, False):
+                raise IncompatibleSpecsError(
+                    f"SolverSpec({solver.kind!r}) forms its Gram from the model evaluated on single examples, "
+                    f"which does not equal the batch Jacobian of CurvatureSpec({curvature.kind!r})'s model: {why}. "
+                    f"Use 'row_cg' (batch JVP/VJP, exact for such models) or a parameter-space solver such as 'cg'"
+                )
     if grad_tx is not None and getattr(solv, "needs_gradient_rhs", False):
         raise IncompatibleSpecsError(
             f"SolverSpec({solver.kind!r}) solves for the gradient itself (its row residual r has Ĵᵀr = n·g), "

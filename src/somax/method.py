@@ -92,6 +92,27 @@ class SecondOrderMethod:
             nonfinite_count=jnp.zeros((), jnp.int32),
         )
 
+    def _check_state(self, params: PyTree, state: MethodState) -> None:
+        """Trace-time check that ``state`` has the structure, shapes and dtypes ``init(params)`` gives."""
+        expected = jax.eval_shape(lambda p: self.init(p)._replace(model_state=()), params)
+        got = state._replace(model_state=())
+        for field in MethodState._fields:
+            e_leaves, e_tree = jax.tree_util.tree_flatten_with_path(getattr(expected, field))
+            g_leaves, g_tree = jax.tree_util.tree_flatten_with_path(getattr(got, field))
+            if e_tree != g_tree:
+                raise ValueError(
+                    f"step: state.{field} has structure {g_tree}, but method.init(params) gives {e_tree}; "
+                    f"was the state created by this method's init for these params?"
+                )
+            for (path, e), (_, g) in zip(e_leaves, g_leaves, strict=True):
+                g_shape, g_dtype = jnp.shape(g), jnp.result_type(g)
+                if g_shape != e.shape or g_dtype != e.dtype:
+                    where = f"state.{field}{jax.tree_util.keystr(path)}"
+                    raise ValueError(
+                        f"step: {where} is {g_dtype}{list(g_shape)}, but method.init(params) gives "
+                        f"{e.dtype}{list(e.shape)}; were params reshaped or cast after init?"
+                    )
+
     def _working(self, params: PyTree) -> PyTree:
         """Parameters in the dtype of curvature products and solves (``solve_dtype``), else as given."""
         if self.solve_dtype is None:
@@ -109,6 +130,10 @@ class SecondOrderMethod:
         count = state.count
         if rng is None and plan.needs_rng:
             raise ValueError(f"step: rng=None, but this plan draws random numbers for: {', '.join(plan.needs_rng)}")
+        if plan.needs_rng:
+            _check_rng(rng)
+        _check_params(params)
+        self._check_state(params, state)
         user_params, params = params, self._working(params)
         fdt = scalar_dtype(params)
         nan = jnp.asarray(jnp.nan, fdt)
@@ -116,7 +141,13 @@ class SecondOrderMethod:
         model_rng = None
         if getattr(self.curvature, "uses_rng", False):
             model_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), count)  # fresh every step
-        lin = self.curvature.linearize(params, batch, state.model_state, model_rng)
+        try:
+            lin = self.curvature.linearize(params, batch, state.model_state, model_rng)
+        except (TypeError, ValueError) as e:
+            if type(e) not in (TypeError, ValueError):
+                raise
+            msg = f"step: evaluating the model and loss on the batch failed; batch: {_describe(batch)}. {e}"
+            raise type(e)(msg) from e
         g = lin.grad
         lam = state.damping.lam
         values: dict[str, Any] = {}
@@ -230,6 +261,31 @@ class SecondOrderMethod:
         if getattr(self.curvature, "has_aux", False):
             info["aux"] = lin.aux
         return new_params, new_state, info
+
+
+def _check_params(params: PyTree) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"step: params{jax.tree_util.keystr(path)} has dtype {dtype}; every parameter must be a floating "
+                f"array (keep integer or boolean constants out of params, e.g. in the model or the batch)"
+            )
+
+
+def _check_rng(rng: Any) -> None:
+    dtype, shape = jnp.result_type(rng), jnp.shape(rng)
+    typed = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if not (typed and shape == ()) and not (dtype == jnp.uint32 and shape == (2,)):
+        raise TypeError(
+            f"step: rng must be one PRNG key (jax.random.key(...) or jax.random.PRNGKey(...)), got {dtype}{list(shape)}"
+        )
+
+
+def _describe(batch: Any) -> str:
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    parts = [f"{jax.tree_util.keystr(p) or 'batch'}: {jnp.result_type(x)}{list(jnp.shape(x))}" for p, x in leaves]
+    return ", ".join(parts[:8]) + (", …" if len(parts) > 8 else "")
 
 
 def _apply(params: PyTree, updates: PyTree) -> PyTree:
