@@ -8,14 +8,16 @@ point both methods are jitted, warmed up (2 steps, compilation excluded) and the
 timed *interleaved* in one process (param step, row step, param step, …) on the same
 batches; we report the median and p90 of the per-step wall time and the row/param ratio.
 
-Part 2 — ``egn_ce`` (row-Cholesky, dense Gram from per-example Jacobians) against
-``sgn_ce`` (10 CG iterations) on a ~100k-parameter MLP (784-128-10), batch 256,
-10 classes; ``egn_ce_cg`` (row-CG, 10 iterations) is timed alongside for reference.
+Part 2 — ``egn_ce`` (row-Cholesky, structured Gram) against ``sgn_ce`` (10 CG iterations)
+on a ~100k-parameter MLP (784-128-10), batch 256, 10 classes; ``egn_ce_cg`` (row-CG,
+10 iterations) is timed alongside, the ``egn_ce`` step is split into Gram / Cholesky / rest,
+and ``egn_ce`` with the per-example reference Gram (``gram="per_example"``) is timed once.
 
 Usage::
 
     python benchmarks/lane_scaling.py            # full sweep
     python benchmarks/lane_scaling.py --quick    # fewer points and steps (smoke run)
+    python benchmarks/lane_scaling.py --ce-only --per-example-steps 0   # CE comparison only
 
 Writes ``benchmarks/results/lane_scaling.json`` and ``benchmarks/results/lane_scaling.png``.
 """
@@ -39,7 +41,7 @@ import numpy as np
 import somax
 from somax.models import mlp_apply, mlp_init
 
-__all__ = ["main", "time_interleaved", "regression_sweep", "ce_comparison"]
+__all__ = ["main", "time_interleaved", "regression_sweep", "ce_comparison", "egn_ce_breakdown"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_SWEEP = (32, 64, 128, 256, 512, 1024, 2048)
@@ -155,48 +157,122 @@ def regression_sweep(
     return out
 
 
-def ce_comparison(*, steps: int, gram_steps: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """``egn_ce`` (row-Cholesky) vs ``sgn_ce`` (10 CG iterations), ~100k params, batch 256, 10 classes.
+def _time_pieces(pieces: dict[str, Callable[[], Any]], *, warmup: int, steps: int) -> dict[str, dict[str, float]]:
+    """Median/p90 (ms) of argument-free jitted calls, interleaved round-robin after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in pieces}
+    for k in range(warmup + steps):
+        for name, fn in pieces.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            if k >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {
+        name: {"median_ms": float(np.median(ts)), "p90_ms": float(np.percentile(ts, 90)), "steps": len(ts)}
+        for name, ts in times.items()
+    }
 
-    ``sgn_ce`` and ``egn_ce_cg`` are timed interleaved over ``steps`` steps; ``egn_ce`` (whose dense
-    Gram costs ~1e12 flops here) is timed over ``gram_steps`` steps interleaved with ``sgn_ce`` again.
+
+def egn_ce_breakdown(params: Any, batch: dict[str, jax.Array], *, steps: int) -> dict[str, dict[str, float]]:
+    """The ``egn_ce`` step split into jitted pieces on one batch: the structured Gram (with the
+    forward pass it needs), the Cholesky factorisation + two triangular solves of ``Ĵ Ĵᵀ + μI``,
+    and the whole step; ``rest = step − gram − cholesky`` (linearization, back-projection, Optax)."""
+    from somax.curvature import ggn_ce
+    from somax.curvature.rows import row_operator
+
+    curvature = ggn_ce(predict_fn=mlp_apply)
+    gram_fn = jax.jit(lambda p, b: row_operator(curvature.linearize(p, b)).gram())
+
+    def chol(gram: jax.Array, r: jax.Array) -> jax.Array:
+        factor = jax.scipy.linalg.cho_factor(gram + 256.0 * jnp.eye(gram.shape[0], dtype=gram.dtype), lower=True)
+        return jax.scipy.linalg.cho_solve(factor, r)
+
+    chol_fn = jax.jit(chol)
+    method = somax.egn_ce(predict_fn=mlp_apply, learning_rate=1.0, lam0=1.0)
+    step = jax.jit(method.step)
+    state = method.init(params)
+    gram = jax.block_until_ready(gram_fn(params, batch))
+    r = jnp.ones((gram.shape[0],), gram.dtype)
+    res = _time_pieces(
+        {
+            "gram": lambda: gram_fn(params, batch),
+            "cholesky": lambda: chol_fn(gram, r),
+            "step": lambda: step(params, batch, state),
+        },
+        warmup=1,
+        steps=steps,
+    )
+    res["rest"] = {"median_ms": res["step"]["median_ms"] - res["gram"]["median_ms"] - res["cholesky"]["median_ms"]}
+    return res
+
+
+def _time_compiled_once(method: somax.SecondOrderMethod, params: Any, batch: dict[str, jax.Array], steps: int) -> dict:
+    """Compile ahead of time (no warm-up execution), then time ``steps`` steps (for a very slow step)."""
+    state = method.init(params)
+    compiled = jax.jit(method.step).lower(params, batch, state).compile()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, batch, state))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "steps": steps}
+
+
+def ce_comparison(*, steps: int, per_example_steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """``egn_ce`` (row-Cholesky, structured Gram) vs ``sgn_ce`` (10 CG iterations), ~100k params,
+    batch 256, 10 classes.
+
+    ``sgn_ce``, ``egn_ce_cg`` and ``egn_ce`` are timed interleaved over ``steps`` steps; the
+    ``egn_ce`` step is then split into Gram / Cholesky / rest (:func:`egn_ce_breakdown`), and
+    ``egn_ce`` with ``gram="per_example"`` (the reference Gram, ~1e12 flops here) is timed over
+    ``per_example_steps`` steps after an ahead-of-time compile (0 skips it).
     """
     x, y = _classification_data(256 * 8)
     params = mlp_init(jax.random.PRNGKey(0), (784, 128, 10))
     d = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
     common = {"predict_fn": mlp_apply, "learning_rate": 1.0, "lam0": 1.0}
     cg = {"maxiter": 10, "tol": 0.0, "warm_start": True}  # tol 0: exactly 10 iterations per step
-    sgn = somax.sgn_ce(**common, **cg)
     data = _batches(x, y, 256, 8)
-    fast = time_interleaved({"sgn_ce": sgn, "egn_ce_cg": somax.egn_ce_cg(**common, **cg)}, params, data, steps=steps)
-    slow = time_interleaved({"sgn_ce": sgn, "egn_ce": somax.egn_ce(**common)}, params, data, warmup=1, steps=gram_steps)
+    methods = {
+        "sgn_ce": somax.sgn_ce(**common, **cg),
+        "egn_ce_cg": somax.egn_ce_cg(**common, **cg),
+        "egn_ce": somax.egn_ce(**common),
+    }
+    res = time_interleaved(methods, params, data, steps=steps)
+    breakdown = egn_ce_breakdown(params, data[0], steps=max(3, steps // 2))
     rows = 256 * 9
-    ratio = slow["egn_ce"]["median_ms"] / fast["sgn_ce"]["median_ms"]
+    sgn_ms = res["sgn_ce"]["median_ms"]
     out = {
         "params": d,
         "batch": 256,
         "classes": 10,
         "row_dim": rows,
-        "sgn_ce": fast["sgn_ce"],
-        "egn_ce_cg": fast["egn_ce_cg"],
-        "egn_ce": slow["egn_ce"],
-        "sgn_ce_alongside_egn_ce": slow["sgn_ce"],
-        "ratio_egn_ce_over_sgn_ce": ratio,
-        "ratio_egn_ce_cg_over_sgn_ce": fast["egn_ce_cg"]["median_ms"] / fast["sgn_ce"]["median_ms"],
+        **res,
+        "egn_ce_breakdown": breakdown,
+        "ratio_egn_ce_over_sgn_ce": res["egn_ce"]["median_ms"] / sgn_ms,
+        "ratio_egn_ce_cg_over_sgn_ce": res["egn_ce_cg"]["median_ms"] / sgn_ms,
         "flops_estimate": {  # rough: a pass (forward, JVP or VJP) of an MLP costs ~2·b·d flops
             "sgn_ce_10cg_passes": 2 * 256 * d * (3 + 2 * 11),
-            "egn_ce_per_example_jacobians": 2 * 256 * 10 * d,
-            "egn_ce_gram_matmul": 2 * rows * rows * d,
+            "egn_ce_structured_gram": 2 * (256**2 * (784 + 128) + rows**2 * 2 * (128 + 10)),
+            "egn_ce_per_example_gram_matmul": 2 * rows * rows * d,
             "egn_ce_cholesky": rows**3 // 3,
         },
     }
     log(
         f"[ce] d={d} batch=256 rows={rows}  "
-        f"sgn_ce {fast['sgn_ce']['median_ms']:.1f} ms (p90 {fast['sgn_ce']['p90_ms']:.1f})  "
-        f"egn_ce_cg {fast['egn_ce_cg']['median_ms']:.1f} ms (p90 {fast['egn_ce_cg']['p90_ms']:.1f})  "
-        f"egn_ce {slow['egn_ce']['median_ms']:.0f} ms ({slow['egn_ce']['steps']} steps)  "
-        f"egn_ce/sgn_ce {ratio:.0f}x"
+        f"sgn_ce {sgn_ms:.1f} ms (p90 {res['sgn_ce']['p90_ms']:.1f})  "
+        f"egn_ce_cg {res['egn_ce_cg']['median_ms']:.1f} ms (p90 {res['egn_ce_cg']['p90_ms']:.1f})  "
+        f"egn_ce {res['egn_ce']['median_ms']:.1f} ms (p90 {res['egn_ce']['p90_ms']:.1f})  "
+        f"egn_ce/sgn_ce {out['ratio_egn_ce_over_sgn_ce']:.1f}x"
     )
+    log("[ce] egn_ce step pieces (median ms): " + "  ".join(f"{k} {v['median_ms']:.1f}" for k, v in breakdown.items()))
+    if per_example_steps > 0:
+        slow = somax.egn_ce(**common, gram="per_example")
+        out["egn_ce_per_example_gram"] = _time_compiled_once(slow, params, data[0], per_example_steps)
+        out["ratio_egn_ce_per_example_over_sgn_ce"] = out["egn_ce_per_example_gram"]["median_ms"] / sgn_ms
+        log(
+            f"[ce] egn_ce gram='per_example' {out['egn_ce_per_example_gram']['median_ms']:.0f} ms "
+            f"({per_example_steps} steps) = {out['ratio_egn_ce_per_example_over_sgn_ce']:.0f}x sgn_ce"
+        )
     return out
 
 
@@ -246,6 +322,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-seconds", type=float, default=None, help="time cap per sweep point")
     parser.add_argument("--skip-ce", action="store_true", help="skip the egn_ce vs sgn_ce comparison")
     parser.add_argument(
+        "--per-example-steps",
+        type=int,
+        default=1,
+        help="timed steps of egn_ce with the per-example reference Gram (~2 min each on a CPU; 0 skips)",
+    )
+    parser.add_argument(
         "--ce-only", action="store_true", help="rerun only the CE comparison, keeping the sweeps of an existing JSON"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
@@ -272,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "warmup_steps": 2,
         "config": "lr 1e-3, constant lam 1, CG tol 1e-5, maxiter 5, warm start; depth-3 ReLU MLP, scalar output",
         "load_average_start": os.getloadavg(),
+        # LAPACK (Cholesky) runs in scipy's OpenBLAS: on a loaded machine its spinning threads can
+        # make potrf ~10x slower; OPENBLAS_NUM_THREADS=1 avoids that (docs/row_lane.md).
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
     }
     log(f"lane_scaling: {meta['machine']}, jax {meta['jax']} ({meta['backend']}), {steps} timed steps per point")
     results: dict[str, Any] = {"meta": meta}
@@ -283,8 +368,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         results["figure2"] = regression_sweep(sweep, sweep, steps=steps, max_seconds=max_seconds, log=log)
     if not args.skip_ce:
-        # egn_ce's dense Gram is ~1e12 flops here (docs/row_lane.md), so it gets 1 warm-up + 1..2 timed steps.
-        results["ce"] = ce_comparison(steps=steps, gram_steps=1 if args.quick else 2, log=log)
+        # The per-example reference Gram is ~1e12 flops here (docs/row_lane.md): 1 timed step after AOT compile.
+        results["ce"] = ce_comparison(steps=steps, per_example_steps=args.per_example_steps, log=log)
     meta["load_average_end"] = os.getloadavg()
     stem = f"lane_scaling{('.' + args.tag) if args.tag else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))

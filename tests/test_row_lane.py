@@ -252,22 +252,12 @@ def test_row_cholesky_float32_params_with_float64_gram():
     assert _rel(flat(params32).astype(np.float64) - flat(new_params), exact) <= 1e-5
 
 
-# ----------------------------------------------------------------------------- per-example Gram
-
-
-def test_gram_matches_dense_whitened_jacobian():
-    loss, predict, params, batch = _case("ce_onehot")
-    lin = ggn_ce(predict_fn=predict).linearize(params, batch)
-    rows = row_operator(lin)
-    jac = _case_oracle("ce_onehot")[2].reshape(6, 4, -1)  # (b, C, d)
-    m = rows.num_rows
-    j_hat = jax.vmap(rows.factor.apply, in_axes=-1, out_axes=-1)(jac).reshape(m, -1)  # (m, d), ravel order
-    np.testing.assert_allclose(jax.jit(rows.gram)(), j_hat @ j_hat.T, rtol=1e-12, atol=1e-12)
-    assert m == 6 * 3  # b·(C−1)
+# ----------------------------------------------------------------------------- Gram (see also test_structured_gram.py)
 
 
 def test_gram_is_built_per_example_not_by_full_batch_passes():
-    """The Gram evaluates the model on single examples (vmap) and never calls the batch JVP/VJP.
+    """Both Gram paths (structured and per-example Jacobians) evaluate the model on single
+    examples (vmap) and never call the batch JVP/VJP.
 
     A Gram made of ``m`` full-batch matvecs (``vmap`` of ``lin.jvp``/``lin.vjp`` over row
     basis vectors) calls ``lin.jvp``/``lin.vjp``; a Gram made of per-batch Jacobians traces
@@ -293,12 +283,13 @@ def test_gram_is_built_per_example_not_by_full_batch_passes():
 
     lin = dataclasses.replace(lin, jvp=counted("jvp", lin.jvp), vjp=counted("vjp", lin.vjp))
     seen_shapes.clear()
-    gram = jax.jit(lambda: row_operator(lin).gram())()
+    grams = jax.jit(lambda: [row_operator(lin).gram(mode=mode) for mode in ("auto", "per_example")])()
     assert calls == {"jvp": 0, "vjp": 0}
     assert seen_shapes and all(shape == (1, 3) for shape in seen_shapes)  # one example at a time
     # ... and it is the right Gram: J Jᵀ of the batch (R = I for MSE).
     jac = _case_oracle("mse_vector")[2]
-    np.testing.assert_allclose(gram, jac @ jac.T, rtol=1e-12, atol=1e-12)
+    for gram in grams:
+        np.testing.assert_allclose(gram, jac @ jac.T, rtol=1e-12, atol=1e-12)
 
 
 def test_gram_rejects_predict_fn_that_drops_the_batch_axis():

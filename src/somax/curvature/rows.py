@@ -35,6 +35,7 @@ import numpy as np
 
 from somax.curvature.base import Linearization
 from somax.curvature.losses import RowFactor
+from somax.curvature.structured_gram import GRAM_MODES, structured_gram
 
 PyTree = Any
 
@@ -104,13 +105,7 @@ class RowOperator:
 
         Built from per-example Jacobians (:func:`per_example_jacobian`) whitened by ``R``.
         """
-        extras = self.lin.extras
-        missing = [k for k in ("params", "inputs", "predict_fn") if k not in extras]
-        if missing:
-            raise TypeError(
-                f"row Gram: the linearization carries no {missing} in extras; a curvature with rows "
-                f"must record params, inputs and predict_fn (as GGNCurvature does)"
-            )
+        extras = self._extras()
         z = self.lin.outputs
         jac = per_example_jacobian(extras["predict_fn"], extras["params"], extras["inputs"])
         blocks = []
@@ -128,10 +123,34 @@ class RowOperator:
             raise ValueError("row Gram: params have no leaves")
         return blocks
 
-    def gram(self, dtype: Any = None) -> jax.Array:
-        """Dense ``Ĵ Ĵᵀ`` (``m × m``) at per-example cost, accumulated in ``dtype``."""
-        parts = [jnp.dot(blk, blk.T, precision=jax.lax.Precision.HIGHEST) for blk in self.whitened_blocks(dtype)]
-        return sum(parts[1:], parts[0])
+    def _extras(self) -> dict[str, Any]:
+        extras = self.lin.extras
+        missing = [k for k in ("params", "inputs", "predict_fn") if k not in extras]
+        if missing:
+            raise TypeError(
+                f"row Gram: the linearization carries no {missing} in extras; a curvature with rows "
+                f"must record params, inputs and predict_fn (as GGNCurvature does)"
+            )
+        return extras
+
+    def gram(self, dtype: Any = None, mode: str = "auto") -> jax.Array:
+        """Dense ``Ĵ Ĵᵀ`` (``m × m``), accumulated in ``dtype`` (default: the outputs' dtype).
+
+        ``mode``: ``"auto"`` / ``"structured"`` — dense kernels by their structure, other
+        leaves by their per-example Jacobians (:func:`~somax.curvature.structured_gram.structured_gram`);
+        ``"per_example"`` — every leaf by its per-example Jacobian (:meth:`whitened_blocks`).
+        """
+        if mode not in GRAM_MODES:
+            raise ValueError(f"row Gram: mode must be one of {GRAM_MODES}, got {mode!r}")
+        if mode == "per_example":
+            parts = [jnp.dot(blk, blk.T, precision=jax.lax.Precision.HIGHEST) for blk in self.whitened_blocks(dtype)]
+            return sum(parts[1:], parts[0])
+        extras = self._extras()
+        z = self.lin.outputs
+        dtype = dtype or z.dtype
+        return structured_gram(
+            extras["predict_fn"], extras["params"], extras["inputs"], self.factor, tuple(z.shape), dtype, mode=mode
+        )
 
 
 def row_operator(lin: Linearization) -> RowOperator:

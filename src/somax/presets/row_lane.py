@@ -1,6 +1,6 @@
 """Row-space lane presets (EGN [Korbit et al. 2025]) and dense direct-solve presets.
 
-* ``egn_mse`` / ``egn_ce``: GGN + ``row_cholesky`` (dense Gram at per-example cost).
+* ``egn_mse`` / ``egn_ce``: GGN + ``row_cholesky`` (dense row Gram, structured for dense kernels).
 * ``egn_mse_cg`` / ``egn_ce_cg``: GGN + matrix-free ``row_cg``.
 * ``ggn_direct_mse`` / ``ggn_direct_ce``: GGN materialised in parameter space + ``dense_cholesky``.
 * ``newton_direct``: exact Hessian materialised + ``dense_eigh`` (``|Λ|`` or ``max(Λ, 0)``).
@@ -32,7 +32,7 @@ __all__ = ["egn_mse", "egn_ce", "egn_mse_cg", "egn_ce_cg", "ggn_direct_mse", "gg
 #: Row-space CG: the parameter-lane CG options without a preconditioner (row CG takes none).
 ROW_CG_OPTIONS: dict[str, Any] = {k: v for k, v in CG_OPTIONS.items() if k != "precondition"}
 #: Row-Cholesky.
-ROW_CHOLESKY_OPTIONS: dict[str, Any] = {"solve_dtype": None}
+ROW_CHOLESKY_OPTIONS: dict[str, Any] = {"solve_dtype": None, "gram": "auto"}
 #: Dense parameter-space solves.
 DENSE_OPTIONS: dict[str, Any] = {"solve_dtype": None, "max_params": 20_000}
 
@@ -89,8 +89,9 @@ _EGN_DOC = """Exact Gauss-Newton (EGN) for {what} [Korbit et al. 2025], row-spac
     Model: ``predict_fn(params, x)``; batch ``{{"x", "y"}}`` (keys via ``curvature_kwargs``).
     """
 _CHOLESKY_DOC = (
-    "Row-Cholesky: the dense ``m×m`` Gram is formed from per-example Jacobians (vmap over single\n"
-    "    examples), factorised in ``solve_dtype`` (None: the model's dtype; 'float64' needs x64)."
+    "Row-Cholesky: the dense ``m×m`` Gram is formed on single examples (vmap), structured for\n"
+    "    dense kernels (``gram='auto'``; ``'per_example'``: per-example Jacobians of every leaf),\n"
+    "    factorised in ``solve_dtype`` (None: the model's dtype; 'float64' needs x64)."
 )
 _CG_DOC = (
     "Row-CG: matrix-free CG (one VJP + one JVP per iteration, no Gram), ``maxiter``, relative\n"

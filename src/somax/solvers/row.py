@@ -19,7 +19,8 @@ momentum belongs on the direction instead (the Optax ``tx`` chain).
 
 Solvers:
 
-* ``row_cholesky``: dense Gram ``Ĵ Ĵᵀ`` at per-example cost, Cholesky in ``solve_dtype``.
+* ``row_cholesky``: dense Gram ``Ĵ Ĵᵀ`` (structured for dense kernels, per-example
+  Jacobians for other leaves; ``gram=``), Cholesky in ``solve_dtype``.
 * ``row_cg``: matrix-free CG on ``u ↦ Ĵ(Ĵᵀu) + μu`` (one VJP + one JVP per iteration,
   no Gram). The warm start carries the previous *direction* ``s_{t−1}`` (a fixed-shape,
   parameter-shaped state, meaningful across batches — row coordinates of a new batch
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 
 from somax._tree import tree_zeros_like
 from somax.curvature.rows import row_operator
+from somax.curvature.structured_gram import GRAM_MODES
 from somax.registry import SOLVERS
 from somax.solvers._dtypes import check_solve_dtype, solve_dtype_for
 from somax.solvers.cg import conjugate_gradient
@@ -55,27 +57,39 @@ def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
 class RowCholeskySolver:
     """Dense row-space solve: Cholesky of ``Ĵ Ĵᵀ + μ I`` (lane ``"row"``).
 
-    The Gram is formed from per-example Jacobians (``vmap`` over single examples,
-    :meth:`~somax.curvature.rows.RowOperator.gram`): about ``C`` full-batch passes for
-    the Jacobians plus one ``m × d × m`` matrix product, and an ``m³/3`` factorisation.
+    The Gram (:meth:`~somax.curvature.rows.RowOperator.gram`) is evaluated on single
+    examples (``vmap``). With ``gram="auto"`` every parameter leaf used only as the kernel
+    of one dense product ``y = a W`` contributes ``(a_i·a_j)(δ_ic·δ_jd)`` (``b² n_in +
+    m² n_out`` flops) and the other leaves their whitened per-example Jacobians (``m² ·
+    size``), all from one reverse pass per example over its ``m/b`` rows; then an
+    ``m³/3`` factorisation. See :mod:`somax.curvature.structured_gram`.
 
     Args:
       solve_dtype: dtype of the Gram and the factorisation — ``None`` (the model
         outputs' dtype, at least float32), ``"float32"`` or ``"float64"`` (needs x64;
         e.g. float32 params with a float64 Gram).
+      gram: ``"auto"`` (structured where cheaper; always for one position per example),
+        ``"structured"`` (every recognised dense kernel) or ``"per_example"`` (every leaf
+        by its per-example Jacobian and one ``m × d × m`` product: the reference path).
 
     ``μ = nλ`` must be positive unless ``Ĵ`` has full row rank (then ``λ = 0`` works).
     """
 
     solve_dtype: str | None = None
+    gram: str = "auto"
 
     lane = "row"
     uses_precond = False
     needs_gradient_rhs = True
+    #: the Gram comes from single-example model evaluations: rejected at assembly for models
+    #: whose examples interact or that draw randomness (see ``RowOperator.gram``)
+    per_example_model = True
     info_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "solve_dtype", check_solve_dtype("SolverSpec('row_cholesky')", self.solve_dtype))
+        if self.gram not in GRAM_MODES:
+            raise ValueError(f"SolverSpec('row_cholesky'): gram must be one of {GRAM_MODES}, got {self.gram!r}")
 
     def init(self, params: PyTree) -> PyTree:
         return ()
@@ -86,7 +100,7 @@ class RowCholeskySolver:
         r = rows.residual
         dtype = solve_dtype_for(self.solve_dtype, r.dtype)
         mu = rows.mu(lam).astype(dtype)
-        gram = rows.gram(dtype)
+        gram = rows.gram(dtype, mode=self.gram)
         factor = jax.scipy.linalg.cho_factor(gram + mu * jnp.eye(rows.num_rows, dtype=dtype), lower=True)
         v = jax.scipy.linalg.cho_solve(factor, r.reshape(-1).astype(dtype))
         s = rows.vjp(v.reshape(rows.row_shape).astype(r.dtype))
@@ -163,9 +177,9 @@ class RowCGSolver:
         return s, (s if self.warm_start else ()), stats
 
 
-def row_cholesky(*, solve_dtype: str | None = None) -> RowCholeskySolver:
+def row_cholesky(*, solve_dtype: str | None = None, gram: str = "auto") -> RowCholeskySolver:
     """Factory for :class:`RowCholeskySolver` (registered as ``"row_cholesky"``)."""
-    return RowCholeskySolver(solve_dtype=solve_dtype)
+    return RowCholeskySolver(solve_dtype=solve_dtype, gram=gram)
 
 
 def row_cg(*, maxiter: int = 10, tol: float = 1e-5, warm_start: bool = False, stabilise_every: int = 0) -> RowCGSolver:
