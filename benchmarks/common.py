@@ -1,0 +1,175 @@
+"""Shared helpers for the benchmark studies: machine description, timing summaries, JSON output, progress.
+
+Every study writes one JSON file with the same top-level shape::
+
+    {"benchmark": <name>, "machine": machine_info(), "config": {...}, "seeds": [...], ...}
+
+so results from different studies (and machines) can be compared. ``machine_info`` records
+what is needed to interpret a timing: platform, CPU count and usable CPUs, the JAX backend
+and device, package versions, ``XLA_FLAGS``, load average, and the git commit of the
+checkout with whether ``src/`` had uncommitted changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+__all__ = ["RESULTS_DIR", "machine_info", "summarize", "save_json", "progress", "to_jsonable"]
+
+#: Default folder for study outputs (JSON and PNG).
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+T = TypeVar("T")
+
+
+def _git_state() -> dict[str, Any] | None:
+    """Commit of the checkout and whether ``src/`` has uncommitted changes (read-only git calls)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout
+        commit = run("rev-parse", "HEAD").strip()
+        dirty = run("status", "--porcelain", "--", "src").strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit or None, "src_dirty": bool(dirty)} if commit else None
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:  # noqa: BLE001 - any import failure just means "not available"
+        return None
+    return getattr(mod, "__version__", None)
+
+
+def machine_info() -> dict[str, Any]:
+    """Describe the machine and software a result was measured on (JSON-serialisable)."""
+    import jax
+    import jaxlib
+    import optax
+
+    import somax
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        affinity = None
+    versions: dict[str, Any] = {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "somax": somax.__version__,
+    }
+    for extra in ("flax", "sklearn", "matplotlib", "mnist1d"):
+        if extra in sys.modules or extra == "sklearn":
+            v = _version(extra)
+            if v is not None:
+                versions[extra] = v
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "jax_backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "versions": versions,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "somax_git": _git_state(),
+    }
+
+
+def summarize(times_ms: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """Median, 90th percentile, minimum and mean of a list of times in milliseconds (plus ``n``)."""
+    t = np.asarray(times_ms, dtype=np.float64).ravel()
+    if t.size == 0:
+        nan = float("nan")
+        return {"median_ms": nan, "p90_ms": nan, "min_ms": nan, "mean_ms": nan, "n": 0}
+    return {
+        "median_ms": float(np.median(t)),
+        "p90_ms": float(np.percentile(t, 90)),
+        "min_ms": float(np.min(t)),
+        "mean_ms": float(np.mean(t)),
+        "n": int(t.size),
+    }
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy / JAX scalars and arrays, tuples, paths and non-finite floats for ``json``.
+
+    NaN and ±inf become ``None`` (strict JSON has no such numbers).
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if hasattr(obj, "tolist") and hasattr(obj, "shape"):  # numpy / jax arrays
+        return to_jsonable(np.asarray(obj).tolist())
+    return obj
+
+
+def save_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``result`` as indented JSON (creating parent folders); return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(to_jsonable(result), indent=1, allow_nan=False) + "\n")
+    return out
+
+
+class _PlainProgress:
+    """Fallback progress indicator: ``desc i/total`` on stderr, at most about once a second."""
+
+    def __init__(self, iterable: Iterable[T], total: int | None, desc: str) -> None:
+        self.iterable, self.total, self.desc = iterable, total, desc
+
+    def __iter__(self) -> Iterator[T]:
+        start = last = time.perf_counter()
+        i = 0
+        tot = f"/{self.total}" if self.total is not None else ""
+        for i, item in enumerate(self.iterable, 1):
+            yield item
+            now = time.perf_counter()
+            if now - last >= 1.0 or (self.total is not None and i == self.total):
+                last = now
+                print(f"\r{self.desc} {i}{tot} [{now - start:.0f}s]", end="", file=sys.stderr, flush=True)
+        if i:
+            print(file=sys.stderr, flush=True)
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "") -> Iterable[T]:
+    """Wrap ``iterable`` with a progress bar: ``tqdm`` when installed, else a plain stderr counter.
+
+    Set ``SOMAX_BENCH_PROGRESS=0`` to silence it (the tests do not need it).
+    """
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    if os.environ.get("SOMAX_BENCH_PROGRESS", "1") == "0":
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _PlainProgress(iterable, total, desc)
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False)

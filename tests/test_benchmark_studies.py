@@ -1,0 +1,126 @@
+"""Benchmark studies on tiny settings: each writes its JSON (machine, versions, configuration, seeds) and PNG.
+
+Nothing here asserts a timing. ``test_cli_end_to_end`` runs one study through the real
+entry point (``python -m benchmarks ...`` in a subprocess), which is the end-to-end check CI runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import __main__ as cli
+from benchmarks import common
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MI = ["--tiny", "--dataset", "digits", "--configs", "adam", "sgn_const_light"]
+
+
+def _check_machine(machine: dict) -> None:
+    assert {"platform", "cpu_count", "jax_backend", "versions"} <= set(machine)
+    assert {"jax", "jaxlib", "optax", "numpy", "somax"} <= set(machine["versions"])
+
+
+def test_common_helpers(tmp_path, capsys, monkeypatch):
+    s = common.summarize([4.0, 1.0, 3.0, 2.0])
+    assert s["median_ms"] == 2.5 and s["min_ms"] == 1.0 and s["mean_ms"] == 2.5 and s["n"] == 4
+    assert 3.0 <= s["p90_ms"] <= 4.0
+    out = common.save_json({"a": float("nan"), "b": (1, 2), "c": Path("x")}, tmp_path / "d" / "r.json")
+    assert json.loads(out.read_text()) == {"a": None, "b": [1, 2], "c": "x"}
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # force the plain fallback
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    assert list(common.progress(range(3), desc="count")) == [0, 1, 2]
+    assert "count 3/3" in capsys.readouterr().err
+
+
+def test_cli_list_and_unknown(capsys):
+    cli.main(["list"])
+    listed = capsys.readouterr().out
+    for name in ("probe_cadence", "lane_scaling", "module_interactions", "sophia_recombination", "floor_and_peers"):
+        assert name in listed
+    with pytest.raises(SystemExit, match="did you mean 'lane_scaling'"):
+        cli.main(["lane_scalin"])
+
+
+def test_cli_out_folder_for_file_studies():
+    spec = cli.STUDIES["step_overhead"]
+    assert cli._translate_out("step_overhead", spec, ["--out", "res"]) == [
+        "--out",
+        str(Path("res", "step_overhead.json")),
+    ]
+    assert cli._translate_out("step_overhead", spec, ["--out=a.json"]) == ["--out=a.json"]
+    assert cli._translate_out("module_interactions", cli.STUDIES["module_interactions"], ["--out", "d"]) == [
+        "--out",
+        "d",
+    ]
+
+
+def test_cli_end_to_end(tmp_path):
+    """``python -m benchmarks module_interactions --tiny`` writes JSON, PNG and the Markdown table."""
+    env = {**os.environ, "SOMAX_BENCH_PROGRESS": "0", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "benchmarks", "module_interactions", *TINY_MI, "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stem = tmp_path / "module_interactions_digits_tiny"
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert stem.with_suffix(".png").stat().st_size > 0
+    assert "| SGN | – | const | light |" in stem.with_suffix(".md").read_text()
+    _check_machine(data["machine"])
+    assert data["benchmark"] == "module_interactions" and data["seeds"] == [0]
+    assert data["config"]["configs"] == ["adam", "sgn_const_light"]
+    assert data["config"]["budgets"]["light"]["maxiter"] == 3
+    for name in ("adam", "sgn_const_light"):
+        s = data["summary"][name]
+        assert 0.0 <= s["final_test_acc_mean"] <= 1.0 and s["seeds"] == 1 and s["compile_s"] > 0
+        (run,) = data["runs"][name]
+        curve = run["curve"]
+        assert curve["step"][0] == 0 and curve["step"][-1] > 0 and len(curve["test_acc"]) == len(curve["time_s"])
+        assert all(b >= a for a, b in zip(curve["time_s"], curve["time_s"][1:]))
+    # The default target is Adam's final accuracy minus one point, and the goal record names both sides.
+    assert data["target"] == pytest.approx(data["summary"]["adam"]["final_test_acc_mean"] - 0.01)
+    assert set(data["goal"]) >= {"best_second_order", "adam_s", "met"}
+
+
+def test_module_interactions_builds_the_preset():
+    """The study's SGN configurations are the ``sgn_ce`` preset's specs, with the learning rate injected."""
+    import jax
+    import numpy as np
+
+    import somax
+    from benchmarks import module_interactions as mi
+    from somax.models import mlp_apply, mlp_init
+
+    assert len(mi.CONFIGS) == 10 and sum(c.second_order for c in mi.CONFIGS) == 8
+    params = mlp_init(jax.random.PRNGKey(0), (5, 8, 3))
+    for config in (c for c in mi.CONFIGS if c.second_order):
+        ours = mi.build_sgn(config, mlp_apply)
+        preset = somax.make(
+            "sgn_ce", predict_fn=mlp_apply, learning_rate=0.5, damping=config.damping, tr_every_k=mi.TR_EVERY_K,
+            precondition="diag_ema" if config.precond else None, lam0=mi.LAM0, **mi.BUDGETS[config.budget],
+        )  # fmt: skip
+        assert str(ours.plan) == str(preset.plan), config.name
+        for part in ("solver", "precond", "damping", "estimator", "lam0"):
+            assert getattr(ours, part) == getattr(preset, part), (config.name, part)
+        assert type(ours.curvature) is type(preset.curvature)
+    state = mi.Trainer(mi.CONFIGS[2], mlp_apply).init(params, 0.5)
+    np.testing.assert_allclose(state.tx.hyperparams["learning_rate"], 0.5)
+
+
+def test_lane_scaling_quick_tiny(tmp_path, monkeypatch):
+    """lane_scaling's quick mode through the CLI, on a one-point sweep and without the CE part."""
+    lane_scaling = importlib.import_module("benchmarks.lane_scaling")
+    monkeypatch.setattr(lane_scaling, "QUICK_SWEEP", (16,))
+    cli.main(["lane_scaling", "--quick", "--skip-ce", "--steps", "2", "--max-seconds", "2", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "lane_scaling.json").read_text())
+    assert (tmp_path / "lane_scaling.png").stat().st_size > 0
+    assert data["figure2"]["width"] and data["figure2"]["batch"]
+
+
+# Studies 4 and 5 (sophia_recombination, floor_and_peers) are run in their smoke modes by
+# tests/test_benchmark_peers.py.
