@@ -14,6 +14,7 @@ from somax import damping as damping  # noqa: F401
 from somax import estimators as estimators  # noqa: F401
 from somax import line_search as line_search  # noqa: F401
 from somax import precond as precond  # noqa: F401
+from somax import sharding as sharding
 from somax import solvers as solvers  # noqa: F401
 from somax import specs as specs
 from somax.assemble import IncompatibleSpecsError, assemble
@@ -61,6 +62,7 @@ __all__ = [
     "as_optax",
     "adapters",
     "checkpoint",
+    "sharding",
     "assemble",
     "make",
     "list_methods",
