@@ -78,6 +78,7 @@ def _load_example() -> Any:
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {EXAMPLE}")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # flax modules are dataclasses, which look their module up by name
     spec.loader.exec_module(mod)
     return mod
 
