@@ -283,8 +283,11 @@ def _check_rng(rng: Any) -> None:
 
 
 def _describe(batch: Any) -> str:
+    def one(x: Any) -> str:
+        return f"{x.dtype}{list(x.shape)}" if hasattr(x, "dtype") and hasattr(x, "shape") else type(x).__name__
+
     leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
-    parts = [f"{jax.tree_util.keystr(p) or 'batch'}: {jnp.result_type(x)}{list(jnp.shape(x))}" for p, x in leaves]
+    parts = [f"{jax.tree_util.keystr(p) or 'batch'}: {one(x)}" for p, x in leaves]
     return ", ".join(parts[:8]) + (", …" if len(parts) > 8 else "")
 
 
