@@ -91,6 +91,9 @@ def test_bad_keywords_and_arguments_are_named():
         somax.assemble(curvature=curv, tx=0.1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="maxiter"):
         somax.assemble(curvature=curv, solver=SolverSpec("cg", kwargs={"maxiter": 0}))
+    for key in ("tol", "stabilise_every"):  # bools are ints in Python; never a valid count or tolerance
+        with pytest.raises(ValueError, match=key):
+            somax.assemble(curvature=curv, solver=SolverSpec("cg", kwargs={key: True}))
     with pytest.raises(ValueError, match="lower < upper"):
         somax.assemble(curvature=curv, damping=DampingSpec("trust_region", kwargs={"lower": 0.9, "upper": 0.1}))
 

@@ -132,9 +132,10 @@ class CGSolver:
     def __post_init__(self) -> None:
         if isinstance(self.maxiter, bool) or not isinstance(self.maxiter, int) or self.maxiter < 1:
             raise ValueError(f"SolverSpec('cg'): maxiter must be an int >= 1, got {self.maxiter!r}")
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
+        if isinstance(self.tol, bool) or not (isinstance(self.tol, (int, float)) and self.tol >= 0):
             raise ValueError(f"SolverSpec('cg'): tol must be a number >= 0, got {self.tol!r}")
-        if not isinstance(self.stabilise_every, int) or self.stabilise_every < 0:
+        every = self.stabilise_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"SolverSpec('cg'): stabilise_every must be an int >= 0, got {self.stabilise_every!r}")
 
     def init(self, params: PyTree) -> PyTree:
