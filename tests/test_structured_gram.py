@@ -91,7 +91,7 @@ def _linen_mlp():
 
 MLP_KINDS = {
     "['layer0']['w']": "dense", "['layer1']['w']": "dense",
-    "['layer0']['b']": "per_example", "['layer1']['b']": "per_example",
+    "['layer0']['b']": "bias", "['layer1']['b']": "bias",  # folded into their kernels: (a·a' + 1)(δ·δ')
 }  # fmt: skip
 
 
@@ -105,7 +105,7 @@ def _case(name):
         if c == 1:
             predict_scalar = lambda p, x: predict(p, x)[:, 0]  # noqa: E731
             # one output: the per-example Jacobian (m² n_in) is cheaper than b² n_in + 2m² for n_in < 2b
-            auto = {**MLP_KINDS, "['layer1']['w']": "per_example"}
+            auto = {**MLP_KINDS, "['layer1']['w']": "per_example", "['layer1']['b']": "per_example"}
             return "mse", predict_scalar, params, regression_batch(d_out=1), MLP_KINDS, auto
         return "mse", predict, params, regression_batch(d_out=2), MLP_KINDS, MLP_KINDS
     if name == "cnn_ce":
@@ -113,11 +113,12 @@ def _case(name):
         x = jax.random.normal(jax.random.PRNGKey(3), (5, 4, 4, 1), F64)
         batch = {"x": x, "y": jax.random.randint(jax.random.PRNGKey(4), (5,), 0, 3)}
         kinds = {f"['{leaf}']['{k}']": "per_example" for leaf in ("conv0", "conv1", "dense") for k in "bw"}
-        kinds["['dense']['w']"] = "dense"
+        kinds["['dense']['w']"], kinds["['dense']['b']"] = "dense", "bias"
         return "ce", cnn_apply, params, batch, kinds, kinds
     if name == "mixed_ce":
         kinds = {f"['{k}']": "dense" for k in ("w_in", "w_t", "w_lhs", "w_jit", "w_out")}
-        kinds.update({f"['{k}']": "per_example" for k in ("b", "tied", "w_custom", "scale")})
+        kinds.update({f"['{k}']": "per_example" for k in ("tied", "w_custom", "scale")})
+        kinds["['b']"] = "bias"
         kinds["['unused']"] = "unused"
         return "ce", _mixed_predict, _mixed_params(), classification_batch(c=3), kinds, kinds
     if name in ("positions_ce_sequence", "positions_mse_pooled"):
@@ -132,7 +133,7 @@ def _case(name):
     if name == "linen_mlp_ce":
         predict, params = _linen_mlp()
         kinds = {
-            f"['Dense_{i}']['{k}']": kind for i in (0, 1) for k, kind in (("kernel", "dense"), ("bias", "per_example"))
+            f"['Dense_{i}']['{k}']": kind for i in (0, 1) for k, kind in (("kernel", "dense"), ("bias", "bias"))
         }
         return "ce", predict, params, classification_batch(c=4), kinds, kinds
     raise ValueError(name)

@@ -24,7 +24,11 @@ How the dense uses are found, without any layer registration:
    one operand of a ``dot_general`` without batch dimensions is a *dense kernel*; every
    other leaf (biases, convolution kernels, norms, a kernel used twice or inside a
    ``custom_jvp``/``custom_vjp``/``scan``…) is a *fallback* leaf; a leaf with no use
-   contributes nothing.
+   contributes nothing. A *bias* — a leaf whose only use is an elementwise ``add`` to the
+   output of a structured kernel's ``dot_general`` (and that output has no other use) —
+   is folded into its kernel: ``∂(Rz)_{ic}/∂b = δ_{ic}``, so its Gram term
+   ``δ_{ic}·δ_{jd}`` joins the kernel's as ``(a_i·a_j + 1)(δ_{ic}·δ_{jd})`` at no extra cost
+   (one position only; otherwise it falls back).
 3. The jaxpr is re-evaluated with a zero perturbation added to each dense kernel's
    ``dot_general`` output and the other operand ``a`` recorded. One reverse pass per
    example, ``vmap``-ed over the ``m/b`` whitened rows ``Rᵢᵀ e_c`` as cotangents, gives
@@ -39,6 +43,7 @@ sum over examples is block diagonal).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +83,7 @@ class DenseUse:
       positions: ``T``, the product of ``a``'s free axes (1 for an MLP on one example).
       n_in: product of the contracted sizes; n_out: product of the kernel's free sizes.
       structured: whether the Gram uses the structure (else: per-example Jacobian).
+      bias: index of a bias leaf folded into this kernel (``y = aW + b``), or None.
     """
 
     leaf: int
@@ -89,6 +95,7 @@ class DenseUse:
     n_in: int
     n_out: int
     structured: bool = True
+    bias: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,8 @@ class GramPlan:
       dense: structured dense kernels.
       fallback: leaves whose whitened per-example Jacobian is materialised.
       unused: leaves the outputs do not depend on (no Gram contribution).
+
+    Biases folded into a kernel are listed in that kernel's :attr:`DenseUse.bias`.
     """
 
     names: tuple[str, ...]
@@ -108,8 +117,9 @@ class GramPlan:
     unused: tuple[int, ...]
 
     def kinds(self) -> dict[str, str]:
-        """``{leaf name: "dense" | "per_example" | "unused"}``."""
+        """``{leaf name: "dense" | "bias" | "per_example" | "unused"}``."""
         out = {self.names[u.leaf]: "dense" for u in self.dense}
+        out.update({self.names[u.bias]: "bias" for u in self.dense if u.bias is not None})
         out.update({self.names[i]: "per_example" for i in self.fallback})
         out.update({self.names[i]: "unused" for i in self.unused})
         return out
@@ -152,15 +162,31 @@ def _dense_pattern(eqn: Any, operand: int) -> tuple[tuple[int, ...], int, int, i
     return tuple(int(d) for d in a_contract), len(a_shape), t, n_in, n_out
 
 
+def _use_counts(jaxpr: Any) -> dict:
+    counts: dict = {}
+    for v in [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars):
+        if not isinstance(v, jcore.Literal):
+            counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
 def _walk(jaxpr: Any, origin: dict, uses: dict[int, list], path: Path) -> None:
-    """Record every use of a leaf-derived variable: ``("dense", path, operand, pattern)`` or ``("other",)``."""
+    """Record every use of a leaf-derived variable: ``("dense", path, operand, pattern)``,
+    ``("bias", path of the dot_general it is added to)`` or ``("other",)``."""
+    dot_out: dict = {}  # dot_general output var -> path, for dots with a tracked kernel
+    counts = _use_counts(jaxpr)
     for e, eqn in enumerate(jaxpr.eqns):
         name = eqn.primitive.name
         tracked = [(k, origin[v]) for k, v in enumerate(eqn.invars) if not isinstance(v, jcore.Literal) and v in origin]
         if not tracked:
             continue
-        if name in _LAYOUT_OPS and len(eqn.invars) == 1 and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.inexact):
+        inexact = jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.inexact)
+        same_size = eqn.invars[0].aval.size == eqn.outvars[0].aval.size
+        if inexact and len(eqn.invars) == 1 and (name in _LAYOUT_OPS or (name == "broadcast_in_dim" and same_size)):
             origin[eqn.outvars[0]] = tracked[0][1]
+        elif name in ("add", "add_any") and len(tracked) == 1 and _is_bias_add(eqn, tracked[0][0], dot_out, counts):
+            k, leaf = tracked[0]
+            uses[leaf].append(("bias", dot_out[eqn.invars[1 - k]]))
         elif name in _CALLS and _CALLS[name] in eqn.params:
             sub = eqn.params[_CALLS[name]].jaxpr
             sub_origin = {sub.invars[k]: leaf for k, leaf in tracked}
@@ -169,6 +195,8 @@ def _walk(jaxpr: Any, origin: dict, uses: dict[int, list], path: Path) -> None:
             for k, leaf in tracked:
                 pattern = _dense_pattern(eqn, k)
                 uses[leaf].append(("dense", path + (e,), k, pattern) if pattern else ("other",))
+                if pattern and len(tracked) == 1:
+                    dot_out[eqn.outvars[0]] = path + (e,)
         else:
             for _, leaf in tracked:
                 uses[leaf].append(("other",))
@@ -177,17 +205,28 @@ def _walk(jaxpr: Any, origin: dict, uses: dict[int, list], path: Path) -> None:
             uses[origin[v]].append(("other",))
 
 
+def _is_bias_add(eqn: Any, operand: int, dot_out: dict, counts: dict) -> bool:
+    """``y = dot + b`` elementwise (same shapes), with the dot's output used only here."""
+    other = eqn.invars[1 - operand]
+    if isinstance(other, jcore.Literal) or other not in dot_out or counts.get(other, 0) != 1:
+        return False
+    return eqn.invars[operand].aval.shape == other.aval.shape == eqn.outvars[0].aval.shape
+
+
 def _analyse(closed: jcore.ClosedJaxpr, names: Sequence[str], rows_per_example: int, batch: int, mode: str) -> GramPlan:
     n_leaves = len(names)
     origin = {closed.jaxpr.invars[i]: i for i in range(n_leaves)}
     uses: dict[int, list] = {i: [] for i in range(n_leaves)}
     _walk(closed.jaxpr, origin, uses, ())
-    dense, fallback, unused, claimed = [], [], [], set()
+    dense, fallback, unused, claimed, biases = [], [], [], set(), {}
     m = batch * rows_per_example
     for leaf in range(n_leaves):
         u = uses[leaf]
         if not u:
             unused.append(leaf)
+            continue
+        if len(u) == 1 and u[0][0] == "bias":
+            biases[leaf] = u[0][1]
             continue
         if len(u) != 1 or u[0][0] != "dense" or u[0][1] in claimed:
             fallback.append(leaf)
@@ -203,6 +242,13 @@ def _analyse(closed: jcore.ClosedJaxpr, names: Sequence[str], rows_per_example: 
             continue
         claimed.add(path)
         dense.append(DenseUse(leaf, path, operand, a_contract, a_ndim, t, n_in, n_out))
+    by_path = {u.path: i for i, u in enumerate(dense)}
+    for leaf, path in biases.items():
+        i = by_path.get(path)
+        if i is None or dense[i].positions != 1 or dense[i].bias is not None:
+            fallback.append(leaf)  # its kernel is not structured (or has positions): per-example Jacobian
+        else:
+            dense[i] = dataclasses.replace(dense[i], bias=leaf)
     return GramPlan(tuple(names), tuple(dense), tuple(sorted(fallback)), tuple(unused))
 
 
@@ -361,6 +407,8 @@ def structured_gram(
         delta = delta.reshape(b, per, u.positions, u.n_out)
         if u.positions == 1:
             ka = jnp.dot(a[:, 0], a[:, 0].T, precision=hi)  # (b, b)
+            if u.bias is not None:  # y = aW + b: the bias is a column of ones appended to a
+                ka = ka + 1
             d2 = delta.reshape(m, u.n_out)
             dd = jnp.dot(d2, d2.T, precision=hi).reshape(b, per, b, per)
             parts.append((dd * ka[:, None, :, None]).reshape(m, m))
