@@ -38,8 +38,6 @@ import argparse
 import gc
 import json
 import os
-import platform
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +49,7 @@ import numpy as np
 import optax
 
 import somax
+from benchmarks.common import machine_info, summarize
 from somax.models import cnn_apply, cnn_init, mlp_apply, mlp_init
 
 __all__ = ["main", "PROFILES", "VARIANTS", "GOALS"]
@@ -107,16 +106,6 @@ def _runner(variant: str, predict: Callable, steps: int):
     return init, run
 
 
-def _stats(ms: Sequence[float]) -> dict[str, float]:
-    a = np.asarray(ms)
-    return {
-        "median_ms": float(np.median(a)),
-        "p90_ms": float(np.percentile(a, 90)),
-        "min_ms": float(a.min()),
-        "mean_ms": float(a.mean()),
-    }
-
-
 def bench_model(model: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Interleaved timing of every variant on one model; per-step milliseconds."""
     key = jax.random.PRNGKey(0)
@@ -152,8 +141,8 @@ def bench_model(model: str, cfg: dict[str, Any]) -> dict[str, Any]:
     finally:
         if gc_was:
             gc.enable()
-    stats = {v: _stats(per_step[v]) for v in VARIANTS}
-    cpu_stats = {v: _stats(cpu_per_step[v]) for v in VARIANTS}
+    stats = {v: summarize(per_step[v]) for v in VARIANTS}
+    cpu_stats = {v: summarize(cpu_per_step[v]) for v in VARIANTS}
     ratios = {}
     for v in VARIANTS[1:]:
         paired = np.median(np.asarray(per_step[v]) / np.asarray(per_step["adam"]))
@@ -178,33 +167,6 @@ def bench_model(model: str, cfg: dict[str, Any]) -> dict[str, Any]:
         "first_call_ms": compile_ms,
         "samples_ms": per_step,
         "cpu_samples_ms": cpu_per_step,
-    }
-
-
-def _machine() -> dict[str, Any]:
-    import jaxlib
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        usable = os.cpu_count()
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "versions": {
-            "python": sys.version.split()[0],
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "optax": optax.__version__,
-            "numpy": np.__version__,
-            "somax": somax.__version__,
-        },
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -250,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.models:
         cfg["models"] = tuple(args.models)
 
-    machine = _machine()
+    machine = machine_info()
     points = [bench_model(m, cfg) for m in cfg["models"]]
     machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result = {

@@ -114,14 +114,7 @@ def make_problem(width: int, d_in: int, batch: int, n_batches: int, seed: int = 
     stream of ``n_batches`` float32 regression batches ``y = sin(3 x·u) + 0.1 ε`` with static
     shapes. Built with NumPy (no eager JAX compiles)."""
     rs = np.random.default_rng(seed)
-    sizes = (d_in, width, width, 1)
-    params = {
-        f"layer{i}": {
-            "w": jnp.asarray(rs.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in), F32),
-            "b": jnp.zeros((n_out,), F32),
-        }
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
-    }
+    params = step_overhead.he_mlp(rs, (d_in, width, width, 1))
     u = rs.standard_normal((d_in, 1)) / np.sqrt(d_in)
     stream = []
     for _ in range(n_batches):

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 import somax
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, summarize
 from somax.models import mlp_apply
 
 __all__ = ["main", "PROFILES", "VARIANTS"]
@@ -81,19 +81,23 @@ ADAM_LR = 1e-3
 # --------------------------------------------------------------------------- problem
 
 
-def make_problem(width: int, batch: int, d_in: int, seed: int = 0) -> tuple[dict, dict]:
-    """He-initialised ``(d_in, w, w, 1)`` ReLU MLP (the ``somax.models.mlp_init`` layout) and a
-    float32 regression batch ``y = sin(3 x·u) + 0.1 ε``. Built with NumPy: eager JAX ops would
-    each compile a small program, which costs more than the smoke run itself."""
-    rs = np.random.default_rng(seed)
-    sizes = (d_in, width, width, 1)
-    params = {
+def he_mlp(rs: np.random.Generator, sizes: Sequence[int]) -> dict:
+    """He-initialised float32 MLP parameters in the ``somax.models.mlp_init`` layout, drawn with NumPy."""
+    return {
         f"layer{i}": {
             "w": jnp.asarray(rs.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in), F32),
             "b": jnp.zeros((n_out,), F32),
         }
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
     }
+
+
+def make_problem(width: int, batch: int, d_in: int, seed: int = 0) -> tuple[dict, dict]:
+    """He-initialised ``(d_in, w, w, 1)`` ReLU MLP (the ``somax.models.mlp_init`` layout) and a
+    float32 regression batch ``y = sin(3 x·u) + 0.1 ε``. Built with NumPy: eager JAX ops would
+    each compile a small program, which costs more than the smoke run itself."""
+    rs = np.random.default_rng(seed)
+    params = he_mlp(rs, (d_in, width, width, 1))
     x = rs.standard_normal((batch, d_in))
     u = rs.standard_normal((d_in, 1)) / np.sqrt(d_in)
     y = np.sin(3.0 * x @ u) + 0.1 * rs.standard_normal((batch, 1))
@@ -250,16 +254,6 @@ def _cg_iters(name: str, out: Any) -> int | None:
     return None
 
 
-def _stats(times: Sequence[float]) -> dict[str, float]:
-    t = np.asarray(times) * 1e3
-    return {
-        "median_ms": float(np.median(t)),
-        "p90_ms": float(np.percentile(t, 90)),
-        "min_ms": float(np.min(t)),
-        "mean_ms": float(np.mean(t)),
-    }
-
-
 def _goal(width: int) -> float:
     return 1.03 if width >= 128 else 1.10
 
@@ -314,7 +308,7 @@ def time_point(width: int, batch_size: int, cfg: dict) -> dict[str, Any]:
         if gc_was_enabled:
             gc.enable()
 
-    stats = {n: _stats(times[n]) for n in names}
+    stats = {n: summarize(np.asarray(times[n]) * 1e3) for n in names}
     ratios: dict[str, dict[str, float]] = {}
     for lane, (s, h) in PAIRS.items():
         ts, th, ta = np.asarray(times[s]), np.asarray(times[h]), np.asarray(times["adam"])

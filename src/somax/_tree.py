@@ -67,8 +67,7 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
 
 
 def _leaf_dot(x: jax.Array, y: jax.Array) -> jax.Array:
-    # sum(x * y) rather than jnp.vdot: no ravel/reshape, XLA fuses the product into the
-    # reduction; half-precision leaves are accumulated in float32.
+    # half-precision leaves (bfloat16 parameters) are accumulated in float32
     dt = jnp.result_type(x, y)
     if jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).bits < 32:
         x, y = x.astype(jnp.float32), y.astype(jnp.float32)

@@ -20,7 +20,7 @@ from somax._tree import tree_vdot
 
 PyTree = Any
 
-__all__ = ["Linearization", "get_batch_entry"]
+__all__ = ["Linearization"]
 
 
 @dataclass(frozen=True)
@@ -63,18 +63,3 @@ class Linearization:
 
     def quad_from_matvec(self, v: PyTree) -> jax.Array:
         return tree_vdot(v, self.matvec(v))
-
-
-def get_batch_entry(batch: Any, key: str, *, kind: str, role: str) -> Any:
-    """``batch[key]`` with an error that names the missing key and what the batch holds."""
-    if not isinstance(batch, Mapping):
-        raise TypeError(
-            f"{kind}: batch must be a mapping with key {key!r} ({role}); got {type(batch).__name__}. "
-            f"Set x_key/y_key in the curvature kwargs to name other entries."
-        )
-    if key not in batch:
-        raise KeyError(
-            f"{kind}: batch has no entry {key!r} ({role}); it has {sorted(map(str, batch))}. "
-            f"Set {'x_key' if role == 'inputs' else 'y_key'} in the curvature kwargs."
-        )
-    return batch[key]
