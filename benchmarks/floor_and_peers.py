@@ -36,7 +36,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -450,7 +450,7 @@ def time_preset(name: str, entry: dict[str, Any], cfg: dict[str, Any], peer: Pee
             compile_ms[v] = (time.perf_counter() - t0) * 1e3
             for _ in range(cfg["warmup"]):
                 p, s, aux = jax.block_until_ready(step(p, batch, s, rng))
-            if isinstance(aux, dict) and "cg_iters" in aux:
+            if isinstance(aux, Mapping) and "cg_iters" in aux:
                 cg_iters[v] = int(aux["cg_iters"])
             live[v] = [step, p, s]
         except Exception as exc:  # noqa: BLE001 - recorded, the other variants still run

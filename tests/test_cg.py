@@ -103,3 +103,17 @@ def test_zero_rhs_and_pytrees():
     res = conjugate_gradient(lambda v: jax.tree_util.tree_map(lambda x: 2.0 * x, v), rhs, tol=1e-10, maxiter=5)
     np.testing.assert_allclose(np.asarray(res.x["b"]), 0.5)
     assert int(res.iters) == 1
+
+
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_negative_curvature_at_first_iteration_returns_preconditioned_gradient(preconditioned):
+    # pᵀAp < 0 already for p₀ = M⁻¹b: the solve returns M⁻¹b (b without a preconditioner),
+    # a descent direction since bᵀM⁻¹b > 0, with zero iterations counted.
+    rng = np.random.default_rng(11)
+    b = jnp.asarray(rng.normal(size=6))
+    d = jnp.asarray(rng.uniform(0.5, 2.0, size=6))
+    precond = (lambda v: d * v) if preconditioned else None
+    res = conjugate_gradient(lambda v: -v, b, tol=1e-10, maxiter=5, precond=precond)
+    expected = d * b if preconditioned else b
+    assert bool(res.negative_curvature) and int(res.iters) == 0
+    np.testing.assert_allclose(np.asarray(res.x), np.asarray(expected), rtol=1e-12)

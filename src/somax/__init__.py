@@ -52,6 +52,7 @@ from somax.specs import (
     SolverSpec,
     TelemetrySpec,
 )
+from somax.step_info import StepInfo
 from somax.telemetry import CORE_FIELDS, InfoField, to_floats
 
 __version__ = "0.1.0"
@@ -93,6 +94,7 @@ __all__ = [
     "TelemetrySpec",
     "LineSearchSpec",
     "InfoField",
+    "StepInfo",
     "CORE_FIELDS",
     "to_floats",
     "UnknownKindError",

@@ -20,6 +20,7 @@ import optax
 from somax._tree import scalar_dtype
 from somax.method import MethodState, SecondOrderMethod
 from somax.probes import block_names
+from somax.step_info import StepInfo
 from somax.telemetry import fill_info
 
 __all__ = ["OptaxState", "as_optax"]
@@ -27,7 +28,7 @@ __all__ = ["OptaxState", "as_optax"]
 
 class OptaxState(NamedTuple):
     method: MethodState
-    info: dict
+    info: StepInfo
 
 
 def as_optax(method: SecondOrderMethod) -> optax.GradientTransformationExtraArgs:
@@ -45,7 +46,7 @@ def as_optax(method: SecondOrderMethod) -> optax.GradientTransformationExtraArgs
             raise ValueError("as_optax: update() needs the batch as an extra argument: update(g, s, params, batch=...)")
         new_params, new_state, info = method.step(params, batch, state.method, rng)
         delta = jax.tree_util.tree_map(lambda a, b: a - b, new_params, params)
-        info.pop("aux", None)  # model aux outputs vary in structure; read them from method.step directly
+        info = info.without("aux") if "aux" in info else info  # model aux outputs: read them from method.step
         return delta, OptaxState(new_state, info)
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from somax._tree import scalar_dtype, tree_norm, tree_scale, tree_vdot, tree_where
+from somax._tree import scalar_dtype, tree_norm, tree_scale, tree_vdot, tree_where, tree_zeros_like
 from somax.plan import Plan, cadence_gate
 from somax.probes import block_names, spectral_values
 from somax.specs import TelemetrySpec
+from somax.step_info import StepInfo
 from somax.telemetry import fill_info
 
 PyTree = Any
@@ -122,7 +123,7 @@ class SecondOrderMethod:
 
     def step(
         self, params: PyTree, batch: Any, state: MethodState, rng: jax.Array | None = None
-    ) -> tuple[PyTree, MethodState, dict]:
+    ) -> tuple[PyTree, MethodState, StepInfo]:
         """One optimization step; returns ``(new_params, new_state, info)``."""
         plan = self.plan
         if not isinstance(state, MethodState):
@@ -182,7 +183,7 @@ class SecondOrderMethod:
             # ‖g‖ and ‖u‖ are finite iff every entry is (an overflow to inf also rejects). A
             # rejected update is zeroed, so w + u = w exactly and no select on params is needed.
             finite = jnp.isfinite(lin.loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-            updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+            updates = tree_where(finite, updates, tree_zeros_like(updates))
             update_norm = jnp.where(finite, update_norm, 0)
 
         # Post-update probes are computed against the update actually applied.
@@ -257,9 +258,8 @@ class SecondOrderMethod:
         values["step_accepted"] = accepted
         values["finite"] = finite
         blocks = block_names(user_params) if "block_top_eig" in plan.info_schema else ()
-        info = fill_info(plan.info_schema, values, fdt, blocks)
-        if getattr(self.curvature, "has_aux", False):
-            info["aux"] = lin.aux
+        extras = {"aux": lin.aux} if getattr(self.curvature, "has_aux", False) else None
+        info = fill_info(plan.info_schema, values, fdt, blocks, extras)
         return new_params, new_state, info
 
 

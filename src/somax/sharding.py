@@ -47,6 +47,7 @@ from somax.curvature.rows import row_operator
 from somax.method import MethodState, SecondOrderMethod
 from somax.solvers._dtypes import check_solve_dtype, solve_dtype_for
 from somax.solvers.row import RowCholeskySolver
+from somax.step_info import StepInfo
 
 PyTree = Any
 
@@ -384,7 +385,7 @@ class ShardedMethod:
 
     def step(
         self, params: PyTree, batch: PyTree, state: MethodState, rng: jax.Array | None = None
-    ) -> tuple[PyTree, MethodState, dict]:
+    ) -> tuple[PyTree, MethodState, StepInfo]:
         """One global-batch step; outputs keep the input shardings, ``info`` is replicated."""
         if rng is None:
             return self._step_no_rng(params, batch, state)

@@ -1,7 +1,8 @@
 """The ``StepInfo`` schema: fixed keys, dtypes, sentinels, and a logging helper.
 
-Every step returns ``info``: a plain ``dict`` whose keys and dtypes are fixed by
-the plan at assembly, whatever is enabled. A field that is disabled, or skipped
+Every step returns ``info``: a :class:`~somax.step_info.StepInfo`, a read-only
+mapping whose keys and dtypes are fixed by the plan at assembly, whatever is
+enabled (its scalars travel packed in three arrays, see :mod:`somax.step_info`). A field that is disabled, or skipped
 by its cadence on this step, holds its kind's sentinel:
 
 =========  ==========
@@ -28,9 +29,10 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 
+from somax.step_info import KINDS, InfoLayout, StepInfo
+
 __all__ = ["InfoField", "CORE_FIELDS", "SENTINELS", "StepInfo", "fill_info", "to_floats"]
 
-StepInfo = dict  # alias for documentation: a plain dict with the plan's keys
 
 SENTINELS: Mapping[str, Any] = {"float": float("nan"), "int": -1, "bool": False}
 
@@ -86,19 +88,40 @@ CORE_FIELDS: Mapping[str, InfoField] = {
 
 
 def fill_info(
-    schema: Mapping[str, InfoField], values: Mapping[str, Any], float_dtype, blocks: tuple[str, ...] = ()
-) -> dict:
-    """Build the fixed-structure info dict: given values cast, the rest sentinels."""
+    schema: Mapping[str, InfoField],
+    values: Mapping[str, Any],
+    float_dtype,
+    blocks: tuple[str, ...] = (),
+    extras: Mapping[str, Any] | None = None,
+) -> StepInfo:
+    """Build the fixed-structure :class:`StepInfo`: given values cast, the rest sentinels.
+
+    Scalar fields are packed by kind (see :mod:`somax.step_info`); array fields and
+    ``extras`` (e.g. the model's ``aux``, any pytree) are kept as they are.
+    """
     unknown = set(values) - set(schema)
     if unknown:
         raise KeyError(f"StepInfo: values for keys not in the plan's schema: {sorted(unknown)}")
-    out = {}
+    packed: dict[str, list[Any]] = {kind: [] for kind in KINDS}
+    slots, arrays = [], {}
     for key, field in schema.items():
-        if key in values:
-            out[key] = field.cast(values[key], float_dtype, blocks)
+        value = field.cast(values[key], float_dtype, blocks) if key in values else field.sentinel(float_dtype, blocks)
+        if field.shape == ():
+            slots.append((key, field.kind, len(packed[field.kind])))
+            packed[field.kind].append(value)
         else:
-            out[key] = field.sentinel(float_dtype, blocks)
-    return out
+            arrays[key] = value
+    extras = dict(extras or {})
+    clash = set(extras) & set(schema)
+    if clash:
+        raise KeyError(f"StepInfo: extras {sorted(clash)} collide with schema keys")
+    arrays.update(extras)
+    vectors = tuple(
+        jnp.stack(packed[kind]) if packed[kind] else jnp.zeros((0,), InfoField(kind, "").dtype(float_dtype))
+        for kind in KINDS
+    )
+    layout = InfoLayout(tuple(schema) + tuple(extras), tuple(slots))
+    return StepInfo(layout, vectors, arrays)
 
 
 def _is_sentinel(value: Any) -> bool:
@@ -116,6 +139,8 @@ def to_floats(info: Mapping[str, Any], *, max_array: int = 32) -> dict[str, floa
     ``key/i`` (``key/i/j`` …); per-block dicts become ``key/<block path>``. Larger
     arrays (e.g. SLQ nodes) are left out: read them from ``info`` directly.
     """
+    if isinstance(info, StepInfo):
+        info = info.numpy()  # one host transfer per packed vector instead of one per key
     out: dict[str, float] = {}
     for key, value in info.items():
         if isinstance(value, Mapping):

@@ -6,7 +6,10 @@ iterations. Two details that existing implementations get wrong:
 
 * **Negative curvature.** ``pᵀAp ≤ 0`` (an indefinite Hessian with small λ) ends
   the solve instead of dividing by it (truncated Newton, Nocedal & Wright Alg. 7.1):
-  the last iterate is returned if it is a descent direction, else ``g`` itself.
+  the last iterate is returned if it is a descent direction. An exit at the first
+  iteration from ``x₀ = 0`` returns the preconditioned gradient ``M⁻¹g`` (``g``
+  without a preconditioner); a warm-started iterate that is no descent direction
+  is replaced by ``g``.
   No NaN can come out of a finite system.
 * **Residual refresh.** Every ``stabilise_every`` iterations the recursive residual
   is replaced by the true ``g − A s`` *without* resetting the search direction, so
@@ -82,7 +85,10 @@ def conjugate_gradient(
         ap = matvec(c.p)
         pap = tree_vdot(c.p, ap)
         neg = ~(pap > 0)  # also true for NaN
-        alpha = jnp.where(neg, 0.0, c.rz / jnp.where(neg, 1.0, pap)).astype(c.rz.dtype)
+        # On pᵀAp ≤ 0 the iterate stays where it is, except at k = 0 from x₀ = 0, where x = 0
+        # would be no direction at all: step α = 1 along p₀ = M⁻¹b instead (see below).
+        stay = jnp.asarray(1.0 if x0 is None else 0.0, c.rz.dtype) * (c.i == 0)
+        alpha = jnp.where(neg, stay, c.rz / jnp.where(neg, 1.0, pap)).astype(c.rz.dtype)
         x = tree_axpy(alpha, c.p, c.x)
         r = tree_axpy(-alpha, ap, c.r)
         if stabilise_every > 0:
@@ -96,15 +102,13 @@ def conjugate_gradient(
 
     init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool))
     c = jax.lax.while_loop(cond, body, init)
-    if x0 is None:
+    x = c.x
+    if x0 is not None:
         # From x₀ = 0, every iterate before the first pᵀAp ≤ 0 lies in a Krylov space on which
-        # A is positive definite, so bᵀx_k > ½x_kᵀAx_k > 0 for k ≥ 1: only an exit at k = 0
-        # (x = 0) needs the fallback to b. No extra reduction is compiled.
-        fallback = c.neg & (c.i == 0)
-    else:
-        # a warm start carries no such guarantee: check descent explicitly
-        fallback = c.neg & ~(tree_vdot(c.x, b) > 0)
-    x = tree_where(fallback, b, c.x)
+        # A is positive definite, so bᵀx_k > ½x_kᵀAx_k > 0 for k ≥ 1, and an exit at k = 0 took
+        # x = M⁻¹b (bᵀM⁻¹b > 0) inside the loop: no reduction or select is compiled here.
+        # A warm start carries no such guarantee: check descent explicitly, fall back to b.
+        x = tree_where(c.neg & ~(tree_vdot(c.x, b) > 0), b, x)
     rel = jnp.where(bnorm > 0, c.rnorm / jnp.where(bnorm > 0, bnorm, 1.0), 0.0)
     return CGResult(x, c.i, rel, (c.rnorm <= threshold) & ~c.neg, c.neg)
 

@@ -1,0 +1,145 @@
+"""``StepInfo``: the read-only mapping every step returns, packed into a few arrays.
+
+A step reports some twenty scalars (loss, ‖g‖, λ, rho, CG statistics, …). Returned
+as twenty separate outputs of the jitted step, each costs an output buffer and its
+own small copy in the compiled program: on a 6 ms CPU step that was 3 % of the
+step time. ``StepInfo`` packs the scalars of each kind into one vector
+(``float``, ``int``, ``bool``) and keeps array-valued fields (``top_eigs``,
+``block_top_eig``, the model's ``aux``) as they are, so a step has three info
+outputs plus the arrays, whatever the number of keys.
+
+To the user it is a ``Mapping`` with a fixed key order: ``info["loss"]`` is a
+scalar array of the field's dtype, inside ``jit`` (a slice of the packed vector)
+and outside (the first read unpacks each vector with one dispatch, and stays
+asynchronous). It is a pytree, so it passes through ``jit``, ``lax.scan`` (every
+field gains the leading step axis: ``infos["loss"]`` has shape ``(T,)``),
+``jax.device_get`` and sharding rules unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["StepInfo", "InfoLayout"]
+
+KINDS = ("float", "int", "bool")
+
+
+@dataclass(frozen=True)
+class InfoLayout:
+    """Static layout: key order, and for each scalar key its kind and position in that kind's vector."""
+
+    order: tuple[str, ...]
+    slots: tuple[tuple[str, str, int], ...]  # (key, kind, position) of the packed scalars
+
+    def slot(self, key: str) -> tuple[str, int] | None:
+        for k, kind, pos in self.slots:
+            if k == key:
+                return kind, pos
+        return None
+
+    def without(self, keys: frozenset[str]) -> InfoLayout:
+        return InfoLayout(
+            tuple(k for k in self.order if k not in keys), tuple(s for s in self.slots if s[0] not in keys)
+        )
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class StepInfo(Mapping):
+    """One step's statistics: a fixed-key ``Mapping`` of scalar and array fields.
+
+    Build it with :func:`somax.telemetry.fill_info`; read it like a dict.
+    :meth:`numpy` fetches everything to the host in one transfer per packed vector.
+    """
+
+    __slots__ = ("_layout", "_vectors", "_arrays", "_unpacked")
+
+    def __init__(self, layout: InfoLayout, vectors: tuple[Any, Any, Any], arrays: dict[str, Any]):
+        # No checks or conversions: JAX rebuilds pytrees with arbitrary leaves (shardings, shape structs).
+        self._layout = layout
+        self._vectors = tuple(vectors)
+        self._arrays = arrays
+        self._unpacked: dict[int, tuple[Any, ...]] = {}
+
+    # -- Mapping -----------------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        slot = self._layout.slot(key)
+        if slot is None:
+            if key in self._arrays and key in self._layout.order:
+                return self._arrays[key]
+            raise KeyError(f"StepInfo has no key {key!r}; keys: {', '.join(self._layout.order)}")
+        kind, pos = slot
+        i = KINDS.index(kind)
+        vec = self._vectors[i]
+        if isinstance(vec, jax.Array) and not isinstance(vec, jax.core.Tracer):
+            if i not in self._unpacked:
+                self._unpacked[i] = _unstack(vec)  # one dispatch for all fields of this kind
+            return self._unpacked[i][pos]
+        return vec[..., pos]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layout.order)
+
+    def __len__(self) -> int:
+        return len(self._layout.order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._layout.order
+
+    def __repr__(self) -> str:
+        try:
+            body = ", ".join(f"{k}={_short(v)}" for k, v in self.numpy().items())
+        except Exception:  # abstract values (inside a trace): show the layout only
+            body = ", ".join(self._layout.order)
+        return f"StepInfo({body})"
+
+    # -- helpers -----------------------------------------------------------------
+    def without(self, *keys: str) -> StepInfo:
+        """A copy without ``keys`` (e.g. ``"aux"``, whose structure is the model's)."""
+        drop = frozenset(keys)
+        arrays = {k: v for k, v in self._arrays.items() if k not in drop}
+        return StepInfo(self._layout.without(drop), self._vectors, arrays)
+
+    def numpy(self) -> dict[str, Any]:
+        """Every field as NumPy values (one host transfer per packed vector); blocks until ready."""
+        host = [np.asarray(v) for v in self._vectors]
+        arrays = jax.tree_util.tree_map(np.asarray, self._arrays)
+        out: dict[str, Any] = {}
+        for key in self._layout.order:
+            slot = self._layout.slot(key)
+            if slot is None:
+                out[key] = arrays[key]
+            else:
+                out[key] = host[KINDS.index(slot[0])][..., slot[1]]
+        return out
+
+    # -- pytree ------------------------------------------------------------------
+    def tree_flatten_with_keys(self):
+        gk = jax.tree_util.GetAttrKey
+        children = [(gk(k), v) for k, v in zip(KINDS, self._vectors, strict=True)]
+        children.append((gk("arrays"), self._arrays))
+        return children, self._layout
+
+    @classmethod
+    def tree_unflatten(cls, layout: InfoLayout, children: list[Any]) -> StepInfo:
+        *vectors, arrays = children
+        return cls(layout, tuple(vectors), arrays)
+
+
+@jax.jit
+def _unstack(vec: jax.Array) -> tuple[jax.Array, ...]:
+    return tuple(vec[..., i] for i in range(vec.shape[-1]))
+
+
+def _short(value: Any) -> str:
+    arr = np.asarray(value) if not isinstance(value, Mapping) else None
+    if arr is not None and arr.shape == ():
+        return repr(arr.item())
+    if arr is not None:
+        return f"{arr.dtype}{list(arr.shape)}"
+    return "{…}"
