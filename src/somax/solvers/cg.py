@@ -51,6 +51,7 @@ class _Carry(NamedTuple):
     rz: jax.Array
     rnorm: jax.Array
     neg: jax.Array
+    stay: jax.Array  # α taken on pᵀAp ≤ 0: 1 at k = 0 from x₀ = 0, else 0
 
 
 def conjugate_gradient(
@@ -86,9 +87,10 @@ def conjugate_gradient(
         pap = tree_vdot(c.p, ap)
         neg = ~(pap > 0)  # also true for NaN
         # On pᵀAp ≤ 0 the iterate stays where it is, except at k = 0 from x₀ = 0, where x = 0
-        # would be no direction at all: step α = 1 along p₀ = M⁻¹b instead (see below).
-        stay = jnp.asarray(1.0 if x0 is None else 0.0, c.rz.dtype) * (c.i == 0)
-        alpha = jnp.where(neg, stay, c.rz / jnp.where(neg, 1.0, pap)).astype(c.rz.dtype)
+        # would be no direction at all: step α = 1 along p₀ = M⁻¹b instead (see below). The
+        # α for that case is carried, not computed from k: XLA copies this scalar logic into
+        # every leaf's update kernel.
+        alpha = jnp.where(neg, c.stay, c.rz / jnp.where(neg, 1.0, pap)).astype(c.rz.dtype)
         x = tree_axpy(alpha, c.p, c.x)
         r = tree_axpy(-alpha, ap, c.r)
         if stabilise_every > 0:
@@ -98,9 +100,10 @@ def conjugate_gradient(
         beta = rz / jnp.where(c.rz == 0, 1.0, c.rz)
         p = tree_axpy(beta, c.p, z)
         rnorm = jnp.sqrt(jnp.maximum(rz, 0)) if precond is None else tree_norm(r)
-        return _Carry(jnp.where(neg, c.i, c.i + 1), x, r, p, rz, rnorm, neg)
+        return _Carry(jnp.where(neg, c.i, c.i + 1), x, r, p, rz, rnorm, neg, jnp.zeros_like(c.stay))
 
-    init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool))
+    stay = jnp.asarray(1.0 if x0 is None else 0.0, rz.dtype)
+    init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool), stay)
     c = jax.lax.while_loop(cond, body, init)
     x = c.x
     if x0 is not None:
