@@ -87,6 +87,8 @@ def tree_where(pred: jax.Array, a: PyTree, b: PyTree) -> PyTree:
     pred = jnp.asarray(pred)
 
     def pick(x: Any, y: Any) -> Any:
+        if x is y:  # unchanged leaf (e.g. constant λ, kept counters): no select to trace
+            return x
         x, y = jnp.asarray(x), jnp.asarray(y)
         if pred.shape == () and x.dtype == y.dtype and x.shape == y.shape:
             return jax.lax.select(pred, x, y)

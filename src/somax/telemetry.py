@@ -59,8 +59,17 @@ class InfoField:
         if self.shape == "blocks":
             if set(value) != set(blocks):
                 raise KeyError(f"StepInfo: block values for {sorted(value)}, expected {sorted(blocks)}")
-            return {name: jnp.asarray(value[name]).astype(dtype).reshape(()) for name in blocks}
-        return jnp.asarray(value).astype(dtype).reshape(self.shape)
+            return {name: _as(value[name], dtype, ()) for name in blocks}
+        return _as(value, dtype, self.shape)
+
+
+def _as(value: Any, dtype, shape: tuple[int, ...]) -> Any:
+    # Only the conversions that change something: each no-op cast or reshape is still one
+    # more op to trace and lower in every compiled step.
+    value = jnp.asarray(value)
+    if value.dtype != dtype:
+        value = value.astype(dtype)
+    return value if value.shape == shape else value.reshape(shape)
 
 
 CORE_FIELDS: Mapping[str, InfoField] = {
@@ -102,26 +111,35 @@ def fill_info(
     unknown = set(values) - set(schema)
     if unknown:
         raise KeyError(f"StepInfo: values for keys not in the plan's schema: {sorted(unknown)}")
-    packed: dict[str, list[Any]] = {kind: [] for kind in KINDS}
-    slots, arrays = [], {}
+    # Per kind, the computed scalars come first and the sentinels after them, as one constant.
+    computed: dict[str, list[tuple[str, Any]]] = {kind: [] for kind in KINDS}
+    unset: dict[str, list[str]] = {kind: [] for kind in KINDS}
+    arrays = {}
     for key, field in schema.items():
-        value = field.cast(values[key], float_dtype, blocks) if key in values else field.sentinel(float_dtype, blocks)
         if field.shape == ():
-            slots.append((key, field.kind, len(packed[field.kind])))
-            packed[field.kind].append(value)
+            if key in values:
+                computed[field.kind].append((key, field.cast(values[key], float_dtype)))
+            else:
+                unset[field.kind].append(key)
+        elif key in values:
+            arrays[key] = field.cast(values[key], float_dtype, blocks)
         else:
-            arrays[key] = value
+            arrays[key] = field.sentinel(float_dtype, blocks)
     extras = dict(extras or {})
     clash = set(extras) & set(schema)
     if clash:
         raise KeyError(f"StepInfo: extras {sorted(clash)} collide with schema keys")
     arrays.update(extras)
-    vectors = tuple(
-        jnp.stack(packed[kind]) if packed[kind] else jnp.zeros((0,), InfoField(kind, "").dtype(float_dtype))
-        for kind in KINDS
-    )
+    vectors, slots = [], []
+    for kind in KINDS:
+        dtype = InfoField(kind, "").dtype(float_dtype)
+        keys = [k for k, _ in computed[kind]] + unset[kind]
+        slots += [(key, kind, pos) for pos, key in enumerate(keys)]
+        parts = [jnp.stack([v for _, v in computed[kind]])] if computed[kind] else []
+        parts.append(np.full(len(unset[kind]), SENTINELS[kind], dtype))
+        vectors.append(jnp.concatenate(parts) if unset[kind] and computed[kind] else jnp.asarray(parts[0]))
     layout = InfoLayout(tuple(schema) + tuple(extras), tuple(slots))
-    return StepInfo(layout, vectors, arrays)
+    return StepInfo(layout, tuple(vectors), arrays)
 
 
 def _is_sentinel(value: Any) -> bool:
