@@ -28,3 +28,13 @@ def test_step_overhead_smoke(tmp_path):
     assert all(point["cg_iters"][n] == maxiter for n in ("somax_sgn", "hand_sgn", "somax_newton", "hand_newton"))
     assert set(data["compile"]["ratios"]) == {"sgn", "newton"}
     assert result["points"][0]["width"] == point["width"]
+
+
+def test_step_overhead_pair_smoke(tmp_path):
+    out = tmp_path / "pair.json"
+    step_overhead.main(["--smoke", "--pair", "sgn", "--out", str(out)])
+    data = json.loads(out.read_text())
+    (pair,) = data["pairs"]
+    assert data["benchmark"] == "step_overhead_pair" and pair["lane"] == "sgn" and pair["repeats"] == 3
+    assert set(pair["stats"]) == {"somax_sgn", "hand_sgn"}
+    assert set(pair["ratio"]) == {"median", "p90", "paired_median"} and pair["ratio"]["median"] > 0
