@@ -364,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         stem = f"lane_scaling{('.' + args.tag) if args.tag else ''}"
         previous = json.loads((args.out / f"{stem}.json").read_text())
         results["figure2"] = previous["figure2"]
-        meta["figure2_meta"] = previous["meta"]
+        # the sweeps' own run: one level (a figure2 kept over several --ce-only runs keeps its meta)
+        meta["figure2_meta"] = previous["meta"].get("figure2_meta", previous["meta"])
     else:
         results["figure2"] = regression_sweep(sweep, sweep, steps=steps, max_seconds=max_seconds, log=log)
     if not args.skip_ce:
