@@ -95,3 +95,5 @@ def test_extras_and_without():
     with pytest.raises(KeyError, match="collide"):
         fill_info(schema, {}, jnp.float32, extras={"loss": 1.0})
     assert "loss=2.0" in repr(info)
+    abstract = jax.eval_shape(lambda: fill_info(schema, {"loss": 2.0}, jnp.float32))
+    assert repr(abstract) == "StepInfo(loss, cg_iters, eigs)"

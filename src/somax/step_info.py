@@ -92,9 +92,10 @@ class StepInfo(Mapping):
         return key in self._layout.order
 
     def __repr__(self) -> str:
-        try:
+        leaves = jax.tree_util.tree_leaves(self)
+        if all(isinstance(v, np.ndarray | jax.Array) and not isinstance(v, jax.core.Tracer) for v in leaves):
             body = ", ".join(f"{k}={_short(v)}" for k, v in self.numpy().items())
-        except Exception:  # abstract values (inside a trace): show the layout only
+        else:  # abstract values (inside a trace, from eval_shape): the keys only
             body = ", ".join(self._layout.order)
         return f"StepInfo({body})"
 

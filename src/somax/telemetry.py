@@ -2,8 +2,9 @@
 
 Every step returns ``info``: a :class:`~somax.step_info.StepInfo`, a read-only
 mapping whose keys and dtypes are fixed by the plan at assembly, whatever is
-enabled (its scalars travel packed in three arrays, see :mod:`somax.step_info`). A field that is disabled, or skipped
-by its cadence on this step, holds its kind's sentinel:
+enabled (its scalars travel packed in three arrays, see :mod:`somax.step_info`).
+A field that is disabled, or skipped by its cadence on this step, holds its
+kind's sentinel:
 
 =========  ==========
 kind       sentinel

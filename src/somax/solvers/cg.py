@@ -87,9 +87,9 @@ def conjugate_gradient(
         pap = tree_vdot(c.p, ap)
         neg = ~(pap > 0)  # also true for NaN
         # On pᵀAp ≤ 0 the iterate stays where it is, except at k = 0 from x₀ = 0, where x = 0
-        # would be no direction at all: step α = 1 along p₀ = M⁻¹b instead (see below). The
-        # α for that case is carried, not computed from k: XLA copies this scalar logic into
-        # every leaf's update kernel.
+        # would be no direction at all: step α = 1 along p₀ = M⁻¹b instead (bᵀM⁻¹b > 0). That
+        # α is carried in the loop state, not computed from k: XLA copies this scalar logic
+        # into every leaf's update kernel.
         alpha = jnp.where(neg, c.stay, c.rz / jnp.where(neg, 1.0, pap)).astype(c.rz.dtype)
         x = tree_axpy(alpha, c.p, c.x)
         r = tree_axpy(-alpha, ap, c.r)
@@ -105,12 +105,12 @@ def conjugate_gradient(
     stay = jnp.asarray(1.0 if x0 is None else 0.0, rz.dtype)
     init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool), stay)
     c = jax.lax.while_loop(cond, body, init)
+    # From x₀ = 0, every iterate before the first pᵀAp ≤ 0 lies in a Krylov space on which A
+    # is positive definite, so bᵀx_k > ½x_kᵀAx_k > 0 for k ≥ 1, and an exit at k = 0 took
+    # x = M⁻¹b inside the loop: the result is a descent direction with no check compiled.
     x = c.x
     if x0 is not None:
-        # From x₀ = 0, every iterate before the first pᵀAp ≤ 0 lies in a Krylov space on which
-        # A is positive definite, so bᵀx_k > ½x_kᵀAx_k > 0 for k ≥ 1, and an exit at k = 0 took
-        # x = M⁻¹b (bᵀM⁻¹b > 0) inside the loop: no reduction or select is compiled here.
-        # A warm start carries no such guarantee: check descent explicitly, fall back to b.
+        # a warm start carries no such guarantee: check descent explicitly, fall back to b
         x = tree_where(c.neg & ~(tree_vdot(c.x, b) > 0), b, x)
     rel = jnp.where(bnorm > 0, c.rnorm / jnp.where(bnorm > 0, bnorm, 1.0), 0.0)
     return CGResult(x, c.i, rel, (c.rnorm <= threshold) & ~c.neg, c.neg)
