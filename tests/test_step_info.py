@@ -7,6 +7,7 @@ import pytest
 from oracles import regression_batch, tiny_mlp
 
 import somax
+from somax.interop import as_optax
 from somax.specs import TelemetrySpec
 from somax.step_info import StepInfo
 from somax.telemetry import CORE_FIELDS, InfoField, fill_info
@@ -97,3 +98,18 @@ def test_extras_and_without():
     assert "loss=2.0" in repr(info)
     abstract = jax.eval_shape(lambda: fill_info(schema, {"loss": 2.0}, jnp.float32))
     assert repr(abstract) == "StepInfo(loss, cg_iters, eigs)"
+
+
+def test_structure_does_not_depend_on_which_fields_were_computed():
+    # as_optax starts its state from an all-sentinel info; every update must keep that structure
+    params, predict = tiny_mlp(sizes=(3, 5, 2))
+    method = somax.make("sgn_mse", predict, damping="trust_region")
+    _, _, info = _step(method, params, regression_batch(d_out=2))
+    empty = fill_info(method.plan.info_schema, {}, jnp.float64)
+    assert jax.tree_util.tree_structure(empty) == jax.tree_util.tree_structure(info)
+    tx = as_optax(method)
+    state = tx.init(params)
+    grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    _, new_state = jax.jit(tx.update)(grads, state, params, batch=regression_batch(d_out=2))
+    assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+    assert float(new_state.info["loss"]) == float(info["loss"]) and np.isnan(float(state.info["loss"]))

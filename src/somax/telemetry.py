@@ -22,6 +22,7 @@ Python numbers with the sentinel entries dropped, for CSV, TensorBoard or any lo
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -112,16 +113,13 @@ def fill_info(
     unknown = set(values) - set(schema)
     if unknown:
         raise KeyError(f"StepInfo: values for keys not in the plan's schema: {sorted(unknown)}")
-    # Per kind, the computed scalars come first and the sentinels after them, as one constant.
-    computed: dict[str, list[tuple[str, Any]]] = {kind: [] for kind in KINDS}
-    unset: dict[str, list[str]] = {kind: [] for kind in KINDS}
+    # Positions follow the schema, never which values were given: the init of `as_optax`
+    # (all sentinels) and every step must have the same pytree structure.
+    scalars: dict[str, list[tuple[str, Any]]] = {kind: [] for kind in KINDS}
     arrays = {}
     for key, field in schema.items():
         if field.shape == ():
-            if key in values:
-                computed[field.kind].append((key, field.cast(values[key], float_dtype)))
-            else:
-                unset[field.kind].append(key)
+            scalars[field.kind].append((key, field.cast(values[key], float_dtype) if key in values else None))
         elif key in values:
             arrays[key] = field.cast(values[key], float_dtype, blocks)
         else:
@@ -133,14 +131,21 @@ def fill_info(
     arrays.update(extras)
     vectors, slots = [], []
     for kind in KINDS:
-        dtype = InfoField(kind, "").dtype(float_dtype)
-        keys = [k for k, _ in computed[kind]] + unset[kind]
-        slots += [(key, kind, pos) for pos, key in enumerate(keys)]
-        parts = [jnp.stack([v for _, v in computed[kind]])] if computed[kind] else []
-        parts.append(np.full(len(unset[kind]), SENTINELS[kind], dtype))
-        vectors.append(jnp.concatenate(parts) if unset[kind] and computed[kind] else jnp.asarray(parts[0]))
+        slots += [(key, kind, pos) for pos, (key, _) in enumerate(scalars[kind])]
+        vectors.append(_pack(kind, [v for _, v in scalars[kind]], InfoField(kind, "").dtype(float_dtype)))
     layout = InfoLayout(tuple(schema) + tuple(extras), tuple(slots))
     return StepInfo(layout, tuple(vectors), arrays)
+
+
+def _pack(kind: str, values: list[Any], dtype) -> Any:
+    """One vector of scalars, ``None`` standing for the sentinel; each run of sentinels is one constant."""
+    parts = [
+        np.full(len(run), SENTINELS[kind], dtype) if is_unset else jnp.stack(run)
+        for is_unset, run in ((k, list(g)) for k, g in itertools.groupby(values, key=lambda v: v is None))
+    ]
+    if not parts:
+        return jnp.zeros((0,), dtype)
+    return jnp.asarray(parts[0]) if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def _is_sentinel(value: Any) -> bool:
