@@ -261,6 +261,45 @@ def _goal(width: int) -> float:
     return 1.03 if width >= 128 else 1.10
 
 
+def _timed_rounds(
+    jitted: dict[str, tuple[Callable, tuple]],
+    names: list[str],
+    repeats: int,
+    min_repeats: int = 0,
+    max_seconds: float | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call: each round calls every variant once, in an order rotated from round to
+    round, and waits for its outputs; the garbage collector is off. After ``min_repeats`` rounds
+    the loop also stops once ``max_seconds`` have passed."""
+    times: dict[str, list[float]] = {n: [] for n in names}
+    started = time.perf_counter()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for rep in range(repeats):
+            if max_seconds is not None and rep >= min_repeats and time.perf_counter() - started > max_seconds:
+                break
+            k = rep % len(names)
+            for name in names[k:] + names[:k]:
+                f, args = jitted[name]
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def _ratio(stats: dict, times: dict[str, list[float]], a: str, b: str) -> dict[str, float]:
+    """``a``/``b``: ratio of medians, of p90s, and the median of per-round ratios (adjacent calls)."""
+    return {
+        "median": stats[a]["median_ms"] / stats[b]["median_ms"],
+        "p90": stats[a]["p90_ms"] / stats[b]["p90_ms"],
+        "paired_median": float(np.median(np.asarray(times[a]) / np.asarray(times[b]))),
+    }
+
+
 def time_point(width: int, batch_size: int, cfg: dict) -> dict[str, Any]:
     """Interleaved steady-state timings of every variant at one (width, batch) point."""
     params, batch = make_problem(width, batch_size, cfg["d_in"])
@@ -291,40 +330,12 @@ def time_point(width: int, batch_size: int, cfg: dict) -> dict[str, Any]:
             )
 
     names = list(VARIANTS)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    started = time.perf_counter()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        rep = 0
-        while rep < cfg["repeats"]:
-            if rep >= cfg["min_repeats"] and time.perf_counter() - started > cfg["max_seconds"]:
-                break
-            k = rep % len(names)
-            for name in names[k:] + names[:k]:  # round-robin, rotated each repeat
-                f, args = jitted[name]
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(*args))
-                times[name].append(time.perf_counter() - t0)
-            rep += 1
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-
+    times = _timed_rounds(jitted, names, cfg["repeats"], cfg["min_repeats"], cfg["max_seconds"])
     stats = {n: summarize(np.asarray(times[n]) * 1e3) for n in names}
     ratios: dict[str, dict[str, float]] = {}
     for lane, (s, h) in PAIRS.items():
-        ts, th, ta = np.asarray(times[s]), np.asarray(times[h]), np.asarray(times["adam"])
-        ratios[f"{lane}_vs_hand"] = {
-            "median": stats[s]["median_ms"] / stats[h]["median_ms"],
-            "p90": stats[s]["p90_ms"] / stats[h]["p90_ms"],
-            "paired_median": float(np.median(ts / th)),  # per-round ratio (same round, adjacent calls)
-        }
-        ratios[f"{lane}_vs_adam"] = {
-            "median": stats[s]["median_ms"] / stats["adam"]["median_ms"],
-            "p90": stats[s]["p90_ms"] / stats["adam"]["p90_ms"],
-            "paired_median": float(np.median(ts / ta)),
-        }
+        ratios[f"{lane}_vs_hand"] = _ratio(stats, times, s, h)
+        ratios[f"{lane}_vs_adam"] = _ratio(stats, times, s, "adam")
     goal = _goal(width)
     return {
         "width": width,
@@ -413,26 +424,9 @@ def time_pair(width: int, batch_size: int, lane: str, cfg: dict) -> dict[str, An
             out = jax.block_until_ready(f(*args))
         if _cg_iters(name, out) != cfg["maxiter"]:
             raise RuntimeError(f"{name} ran {_cg_iters(name, out)} CG iterations, expected {cfg['maxiter']}")
-    times: dict[str, list[float]] = {n: [] for n in names}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for rep in range(cfg["repeats"]):
-            for name in names if rep % 2 == 0 else names[::-1]:
-                f, args = jitted[name]
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(*args))
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    ts, th = (np.asarray(times[n]) for n in names)
+    times = _timed_rounds(jitted, names, cfg["repeats"])
     stats = {n: summarize(np.asarray(times[n]) * 1e3) for n in names}
-    ratio = {
-        "median": stats[names[0]]["median_ms"] / stats[names[1]]["median_ms"],
-        "p90": stats[names[0]]["p90_ms"] / stats[names[1]]["p90_ms"],
-        "paired_median": float(np.median(ts / th)),
-    }
+    ratio = _ratio(stats, times, *names)
     return {"width": width, "batch": batch_size, "lane": lane, "repeats": cfg["repeats"], "stats": stats,
             "ratio": ratio, "goal": _goal(width), "meets_goal": ratio["median"] <= _goal(width)}  # fmt: skip
 
