@@ -255,6 +255,21 @@ def test_nan_batch_is_rejected_and_training_continues():
     assert bool(info["finite"]) and np.all(np.isfinite(flat(params)))
 
 
+def test_guard_off_lets_the_non_finite_step_through():
+    """``reject_nonfinite=False`` (every preset accepts it) compiles no guard: nothing is rejected."""
+    params, predict = tiny_mlp(sizes=(3, 5, 2))
+    method = somax.make("sgn_mse", predict, reject_nonfinite=False)
+    assert method.reject_nonfinite is False and somax.make("sgn_mse", predict).reject_nonfinite is True
+    bad = regression_batch(key=1, d_out=2)
+    bad["x"] = bad["x"].at[2, 1].set(jnp.nan)
+    args = (params, bad, method.init(params), None)
+    assert "is_finite" not in jax.jit(method.step).lower(*args).as_text()
+    assert "is_finite" in jax.jit(somax.make("sgn_mse", predict).step).lower(*args).as_text()
+    _, state, info = jax.jit(method.step)(*args)
+    assert np.isnan(float(info["loss"])) and int(state.nonfinite_count) == 0 and int(state.count) == 1
+    assert bool(info["finite"]) and bool(info["step_accepted"])  # unchecked: reported finite
+
+
 def test_malformed_inputs_name_the_offending_entry():
     params, predict = tiny_mlp(sizes=(3, 5, 2))
     method = somax.make("sgn_mse", predict)

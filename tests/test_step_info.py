@@ -18,17 +18,17 @@ def _step(method, params, batch, jit=True):
     return step(params, batch, method.init(params), jax.random.PRNGKey(0))
 
 
-def test_scalars_are_packed_into_one_vector_per_kind():
+def test_scalars_are_packed_into_a_float_and_an_int_vector():
     params, predict = tiny_mlp(sizes=(3, 5, 2))
     method = somax.make("sgn_mse", predict, telemetry=TelemetrySpec(eig_every_k=1, eig_k=2, block_eig_every_k=1))
     _, _, info = _step(method, params, regression_batch(d_out=2))
     assert isinstance(info, StepInfo) and list(info) == list(method.plan.info_schema)
-    # three packed vectors plus the array-valued fields, however many scalar keys the plan has
+    # two packed vectors (float; int with the bools) plus the array fields, however many scalar keys
     arrays = [info[k] for k, f in method.plan.info_schema.items() if f.shape != ()]
     assert len(arrays) == 2  # top_eigs and the per-layer block_top_eig dict
     n_array_leaves = len(jax.tree_util.tree_leaves(arrays))
-    assert len(jax.tree_util.tree_leaves(info)) == 3 + n_array_leaves
-    assert len(info) - len(arrays) > 3
+    assert len(jax.tree_util.tree_leaves(info)) == 2 + n_array_leaves
+    assert len(info) - len(arrays) > 2
     for key, field in method.plan.info_schema.items():
         value = info[key]
         if field.shape == ():
@@ -57,6 +57,7 @@ def test_values_match_inside_and_outside_jit_and_after_device_get():
     assert np.isfinite(float(eager["rho"])) and int(eager["cg_iters"]) > 0
     numpy = eager.numpy()
     assert list(numpy) == list(eager) and float(numpy["loss"]) == float(eager["loss"])
+    assert numpy["step_accepted"].dtype == np.bool_ and bool(numpy["step_accepted"]) is bool(inside["step_accepted"])
     assert somax.to_floats(eager) == somax.to_floats(dict(eager.items()))
 
 
@@ -73,6 +74,9 @@ def test_scan_stacks_every_field():
     _, infos = jax.lax.scan(body, (params, method.init(params)), stacked)
     assert infos["loss"].shape == (4,) and infos["cg_iters"].dtype == jnp.int32
     assert infos["step"].tolist() == [0, 1, 2, 3]
+    # bools travel as int32 0/1 and come back as bools, stacked or not
+    assert infos["step_accepted"].dtype == jnp.bool_ and infos["step_accepted"].tolist() == [True] * 4
+    assert infos.numpy()["finite"].dtype == np.bool_ and infos.numpy()["finite"].tolist() == [True] * 4
     rho = np.asarray(infos["rho"])
     assert np.isfinite(rho[0]) and np.isnan(rho[1])
 

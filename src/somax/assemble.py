@@ -73,7 +73,9 @@ def assemble(
       solve_dtype: dtype of curvature products, solves and method state (e.g. ``"float32"``
         for bfloat16 parameters); the update is cast back to each parameter's dtype.
       reject_nonfinite: reject a step whose loss, gradient or update is not finite
-        (parameters and state stay as they were; ``info["finite"]`` is False).
+        (parameters and state stay as they were; ``info["finite"]`` is False). With
+        ``False`` no check is compiled (about 3 % less compile time, see
+        ``docs/benchmarks.md``) and ``info["finite"]`` is always True.
 
     Returns:
       A :class:`~somax.method.SecondOrderMethod` with ``init``, ``step`` and ``plan``.

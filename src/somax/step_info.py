@@ -3,10 +3,11 @@
 A step reports some twenty scalars (loss, ‖g‖, λ, rho, CG statistics, …). Returned
 as twenty separate outputs of the jitted step, each costs an output buffer and its
 own small copy in the compiled program: on a 6 ms CPU step that was 3 % of the
-step time. ``StepInfo`` packs the scalars of each kind into one vector
-(``float``, ``int``, ``bool``) and keeps array-valued fields (``top_eigs``,
-``block_top_eig``, the model's ``aux``) as they are, so a step has three info
-outputs plus the arrays, whatever the number of keys.
+step time. ``StepInfo`` packs the scalars into two vectors, one of the float
+dtype and one of ``int32`` (``bool`` fields travel there as 0/1: a third vector
+was a third concatenate kernel for XLA to compile), and keeps array-valued fields
+(``top_eigs``, ``block_top_eig``, the model's ``aux``) as they are, so a step has
+two info outputs plus the arrays, whatever the number of keys.
 
 To the user it is a ``Mapping`` with a fixed key order: ``info["loss"]`` is a
 scalar array of the field's dtype, inside ``jit`` (a slice of the packed vector)
@@ -18,6 +19,7 @@ field gains the leading step axis: ``infos["loss"]`` has shape ``(T,)``),
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,9 @@ import numpy as np
 __all__ = ["StepInfo", "InfoLayout"]
 
 KINDS = ("float", "int", "bool")
+#: The packed vectors, and which one holds each kind (bools as int32 0/1).
+VECTORS = ("float", "int")
+STORED_IN = {"float": 0, "int": 1, "bool": 1}
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class InfoLayout:
     """Static layout: key order, and for each scalar key its kind and position in that kind's vector."""
 
     order: tuple[str, ...]
-    slots: tuple[tuple[str, str, int], ...]  # (key, kind, position) of the packed scalars
+    slots: tuple[tuple[str, str, int], ...]  # (key, kind, position in its vector) of the packed scalars
 
     def slot(self, key: str) -> tuple[str, int] | None:
         for k, kind, pos in self.slots:
@@ -59,7 +64,7 @@ class StepInfo(Mapping):
 
     __slots__ = ("_layout", "_vectors", "_arrays", "_unpacked")
 
-    def __init__(self, layout: InfoLayout, vectors: tuple[Any, Any, Any], arrays: dict[str, Any]):
+    def __init__(self, layout: InfoLayout, vectors: tuple[Any, Any], arrays: dict[str, Any]):
         # No checks or conversions: JAX rebuilds pytrees with arbitrary leaves (shardings, shape structs).
         self._layout = layout
         self._vectors = tuple(vectors)
@@ -74,13 +79,15 @@ class StepInfo(Mapping):
                 return self._arrays[key]
             raise KeyError(f"StepInfo has no key {key!r}; keys: {', '.join(self._layout.order)}")
         kind, pos = slot
-        i = KINDS.index(kind)
+        i = STORED_IN[kind]
         vec = self._vectors[i]
         if isinstance(vec, jax.Array) and not isinstance(vec, jax.core.Tracer):
-            if i not in self._unpacked:
-                self._unpacked[i] = _unstack(vec)  # one dispatch for all fields of this kind
+            if i not in self._unpacked:  # one dispatch for all fields of this vector
+                bools = tuple(p for _, k, p in self._layout.slots if k == "bool" and STORED_IN[k] == i)
+                self._unpacked[i] = _unstack(vec, bools)
             return self._unpacked[i][pos]
-        return vec[..., pos]
+        value = vec[..., pos]
+        return value != 0 if kind == "bool" else value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layout.order)
@@ -116,13 +123,15 @@ class StepInfo(Mapping):
             if slot is None:
                 out[key] = arrays[key]
             else:
-                out[key] = host[KINDS.index(slot[0])][..., slot[1]]
+                kind, pos = slot
+                value = host[STORED_IN[kind]][..., pos]
+                out[key] = value != 0 if kind == "bool" else value
         return out
 
     # -- pytree ------------------------------------------------------------------
     def tree_flatten_with_keys(self):
         gk = jax.tree_util.GetAttrKey
-        children = [(gk(k), v) for k, v in zip(KINDS, self._vectors, strict=True)]
+        children = [(gk(k), v) for k, v in zip(VECTORS, self._vectors, strict=True)]
         children.append((gk("arrays"), self._arrays))
         return children, self._layout
 
@@ -132,9 +141,9 @@ class StepInfo(Mapping):
         return cls(layout, tuple(vectors), arrays)
 
 
-@jax.jit
-def _unstack(vec: jax.Array) -> tuple[jax.Array, ...]:
-    return tuple(vec[..., i] for i in range(vec.shape[-1]))
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(vec: jax.Array, bools: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    return tuple(vec[..., i] != 0 if i in bools else vec[..., i] for i in range(vec.shape[-1]))
 
 
 def _short(value: Any) -> str:

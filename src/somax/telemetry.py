@@ -2,7 +2,7 @@
 
 Every step returns ``info``: a :class:`~somax.step_info.StepInfo`, a read-only
 mapping whose keys and dtypes are fixed by the plan at assembly, whatever is
-enabled (its scalars travel packed in three arrays, see :mod:`somax.step_info`).
+enabled (its scalars travel packed in two arrays, see :mod:`somax.step_info`).
 A field that is disabled, or skipped by its cadence on this step, holds its
 kind's sentinel:
 
@@ -31,7 +31,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 
-from somax.step_info import KINDS, InfoLayout, StepInfo
+from somax.step_info import STORED_IN, VECTORS, InfoLayout, StepInfo
 
 __all__ = ["InfoField", "CORE_FIELDS", "SENTINELS", "StepInfo", "fill_info", "to_floats"]
 
@@ -87,7 +87,9 @@ CORE_FIELDS: Mapping[str, InfoField] = {
     "cg_residual": InfoField("float", "final relative residual ‖As − g‖/‖g‖; nan in lanes without CG"),
     "cg_converged": InfoField("bool", "CG met its tolerance; False in lanes without CG"),
     "step_accepted": InfoField("bool", "False when the step was rejected (damping policy or non-finite values)"),
-    "finite": InfoField("bool", "loss, gradient and update were finite (else the step was rejected)"),
+    "finite": InfoField(
+        "bool", "loss, gradient and update were finite (else the step was rejected); True with reject_nonfinite=False"
+    ),
     "rel_update": InfoField("float", "‖u_t‖ / ‖w_t‖; nan unless the norms probe fired"),
     "g_dot_s": InfoField(
         "float", "g_tᵀs_t for the solved direction s_t (Newton decrement² for exact solves); nan unless norms fired"
@@ -115,11 +117,12 @@ def fill_info(
         raise KeyError(f"StepInfo: values for keys not in the plan's schema: {sorted(unknown)}")
     # Positions follow the schema, never which values were given: the init of `as_optax`
     # (all sentinels) and every step must have the same pytree structure.
-    scalars: dict[str, list[tuple[str, Any]]] = {kind: [] for kind in KINDS}
+    packed: list[list[tuple[str, str, Any]]] = [[] for _ in VECTORS]  # (key, kind, value or None)
     arrays = {}
     for key, field in schema.items():
         if field.shape == ():
-            scalars[field.kind].append((key, field.cast(values[key], float_dtype) if key in values else None))
+            value = field.cast(values[key], float_dtype) if key in values else None
+            packed[STORED_IN[field.kind]].append((key, field.kind, value))
         elif key in values:
             arrays[key] = field.cast(values[key], float_dtype, blocks)
         else:
@@ -130,19 +133,23 @@ def fill_info(
         raise KeyError(f"StepInfo: extras {sorted(clash)} collide with schema keys")
     arrays.update(extras)
     vectors, slots = [], []
-    for kind in KINDS:
-        slots += [(key, kind, pos) for pos, (key, _) in enumerate(scalars[kind])]
-        vectors.append(_pack(kind, [v for _, v in scalars[kind]], InfoField(kind, "").dtype(float_dtype)))
+    for name, entries in zip(VECTORS, packed, strict=True):
+        slots += [(key, kind, pos) for pos, (key, kind, _) in enumerate(entries)]
+        vectors.append(_pack([(kind, v) for _, kind, v in entries], InfoField(name, "").dtype(float_dtype)))
     layout = InfoLayout(tuple(schema) + tuple(extras), tuple(slots))
     return StepInfo(layout, tuple(vectors), arrays)
 
 
-def _pack(kind: str, values: list[Any], dtype) -> Any:
-    """One vector of scalars, ``None`` standing for the sentinel; each run of sentinels is one constant."""
-    parts = [
-        np.full(len(run), SENTINELS[kind], dtype) if is_unset else jnp.stack(run)
-        for is_unset, run in ((k, list(g)) for k, g in itertools.groupby(values, key=lambda v: v is None))
-    ]
+def _pack(entries: list[tuple[str, Any]], dtype) -> Any:
+    """One vector of ``(kind, value)`` scalars in ``dtype``, ``None`` standing for the kind's
+    sentinel (bools become 0/1); each run of sentinels is one constant."""
+    parts = []
+    for is_unset, run in itertools.groupby(entries, key=lambda e: e[1] is None):
+        run = list(run)
+        if is_unset:
+            parts.append(np.asarray([SENTINELS[kind] for kind, _ in run], dtype))
+        else:
+            parts.append(jnp.stack([_as(v, dtype, ()) for _, v in run]))
     if not parts:
         return jnp.zeros((0,), dtype)
     return jnp.asarray(parts[0]) if len(parts) == 1 else jnp.concatenate(parts)

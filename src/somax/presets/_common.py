@@ -20,6 +20,7 @@ OUTER_OPTIONS: dict[str, Any] = {
     "momentum": None,
     "telemetry": None,
     "curvature_kwargs": None,
+    "reject_nonfinite": True,
 }
 #: Damping (solver-based presets).
 DAMPING_OPTIONS: dict[str, Any] = {"lam0": 1.0, "damping": "constant", "tr_every_k": 1}
@@ -108,6 +109,7 @@ DIAG_OPTIONS: dict[str, Any] = {
     "grad_clip_norm": None,
     "telemetry": None,
     "curvature_kwargs": None,
+    "reject_nonfinite": True,
 }
 
 

@@ -72,6 +72,7 @@ def _sophia(preset: str, curvature, estimator: str, count_key: str):
             solver=SolverSpec("diagonal"),
             damping=DampingSpec("constant", lam0=0.0),
             telemetry=o["telemetry"],
+            reject_nonfinite=o["reject_nonfinite"],
             grad_tx=diag_grad_tx(o, debias=False),
             tx=diag_outer_chain(o, clip=o["rho"]),
         )
@@ -217,6 +218,7 @@ def _adahessian(o: dict[str, Any]) -> SecondOrderMethod:
         solver=SolverSpec("diagonal"),
         damping=DampingSpec("constant", lam0=float(o["eps"])),
         telemetry=o["telemetry"],
+        reject_nonfinite=o["reject_nonfinite"],
         grad_tx=diag_grad_tx(o, debias=True),
         tx=diag_outer_chain(o),
     )

@@ -38,6 +38,7 @@ def _param_lane(curvature_kind: str, model_names: tuple[str, ...], preset: str):
             damping=damping_spec(o),
             precondition=precond_spec(o),
             telemetry=o["telemetry"],
+            reject_nonfinite=o["reject_nonfinite"],
             tx=outer_chain(o),
         )
 

@@ -65,6 +65,7 @@ def _define(
             solver=make_solver(o),
             damping=damping_spec(o),
             telemetry=o["telemetry"],
+            reject_nonfinite=o["reject_nonfinite"],
             tx=outer_chain(o),
         )
 
