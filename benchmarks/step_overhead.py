@@ -57,6 +57,19 @@ __all__ = ["main", "PROFILES", "VARIANTS"]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "step_overhead.json"
 VARIANTS = ("somax_sgn", "hand_sgn", "somax_newton", "hand_newton", "adam")
 PAIRS = {"sgn": ("somax_sgn", "hand_sgn"), "newton": ("somax_newton", "hand_newton")}
+#: somax's default step rejects a step with a non-finite loss, ‖g‖ or ‖u‖, which the floor does not
+#: check. The compile section also times floors with that same check (``hand_*_guarded``) and somax
+#: steps built with ``reject_nonfinite=False`` (``somax_*_unguarded``): like-for-like pairs both ways.
+UNGUARDED = ("somax_sgn_unguarded", "somax_newton_unguarded")
+GUARDED = ("hand_sgn_guarded", "hand_newton_guarded")
+COMPILE_VARIANTS = ("somax_sgn", "hand_sgn", "somax_newton", "hand_newton", *UNGUARDED, *GUARDED)
+COMPILE_PAIRS = {
+    **PAIRS,
+    "sgn_vs_guarded_floor": ("somax_sgn", GUARDED[0]),
+    "newton_vs_guarded_floor": ("somax_newton", GUARDED[1]),
+    "sgn_unguarded": (UNGUARDED[0], "hand_sgn"),
+    "newton_unguarded": (UNGUARDED[1], "hand_newton"),
+}
 HAND_KEYS = ("sgn_vs_hand", "newton_vs_hand")
 F32 = jnp.float32
 
@@ -152,13 +165,19 @@ def _cg(matvec: Callable[[Any], Any], b: Any, lam: jax.Array, tol: float, maxite
     return x, {"iters": i, "grad_norm": bnorm, "residual": jnp.sqrt(rr) / bnorm}
 
 
-def _apply_sgd(params: Any, s: Any, lr: float) -> tuple[Any, jax.Array]:
-    """``w − lr·s`` and ``‖lr·s‖`` (the update norm every somax step reports)."""
+def _apply_sgd(params: Any, s: Any, lr: float, loss: jax.Array, grad_norm: jax.Array, guard: bool) -> tuple:
+    """``w − lr·s`` and ``‖lr·s‖`` (the update norm every somax step reports). With ``guard``, the
+    check somax's default step makes: a non-finite loss, ‖g‖ or ‖u‖ zeroes the update."""
     u = jax.tree_util.tree_map(lambda si: -lr * si, s)
-    return jax.tree_util.tree_map(jnp.add, params, u), jnp.sqrt(_vdot(u, u))
+    unorm = jnp.sqrt(_vdot(u, u))
+    if not guard:
+        return jax.tree_util.tree_map(jnp.add, params, u), unorm
+    finite = jnp.all(jnp.isfinite(jnp.stack([loss, grad_norm, unorm])))
+    u = jax.tree_util.tree_map(lambda ui: jax.lax.select(finite, ui, jnp.zeros_like(ui)), u)
+    return jax.tree_util.tree_map(jnp.add, params, u), (jnp.where(finite, unorm, 0.0), finite)
 
 
-def make_hand_sgn(lr: float, tol: float, maxiter: int) -> Callable:
+def make_hand_sgn(lr: float, tol: float, maxiter: int, guard: bool = False) -> Callable:
     """SGN-MSE step by hand: ``jax.linearize`` of the model + ``jax.linear_transpose``; λ is an argument."""
 
     def step(params, batch, lam):
@@ -170,13 +189,13 @@ def make_hand_sgn(lr: float, tol: float, maxiter: int) -> Callable:
         loss = 0.5 * jnp.sum(r * r) / b
         (g,) = vjp(r / b)
         s, stats = _cg(lambda v: vjp(jvp(v) / b)[0], g, lam, tol, maxiter)
-        new, update_norm = _apply_sgd(params, s, lr)
+        new, update_norm = _apply_sgd(params, s, lr, loss, stats["grad_norm"], guard)
         return new, loss, stats["iters"], (stats, update_norm)
 
     return step
 
 
-def make_hand_newton(lr: float, tol: float, maxiter: int) -> Callable:
+def make_hand_newton(lr: float, tol: float, maxiter: int, guard: bool = False) -> Callable:
     """Newton-CG step by hand: forward-over-reverse ``jax.linearize`` of ``value_and_grad``; λ is an argument."""
 
     def step(params, batch, lam):
@@ -186,7 +205,7 @@ def make_hand_newton(lr: float, tol: float, maxiter: int) -> Callable:
 
         g, hvp, loss = jax.linearize(grad_and_loss, params, has_aux=True)
         s, stats = _cg(hvp, g, lam, tol, maxiter)
-        new, update_norm = _apply_sgd(params, s, lr)
+        new, update_norm = _apply_sgd(params, s, lr, loss, stats["grad_norm"], guard)
         return new, loss, stats["iters"], (stats, update_norm)
 
     return step
@@ -211,6 +230,8 @@ def build_variants(params: dict, batch: dict, maxiter: int) -> dict[str, tuple[C
     common = dict(learning_rate=LR, maxiter=maxiter, tol=TOL, warm_start=False, damping="constant")
     sgn = somax.make("sgn_mse", predict_fn=mlp_apply, lam0=LAM, **common)
     newton = somax.make("newton_cg", loss_fn=mse_loss, lam0=LAM_NEWTON, **common)
+    sgn_ung = somax.make("sgn_mse", predict_fn=mlp_apply, lam0=LAM, reject_nonfinite=False, **common)
+    newton_ung = somax.make("newton_cg", loss_fn=mse_loss, lam0=LAM_NEWTON, reject_nonfinite=False, **common)
     rng = jnp.asarray([0, 1], jnp.uint32)  # = jax.random.PRNGKey(1) without an eager compile; unused here
     adam_step, adam_tx = make_adam(ADAM_LR)
     return {
@@ -219,6 +240,10 @@ def build_variants(params: dict, batch: dict, maxiter: int) -> dict[str, tuple[C
         "somax_newton": (newton.step, (params, batch, newton.init(params), rng)),
         "hand_newton": (make_hand_newton(LR, TOL, maxiter), (params, batch, np.float32(LAM_NEWTON))),
         "adam": (adam_step, (params, batch, adam_tx.init(params))),
+        UNGUARDED[0]: (sgn_ung.step, (params, batch, sgn_ung.init(params), rng)),
+        UNGUARDED[1]: (newton_ung.step, (params, batch, newton_ung.init(params), rng)),
+        GUARDED[0]: (make_hand_sgn(LR, TOL, maxiter, guard=True), (params, batch, np.float32(LAM))),
+        GUARDED[1]: (make_hand_newton(LR, TOL, maxiter, guard=True), (params, batch, np.float32(LAM_NEWTON))),
     }
 
 
@@ -361,8 +386,9 @@ def compile_from_points(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _compile_section(width, batch_size, repeats, source, med, sizes) -> dict[str, Any]:
+    pairs = {lane: (s, h) for lane, (s, h) in COMPILE_PAIRS.items() if s in med and h in med}
     ratios = {
-        lane: {k: med[s][k] / med[h][k] for k in ("lower", "compile", "first_call")} for lane, (s, h) in PAIRS.items()
+        lane: {k: med[s][k] / med[h][k] for k in ("lower", "compile", "first_call")} for lane, (s, h) in pairs.items()
     }
     return {
         "width": width,
@@ -385,7 +411,7 @@ def time_compile(width: int, batch_size: int, cfg: dict) -> dict[str, Any]:
     """
     params, batch = make_problem(width, batch_size, cfg["d_in"])
     variants = build_variants(params, batch, cfg["maxiter"])
-    names = [n for n in VARIANTS if n != "adam"]
+    names = list(COMPILE_VARIANTS)
     rec: dict[str, dict[str, list[float]]] = {n: {"lower": [], "compile": [], "first_call": []} for n in names}
     sizes: dict[str, dict[str, int]] = {}
     for rep in range(cfg["compile_repeats"]):
@@ -403,7 +429,7 @@ def time_compile(width: int, batch_size: int, cfg: dict) -> dict[str, Any]:
     # compiles in one round (adjacent in time) is steadier than the ratio of medians.
     out["paired_first_call"] = {
         lane: float(np.median(np.asarray(rec[s]["first_call"]) / np.asarray(rec[h]["first_call"])))
-        for lane, (s, h) in PAIRS.items()
+        for lane, (s, h) in COMPILE_PAIRS.items()
     }
     return out
 
@@ -454,17 +480,17 @@ def format_table(result: dict[str, Any]) -> str:
     if c:
         lines.append("")
         lines.append(f"first-call compile, ms (median of {c['repeats']} fresh; width {c['width']}, batch {c['batch']})")
-        lines.append(f"{'variant':>13} {'lower':>8} {'compile':>8} {'first_call':>10}   "
+        lines.append(f"{'variant':>22} {'lower':>8} {'compile':>8} {'first_call':>10}   "
                      f"{'shlo':>6} {'hlo':>6} {'fus':>5}  (StableHLO ops, HLO instrs, fusions)")  # fmt: skip
         for n, m in c["median_ms"].items():
             z = c["program_size"][n]
-            lines.append(f"{n:>13} {m['lower']:8.1f} {m['compile']:8.1f} {m['first_call']:10.1f}   "
+            lines.append(f"{n:>22} {m['lower']:8.1f} {m['compile']:8.1f} {m['first_call']:10.1f}   "
                          f"{z['stablehlo_ops']:6d} {z['hlo_instructions']:6d} {z['hlo_fusions']:5d}")  # fmt: skip
         for lane, r in c["ratios"].items():
             ok = "ok" if c["meets_goal"][lane] else "MISS"
             paired = c.get("paired_first_call", {}).get(lane)
             extra = f", paired {paired:.3f}" if paired is not None else ""
-            lines.append(f"{lane + ' somax/hand':>20}: lower {r['lower']:.3f}  compile {r['compile']:.3f}  "
+            lines.append(f"{lane + ' somax/hand':>27}: lower {r['lower']:.3f}  compile {r['compile']:.3f}  "
                          f"first_call {r['first_call']:.3f}{extra}  (goal ≤1.1 {ok})")  # fmt: skip
 
         def fc_ratio(p: dict, lane: str) -> float:
@@ -475,7 +501,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"{p['width']}x{p['batch']}: sgn {fc_ratio(p, 'sgn'):.2f} ncg {fc_ratio(p, 'newton'):.2f}"
             for p in result["points"]
         )
-        lines.append(f"first-call ratio somax/hand at each point (1 sample each): {fc}")
+        if fc:
+            lines.append(f"first-call ratio somax/hand at each point (1 sample each): {fc}")
     return "\n".join(lines)
 
 
@@ -537,7 +564,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batches", type=int, nargs="+", help="override the profile's batch sizes")
     ap.add_argument("--maxiter", type=int, help="override CG iterations per step")
     ap.add_argument("--repeats", type=int, help="override the target number of timed rounds per point")
+    ap.add_argument("--compile-repeats", type=int, help="override the number of fresh compiles per variant")
     ap.add_argument("--no-compile", action="store_true", help="skip the compile-time measurement")
+    ap.add_argument("--compile-only", action="store_true", help="only the compile-time measurement (no step grid)")
     ap.add_argument("--render", type=Path, metavar="JSON", help="print an existing result as Markdown and exit")
     ap.add_argument("--pair", choices=sorted(PAIRS), help="time only somax and its floor for this lane, alternating")
     args = ap.parse_args(argv)
@@ -548,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
     cfg = dict(PROFILES[profile])
-    for key in ("widths", "batches", "maxiter", "repeats"):
+    for key in ("widths", "batches", "maxiter", "repeats", "compile_repeats"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     cfg["min_repeats"] = min(cfg["min_repeats"], cfg["repeats"])
@@ -582,13 +611,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"wrote {args.out}")
         return result
     result: dict[str, Any] = {"benchmark": "step_overhead", "machine": machine_info(), "config": config, "points": []}
-    for width in cfg["widths"]:
+    for width in [] if args.compile_only else cfg["widths"]:
         for b in cfg["batches"]:
             point = time_point(width, b, {**cfg, "_point_index": len(result["points"])})
             result["points"].append(point)
             print(f"  done w={width} b={b} ({point['repeats']} rounds)", file=sys.stderr, flush=True)
+    if args.compile_only and args.no_compile:
+        ap.error("--compile-only and --no-compile exclude each other")
     if not args.no_compile:
-        if cfg["compile_repeats"] > 0:
+        if cfg["compile_repeats"] > 0 or args.compile_only:
+            cfg["compile_repeats"] = max(cfg["compile_repeats"], 1)
             result["compile"] = time_compile(*cfg["compile_point"], cfg)
         else:
             result["compile"] = compile_from_points(result["points"])
