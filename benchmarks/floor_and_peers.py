@@ -203,28 +203,32 @@ def make_hand_step(name: str, entry: dict[str, Any], maxiter: int) -> tuple[Call
     """``(init(params) -> state, step(params, batch, state, rng) -> (params, state, loss))`` of the floor."""
     kind, o, hand = entry["kind"], entry["ours"], entry["hand"]
     lr = o.get("learning_rate", LR_SOLVE)
-    lam = o.get("lam0", LAM)
-    no_state = lambda params: jnp.zeros((), jnp.int32)
+    lam0 = o.get("lam0", LAM)
+    # λ travels in the state, a runtime value as somax's damping state: written into the program
+    # as a constant, XLA would fold λv = v for λ = 1 and the floor would skip a multiply per
+    # parameter per CG iteration that somax cannot (the fairness fix of step_overhead, session 3).
+    no_state = lambda params: (jnp.zeros((), jnp.int32), jnp.asarray(lam0, jnp.float32))
 
-    def apply(params, s, count, loss):
-        return _tm(lambda w, si: w - lr * si, params, s), count + 1, loss
+    def apply(params, s, state, loss):
+        count, lam = state
+        return _tm(lambda w, si: w - lr * si, params, s), (count + 1, lam), loss
 
     if hand in ("ggn_cg", "hess_cg"):
 
-        def step(params, batch, count, rng):
+        def step(params, batch, state, rng):
             parts = (_ggn_parts if hand == "ggn_cg" else _hess_parts)(kind, params, batch)
-            s, _ = _cg(parts["mv"], parts["g"], lam, 0.0, maxiter)
-            return apply(params, s, count, parts["loss"])
+            s, _ = _cg(parts["mv"], parts["g"], state[1], 0.0, maxiter)
+            return apply(params, s, state, parts["loss"])
 
         return no_state, step
 
     if hand in ("row_chol", "row_cg"):
 
-        def step(params, batch, count, rng):
+        def step(params, batch, state, rng):
             parts = _ggn_parts(kind, params, batch)
             rows = _rows(kind, parts, params, batch)
             r, b = rows["r"], parts["b"]
-            mu = lam * b
+            mu = state[1] * b
             if hand == "row_chol":
                 # per-example Jacobians (vmap over single examples), whitened by R, one Gram product
                 def single(p, xi):
@@ -243,13 +247,14 @@ def make_hand_step(name: str, entry: dict[str, Any], maxiter: int) -> tuple[Call
                 matvec = lambda u: rows["R"](parts["jvp"](parts["vjp"](rows["Rt"](u))))
                 v, _ = _cg(matvec, r, mu, 0.0, maxiter)
             s = parts["vjp"](rows["Rt"](v))
-            return apply(params, s, count, parts["loss"])
+            return apply(params, s, state, parts["loss"])
 
         return no_state, step
 
     if hand in ("dense_chol", "dense_eigh"):
 
-        def step(params, batch, count, rng):
+        def step(params, batch, state, rng):
+            lam = state[1]
             parts = (_ggn_parts if hand == "dense_chol" else _hess_parts)(kind, params, batch)
             flat_g, unravel = ravel_pytree(parts["g"])
             d = flat_g.shape[0]
@@ -261,7 +266,7 @@ def make_hand_step(name: str, entry: dict[str, Any], maxiter: int) -> tuple[Call
             else:
                 evals, evecs = jnp.linalg.eigh(mat)
                 s = evecs @ ((evecs.T @ flat_g) / (jnp.abs(evals) + lam))
-            return apply(params, unravel(s), count, parts["loss"])
+            return apply(params, unravel(s), state, parts["loss"])
 
         return no_state, step
 
