@@ -15,6 +15,7 @@ Needs ``pip install "somax[flax]"``; uses ``tqdm`` for the progress bar when ins
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import sys
@@ -33,6 +34,17 @@ except ImportError:  # pragma: no cover
     sys.exit('This example needs Flax: pip install "somax[flax]"')
 
 
+def conv_init(key, shape, dtype=jnp.float32):
+    """He et al. (2015) normal initialisation, ``std = sqrt(2 / fan_in)``, ``fan_in = kh·kw·c_in``.
+
+    Drawn as one flat vector and reshaped: XLA:CPU (jax 0.10) compiles a 4-D random draw
+    4–10× slower than the same draw flat (1.4–5 s per 3×3 kernel with Flax's default
+    initialiser, about 17 s of a 3-step smoke run of this script).
+    """
+    fan_in = math.prod(shape[:-1])
+    return (jax.random.normal(key, (math.prod(shape),), dtype) * math.sqrt(2.0 / fan_in)).reshape(shape)
+
+
 class Block(nn.Module):
     channels: int
     stride: int
@@ -40,11 +52,13 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
-        y = nn.Conv(self.channels, (3, 3), (self.stride, self.stride), use_bias=False)(x)
-        y = nn.relu(norm()(y))
-        y = norm()(nn.Conv(self.channels, (3, 3), use_bias=False)(y))
+        conv = lambda size, stride=1: nn.Conv(  # noqa: E731
+            self.channels, (size, size), (stride, stride), use_bias=False, kernel_init=conv_init
+        )
+        y = nn.relu(norm()(conv(3, self.stride)(x)))
+        y = norm()(conv(3)(y))
         if self.stride != 1 or x.shape[-1] != self.channels:
-            x = norm()(nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=False)(x))
+            x = norm()(conv(1, self.stride)(x))
         return nn.relu(x + y)
 
 
@@ -60,7 +74,7 @@ class ResNet20(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        x = nn.Conv(self.width, (3, 3), use_bias=False)(x)
+        x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=conv_init)(x)
         x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
         for i, channels in enumerate((self.width, 2 * self.width, 4 * self.width)):
             for j in range(self.blocks):
