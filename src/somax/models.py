@@ -6,12 +6,19 @@ are ``predict_fn``s.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 __all__ = ["mlp_init", "mlp_apply", "cnn_init", "cnn_apply"]
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    # A flat draw, reshaped: the same numbers (partitionable threefry, the default), but
+    # XLA:CPU compiles a 4-D draw about 3x slower (1.6 s for a 3x3x1x8 kernel).
+    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
 
 
 def mlp_init(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32) -> dict[str, dict[str, jax.Array]]:
@@ -55,7 +62,7 @@ def cnn_init(
     for i, (k, c_out) in enumerate(zip(keys[:-1], channels)):
         std = jnp.sqrt(2.0 / (9 * c_in)).astype(dtype)
         params[f"conv{i}"] = {
-            "w": jax.random.normal(k, (3, 3, c_in, c_out), dtype) * std,
+            "w": _normal(k, (3, 3, c_in, c_out), dtype) * std,
             "b": jnp.zeros((c_out,), dtype),
         }
         c_in = c_out
