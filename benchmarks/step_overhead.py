@@ -25,7 +25,7 @@ work per call is constant. It also measures first-call compile time (trace + low
 XLA compile, and the first run) of each step after ``jax.clear_caches()``, interleaved
 over several fresh repeats.
 
-Run ``python -m benchmarks.step_overhead`` (full grid, 10–15 minutes on 2 CPU cores),
+Run ``python -m benchmarks.step_overhead`` (full grid and 8×25 fresh compiles, about 20 minutes on 2 CPU cores),
 ``--quick`` (< 1 minute) or ``--smoke`` (seconds; used by the test suite). Results go
 to ``benchmarks/results/step_overhead.json`` (or ``--out``) and a table is printed.
 """
