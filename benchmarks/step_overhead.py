@@ -15,6 +15,10 @@ Times, in one process and interleaved, one optimisation step of
   ``value_and_grad`` (``has_aux``) plus ``maxiter`` HVPs in the same CG loop;
 * ``adam``         — ``jax.value_and_grad`` + ``optax.adam`` update + ``apply_updates``;
 
+and, in the compile section only, the like-for-like pairs for somax's non-finite guard:
+``hand_*_guarded`` (the floor with the same check) and ``somax_*_unguarded``
+(``reject_nonfinite=False``);
+
 on ReLU MLPs ``(d_in, w, w, 1)`` for a grid of widths ``w`` and batch sizes. CG runs
 with ``tol=0`` and warm start off, so every solve does exactly ``maxiter`` curvature
 products in both implementations (checked after warm-up and recorded).
