@@ -260,6 +260,8 @@ def test_guard_off_lets_the_non_finite_step_through():
     params, predict = tiny_mlp(sizes=(3, 5, 2))
     method = somax.make("sgn_mse", predict, reject_nonfinite=False)
     assert method.reject_nonfinite is False and somax.make("sgn_mse", predict).reject_nonfinite is True
+    with pytest.raises(TypeError, match="reject_nonfinite must be True or False, got 'no'"):
+        somax.make("sgn_mse", predict, reject_nonfinite="no")
     bad = regression_batch(key=1, d_out=2)
     bad["x"] = bad["x"].at[2, 1].set(jnp.nan)
     args = (params, bad, method.init(params), None)

@@ -90,6 +90,8 @@ def assemble(
     for name, t in (("tx", tx), ("grad_tx", grad_tx)):
         if t is not None and not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
             raise TypeError(f"assemble: {name}= must be an optax.GradientTransformation, got {type(t).__name__}")
+    if not isinstance(reject_nonfinite, bool):
+        raise TypeError(f"assemble: reject_nonfinite must be True or False, got {reject_nonfinite!r}")
 
     if solve_dtype is not None:
         try:

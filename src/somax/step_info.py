@@ -29,15 +29,14 @@ import numpy as np
 
 __all__ = ["StepInfo", "InfoLayout"]
 
-KINDS = ("float", "int", "bool")
-#: The packed vectors, and which one holds each kind (bools as int32 0/1).
+#: The packed vectors, and which one holds each field kind (bools as int32 0/1).
 VECTORS = ("float", "int")
 STORED_IN = {"float": 0, "int": 1, "bool": 1}
 
 
 @dataclass(frozen=True)
 class InfoLayout:
-    """Static layout: key order, and for each scalar key its kind and position in that kind's vector."""
+    """Static layout: key order, and for each scalar key its kind and position in its packed vector."""
 
     order: tuple[str, ...]
     slots: tuple[tuple[str, str, int], ...]  # (key, kind, position in its vector) of the packed scalars
