@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark studies: machine description, timing summaries, JSON output, progress.
+"""Shared helpers for the benchmark studies: machine description, timing summaries, the
+results writer, the plotting helper, the command-line skeleton and progress.
 
 Every study writes one JSON file with the same top-level shape::
 
@@ -7,11 +8,14 @@ Every study writes one JSON file with the same top-level shape::
 so results from different studies (and machines) can be compared. ``machine_info`` records
 what is needed to interpret a timing: platform, CPU count and usable CPUs, the JAX backend
 and device, package versions, ``XLA_FLAGS``, load average, and the git commit of the
-checkout with whether ``src/`` had uncommitted changes.
+checkout with whether ``src/`` had uncommitted changes. :func:`write_result` adds the load
+average at the end of the run and writes the file (:func:`save_json`). The timing loop
+itself is :mod:`benchmarks.harness`; the models and problems, :mod:`benchmarks.models`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -19,13 +23,24 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["RESULTS_DIR", "machine_info", "summarize", "save_json", "progress", "to_jsonable"]
+__all__ = [
+    "RESULTS_DIR",
+    "machine_info",
+    "summarize",
+    "save_json",
+    "write_result",
+    "save_figure",
+    "study_parser",
+    "profile_of",
+    "progress",
+    "to_jsonable",
+]
 
 #: Default folder for study outputs (JSON and PNG).
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -137,6 +152,79 @@ def save_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(to_jsonable(result), indent=1, allow_nan=False) + "\n")
     return out
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def write_result(result: dict[str, Any], path: str | os.PathLike[str], *, quiet: bool = False) -> Path:
+    """The one results writer: record the load average at the end in ``result["machine"]``
+    (when the result has one), write the JSON (:func:`save_json`) and say where."""
+    if isinstance(result.get("machine"), dict):
+        result["machine"]["load_average_end"] = load_average()
+    out = save_json(result, path)
+    if not quiet:
+        print(f"wrote {out}")
+    return out
+
+
+def save_figure(
+    path: str | os.PathLike[str], draw: Callable[..., Any], *subplots: Any, dpi: int = 110, **subplot_kw: Any
+) -> Path | None:
+    """The one plotting helper: ``plt.subplots(*subplots, **subplot_kw)`` on the Agg backend,
+    ``draw(fig, axes)``, tight layout, save as PNG (creating the folder) and close.
+
+    Returns the path, or None (with a message on stderr) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(*subplots, **subplot_kw)
+    try:
+        draw(fig, axes)
+        fig.tight_layout()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def study_parser(
+    doc: str | None,
+    *,
+    quick: str,
+    smoke: str | None,
+    out: Path | None = None,
+    out_help: str = "JSON output path",
+    raw: bool = False,
+) -> argparse.ArgumentParser:
+    """The command line every study shares: its description (the docstring's first paragraph),
+    ``--quick`` and ``--smoke`` (mutually exclusive; no ``--smoke`` when ``smoke`` is None) and
+    ``--out`` (default ``out``)."""
+    ap = argparse.ArgumentParser(
+        description=(doc or "").split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter if raw else argparse.HelpFormatter,
+    )
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help=quick)
+    if smoke is not None:
+        mode.add_argument("--smoke", action="store_true", help=smoke)
+    if out is not None:
+        ap.add_argument("--out", type=Path, default=out, help=f"{out_help} (default {out})")
+    return ap
+
+
+def profile_of(args: argparse.Namespace) -> str:
+    """``"smoke"``, ``"quick"`` or ``"full"`` from the flags of :func:`study_parser`."""
+    return "smoke" if getattr(args, "smoke", False) else "quick" if args.quick else "full"
 
 
 class _PlainProgress:

@@ -1,4 +1,4 @@
-"""Diagonal-lane presets against ``optax.adam``: per-step time on the same model (issue 4).
+"""Diagonal-lane presets against ``optax.adam``: per-step time on the same model.
 
 Times, in one process and interleaved, 100 optimisation steps (one jitted
 ``lax.fori_loop``, so dispatch is amortised) of
@@ -19,13 +19,14 @@ per 100 steps; AdaHessian: a Hessian-vector product every step), on
 batch 128, float32. Inputs are fixed random arrays (timing does not depend on the values).
 
 Each round runs every variant once, in an order rotated from round to round, and
-waits on its outputs; the garbage collector is off while timing. Reported per
+waits on its outputs; the garbage collector is off while timing
+(:func:`benchmarks.harness.interleaved`). Reported per
 variant: median, p90, min and mean of the per-step wall time (ms) over rounds, and
 the same for the process CPU time (``cpu_time_stats``: all threads; steadier than
 wall time on a shared machine); per preset the ratio to Adam of the medians, of the
 p90s, the median of per-round ratios (``paired_median``, the most robust wall-time
-figure on a noisy machine) and the ratio of CPU-time medians. Goals (issue 4):
-Sophia-H/G/N ≤ 1.5× Adam, AdaHessian ≤ 3× Adam (``meets_goal`` uses the ratio of medians).
+figure on a noisy machine) and the ratio of CPU-time medians. Goals: Sophia-H/G/N
+≤ 1.5× Adam, AdaHessian ≤ 3× Adam (``meets_goal`` uses the ratio of medians).
 
 Run ``python -m benchmarks.diag_vs_adam`` (20 rounds), ``--quick`` (5 rounds, fewer
 steps) or ``--smoke`` (seconds). Results go to ``benchmarks/results/diag_vs_adam.json``
@@ -34,27 +35,22 @@ steps) or ``--smoke`` (seconds). Results go to ``benchmarks/results/diag_vs_adam
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import os
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import somax
-from benchmarks.common import machine_info, summarize
-from somax.models import cnn_apply, cnn_init, mlp_apply, mlp_init
+from benchmarks.common import RESULTS_DIR, machine_info, profile_of, study_parser, summarize, write_result
+from benchmarks.harness import interleaved, ratio, timed
+from benchmarks.models import n_params, optax_step, small_cnn
+from somax.models import mlp_apply, mlp_init
 
 __all__ = ["main", "PROFILES", "VARIANTS", "GOALS"]
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "diag_vs_adam.json"
+DEFAULT_OUT = RESULTS_DIR / "diag_vs_adam.json"
 VARIANTS = ("adam", "sophia_h", "sophia_g", "sophia_n", "adahessian")
 GOALS = {"sophia_h": 1.5, "sophia_g": 1.5, "sophia_n": 1.5, "adahessian": 3.0}
 PROFILES: dict[str, dict[str, Any]] = {
@@ -66,7 +62,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def _model(name: str, key: jax.Array) -> tuple[Any, Callable]:
     if name == "cnn":
-        return cnn_init(key, channels=(8, 16)), cnn_apply
+        return small_cnn(key)
     if name == "mlp":
         return mlp_init(key, (64, 256, 256, 10)), lambda p, x: mlp_apply(p, x.reshape(x.shape[0], -1))
     raise ValueError(f"unknown model {name!r}; known: cnn, mlp")
@@ -75,17 +71,16 @@ def _model(name: str, key: jax.Array) -> tuple[Any, Callable]:
 def _runner(variant: str, predict: Callable, steps: int):
     """``(init, run)``: ``run(params, state, batch, key)`` performs ``steps`` steps in one jitted loop."""
     if variant == "adam":
-        tx = optax.adam(1e-3)
 
         def loss(p, batch):
             return optax.softmax_cross_entropy_with_integer_labels(predict(p, batch["x"]), batch["y"]).mean()
 
-        def one(p, s, batch, key):
-            g = jax.grad(loss)(p, batch)
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
+        init, adam = optax_step(loss, optax.adam(1e-3))
 
-        init = tx.init
+        def one(p, s, batch, key):
+            p, s, _ = adam(p, batch, s)
+            return p, s
+
     else:
         method = somax.make(variant, predict_fn=predict, loss="ce")
 
@@ -120,44 +115,29 @@ def bench_model(model: str, cfg: dict[str, Any]) -> dict[str, Any]:
     for v in VARIANTS:
         init, run = _runner(v, predict, steps)
         state = init(params)
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(params, state, batch, key))
-        compile_ms[v] = 1e3 * (time.perf_counter() - t0)
+        _, compile_ms[v] = timed(run, params, state, batch, key)
         runners[v], states[v] = run, state
         for _ in range(cfg["warmup"]):
             jax.block_until_ready(run(params, state, batch, key))
-    per_step: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpu_per_step: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(cfg["rounds"]):
-            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
-            for v in order:
-                t0, c0 = time.perf_counter(), time.process_time()
-                jax.block_until_ready(runners[v](params, states[v], batch, jax.random.fold_in(key, r)))
-                per_step[v].append(1e3 * (time.perf_counter() - t0) / steps)
-                cpu_per_step[v].append(1e3 * (time.process_time() - c0) / steps)
-    finally:
-        if gc_was:
-            gc.enable()
+    # every call runs the same `steps` steps from the same start (round r folds r into the key)
+    calls = {v: (lambda r, v=v: runners[v](params, states[v], batch, jax.random.fold_in(key, r))) for v in VARIANTS}
+    timing = interleaved(calls, rounds=cfg["rounds"], cpu_time=True)
+    per_step = {v: [t / steps for t in ts] for v, ts in timing.wall_ms.items()}
+    cpu_per_step = {v: [t / steps for t in ts] for v, ts in timing.samples(cpu=True).items()}
     stats = {v: summarize(per_step[v]) for v in VARIANTS}
     cpu_stats = {v: summarize(cpu_per_step[v]) for v in VARIANTS}
     ratios = {}
     for v in VARIANTS[1:]:
-        paired = np.median(np.asarray(per_step[v]) / np.asarray(per_step["adam"]))
+        wall = ratio(per_step[v], per_step["adam"])
         ratios[v] = {
-            "median": stats[v]["median_ms"] / stats["adam"]["median_ms"],
-            "p90": stats[v]["p90_ms"] / stats["adam"]["p90_ms"],
-            "paired_median": float(paired),
+            **wall,
             "cpu_time_median": cpu_stats[v]["median_ms"] / cpu_stats["adam"]["median_ms"],
             "goal": GOALS[v],
-            "meets_goal": bool(stats[v]["median_ms"] / stats["adam"]["median_ms"] <= GOALS[v]),
+            "meets_goal": bool(wall["median"] <= GOALS[v]),
         }
-    n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
     return {
         "model": model,
-        "n_params": n_params,
+        "n_params": n_params(params),
         "batch": cfg["batch"],
         "steps_per_call": steps,
         "rounds": cfg["rounds"],
@@ -194,16 +174,13 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="5 rounds (about a minute on 2 cores)")
-    group.add_argument("--smoke", action="store_true", help="tiny MLP, 2 rounds; checks the script works")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    parser = study_parser(__doc__, quick="5 rounds (about a minute on 2 cores)",
+                          smoke="tiny MLP, 2 rounds; checks the script works", out=DEFAULT_OUT)  # fmt: skip
     parser.add_argument("--rounds", type=int, help="override the profile's number of rounds")
     parser.add_argument("--models", nargs="+", choices=("cnn", "mlp"), help="override the profile's models")
     args = parser.parse_args(argv)
 
-    profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    profile = profile_of(args)
     cfg = dict(PROFILES[profile])
     if args.rounds is not None:
         if args.rounds < 1:
@@ -214,7 +191,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     machine = machine_info()
     points = [bench_model(m, cfg) for m in cfg["models"]]
-    machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result = {
         "benchmark": "diag_vs_adam",
         "machine": machine,
@@ -222,8 +198,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "goals": GOALS,
         "points": points,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(result, args.out, quiet=True)
     print(render(result))
     print(f"\nwrote {args.out}")
     return result

@@ -1,4 +1,4 @@
-"""Floor and peers (issue 7, study 5; DESIGN.md "Performance doctrine").
+"""Floor and peers: every somax preset against its hand-written floor, Adam and python-somax 1.0.1.
 
 For every preset in ``somax.list_methods()``, times one jitted training step of
 
@@ -10,16 +10,18 @@ For every preset in ``somax.list_methods()``, times one jitted training step of
   configuration, in a subprocess running that package's own virtual environment
   (both import as ``somax``), driven over a pipe.
 
-Problems (``_floor_peer_worker.make_problem``, NumPy, fixed seeds): ReLU MLPs
+Problems (``benchmarks.models.mlp_problem``, NumPy, fixed seeds): ReLU MLPs
 ``(d_in, w, w, out)`` in float32 with one fixed batch, MSE (scalar output) or softmax
 cross-entropy (10 classes, integer labels). Dense-solve presets use a small model.
 
 Method: one process plus the peer worker. For each preset, every variant is compiled
-and warmed up; then each round runs every variant's *next* step (its own parameters
-and state advance, so cadences such as Sophia's ``eval_every_k = 10`` fire as in
-training) in an order rotated every round; the peer's step is timed inside the worker
-(``perf_counter`` around the call and ``block_until_ready``) while the main process
-waits on the pipe, so the four variants alternate on the same cores. CG-based
+and warmed up; then :func:`benchmarks.harness.interleaved` runs rounds in which every
+variant performs its *next* step (its own parameters and state advance, so cadences
+such as Sophia's ``eval_every_k = 10`` fire as in training; the run stops only at whole
+10-step cycles) in an order rotated every round; the peer's step is a
+:class:`~benchmarks.harness.SelfTimed` candidate, timed inside the worker (``perf_counter``
+around the call and ``block_until_ready``) while the main process waits on the pipe, so
+the four variants alternate on the same cores. CG-based
 variants run ``tol = 0`` with warm start off, i.e. exactly ``maxiter`` products.
 
 Run ``python -m benchmarks.floor_and_peers`` (full), ``--quick`` (a few minutes on 2
@@ -29,13 +31,10 @@ and ``.png`` (or ``--out``).
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,9 +46,10 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import somax
-from benchmarks._floor_peer_worker import loss_for, make_problem, mlp_apply
-from benchmarks.common import RESULTS_DIR, machine_info, progress, save_json, summarize
-from benchmarks.step_overhead import _cg
+from benchmarks.common import RESULTS_DIR, machine_info, profile_of, progress, save_figure, study_parser, write_result
+from benchmarks.harness import SelfTimed, interleaved, timed
+from benchmarks.models import adam_step, cg, loss_for, mlp_apply, n_params, to_device
+from benchmarks.models import mlp_problem as make_problem
 
 __all__ = ["main", "PRESETS", "PROFILES", "VARIANTS", "ensure_peer_env"]
 
@@ -64,7 +64,7 @@ LR_SOLVE = 0.1  # learning rate of the solver presets (same in every implementat
 LR_DIAG = 1e-3  # learning rate of the diagonal presets
 ADAM_LR = 1e-3
 LAM = 1.0
-LAM_HESS = 100.0  # keeps H + λI positive definite along CG on these ReLU MLPs (see step_overhead)
+LAM_HESS = 100.0  # keeps H + λI positive definite along CG on these ReLU MLPs, so CG never exits early
 
 #: Profiles: model sizes, CG budget and timing rounds (rounds are a multiple of 10 for Sophia's cadence).
 PROFILES: dict[str, dict[str, Any]] = {
@@ -206,7 +206,7 @@ def make_hand_step(name: str, entry: dict[str, Any], maxiter: int) -> tuple[Call
     lam0 = o.get("lam0", LAM)
     # λ travels in the state, a runtime value as somax's damping state: written into the program
     # as a constant, XLA would fold λv = v for λ = 1 and the floor would skip a multiply per
-    # parameter per CG iteration that somax cannot (the fairness fix of step_overhead, session 3).
+    # parameter per CG iteration that somax cannot (step_overhead passes λ as an argument likewise).
     no_state = lambda params: (jnp.zeros((), jnp.int32), jnp.asarray(lam0, jnp.float32))
 
     def apply(params, s, state, loss):
@@ -217,7 +217,7 @@ def make_hand_step(name: str, entry: dict[str, Any], maxiter: int) -> tuple[Call
 
         def step(params, batch, state, rng):
             parts = (_ggn_parts if hand == "ggn_cg" else _hess_parts)(kind, params, batch)
-            s, _ = _cg(parts["mv"], parts["g"], state[1], 0.0, maxiter)
+            s, _ = cg(parts["mv"], parts["g"], state[1], 0.0, maxiter)
             return apply(params, s, state, parts["loss"])
 
         return no_state, step
@@ -245,7 +245,7 @@ def make_hand_step(name: str, entry: dict[str, Any], maxiter: int) -> tuple[Call
                 v = jax.scipy.linalg.cho_solve(factor, r.reshape(-1)).reshape(r.shape)
             else:
                 matvec = lambda u: rows["R"](parts["jvp"](parts["vjp"](rows["Rt"](u))))
-                v, _ = _cg(matvec, r, mu, 0.0, maxiter)
+                v, _ = cg(matvec, r, mu, 0.0, maxiter)
             s = parts["vjp"](rows["Rt"](v))
             return apply(params, s, state, parts["loss"])
 
@@ -325,18 +325,6 @@ def make_hand_step(name: str, entry: dict[str, Any], maxiter: int) -> tuple[Call
         return init, step
 
     raise ValueError(f"no hand-written floor for {name!r}")
-
-
-def make_adam_step(kind: str) -> tuple[Callable, Callable]:
-    tx = optax.adam(ADAM_LR)
-    loss_fn = loss_for(kind)
-
-    def step(params, batch, opt_state, rng):
-        loss, g = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return tx.init, step
 
 
 def make_somax_step(name: str, entry: dict[str, Any]) -> tuple[Callable, Callable]:
@@ -419,28 +407,17 @@ def _problem(entry: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
             "width": cfg["dense_width" if dense else "width"], "batch": cfg["batch"], "classes": CLASSES}  # fmt: skip
 
 
-def _ratio(a: dict, b: dict, ta: list[float], tb: list[float]) -> dict[str, float]:
-    n = min(len(ta), len(tb))
-    return {
-        "median": a["median_ms"] / b["median_ms"],
-        "p90": a["p90_ms"] / b["p90_ms"],
-        "mean": a["mean_ms"] / b["mean_ms"],
-        "paired_median": float(np.median(np.asarray(ta[:n]) / np.asarray(tb[:n]))),
-    }
-
-
 def time_preset(name: str, entry: dict[str, Any], cfg: dict[str, Any], peer: PeerWorker | None,
                 peer_reason: str | None) -> dict[str, Any]:  # fmt: skip
     """Compile, warm up and time every variant of one preset, interleaved round by round."""
     prob = _problem(entry, cfg)
     params_np, batch_np = make_problem(prob["kind"], prob["d_in"], prob["width"], prob["batch"], CLASSES)
-    params = jax.tree_util.tree_map(jnp.asarray, params_np)
-    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    params, batch = to_device(params_np), to_device(batch_np)
     rng = jax.random.PRNGKey(1)
     builders = {
         "somax": lambda: make_somax_step(name, entry),
         "hand": lambda: make_hand_step(name, entry, cfg["maxiter"]),
-        "adam": lambda: make_adam_step(entry["kind"]),
+        "adam": lambda: adam_step(loss_for(entry["kind"]), ADAM_LR),
     }
     live: dict[str, list] = {}
     compile_ms: dict[str, float] = {}
@@ -450,9 +427,7 @@ def time_preset(name: str, entry: dict[str, Any], cfg: dict[str, Any], peer: Pee
         try:
             init, fn = build()
             step = jax.jit(fn)
-            t0 = time.perf_counter()
-            p, s, aux = jax.block_until_ready(step(params, batch, init(params), rng))
-            compile_ms[v] = (time.perf_counter() - t0) * 1e3
+            (p, s, aux), compile_ms[v] = timed(step, params, batch, init(params), rng)
             for _ in range(cfg["warmup"]):
                 p, s, aux = jax.block_until_ready(step(p, batch, s, rng))
             if isinstance(aux, Mapping) and "cg_iters" in aux:
@@ -478,48 +453,37 @@ def time_preset(name: str, entry: dict[str, Any], cfg: dict[str, Any], peer: Pee
         else:
             peer_info = {"status": "error", "reason": reply.get("error"), "preset": pname, "kwargs": pkw}
 
-    names = [v for v in VARIANTS if v in live or (v == "peer" and use_peer)]
-    times: dict[str, list[float]] = {v: [] for v in names}
-    started = time.perf_counter()
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        rnd = 0
-        while rnd < cfg["rounds"]:
-            if rnd >= cfg["min_rounds"] and rnd % 10 == 0 and time.perf_counter() - started > cfg["max_seconds"]:
-                break
-            k = rnd % len(names)
-            for v in names[k:] + names[:k]:
-                if v == "peer":
-                    assert peer is not None
-                    reply = peer.ask({"cmd": "time"})
-                    if not reply.get("ok"):
-                        raise RuntimeError(f"peer worker failed: {reply.get('error')}")
-                    times[v].append(reply["seconds"] * 1e3)
-                    continue
-                step, p, s = live[v]
-                t0 = time.perf_counter()
-                p, s, _ = jax.block_until_ready(step(p, batch, s, rng))
-                times[v].append((time.perf_counter() - t0) * 1e3)
-                live[v][1], live[v][2] = p, s
-            rnd += 1
-    finally:
-        if gc_was:
-            gc.enable()
+    def advance(v: str) -> Callable[[int], Any]:
+        def call(i: int) -> Any:  # the variant's next training step
+            step, p, s = live[v]
+            p, s, aux = step(p, batch, s, rng)
+            live[v][1], live[v][2] = p, s
+            return p, s, aux
 
-    stats = {v: summarize(times[v]) for v in names}
-    ratios: dict[str, dict[str, float]] = {}
-    for other in ("hand", "adam", "peer"):
-        if "somax" in stats and other in stats:
-            ratios[f"somax_vs_{other}"] = _ratio(stats["somax"], stats[other], times["somax"], times[other])
-    n_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params_np)))
+        return call
+
+    def peer_step(i: int) -> float:
+        assert peer is not None
+        reply = peer.ask({"cmd": "time"})
+        if not reply.get("ok"):
+            raise RuntimeError(f"peer worker failed: {reply.get('error')}")
+        return reply["seconds"]
+
+    calls = {v: SelfTimed(peer_step) if v == "peer" else advance(v) for v in VARIANTS
+             if v in live or (v == "peer" and use_peer)}  # fmt: skip
+    run = interleaved(calls, rounds=cfg["rounds"], min_rounds=cfg["min_rounds"], max_seconds=cfg["max_seconds"],
+                      stop_every=10)  # fmt: skip
+    times = run.wall_ms
+    stats = run.stats()
+    ratios = {f"somax_vs_{other}": run.ratio("somax", other, keys=("median", "p90", "mean", "paired_median"))
+              for other in ("hand", "adam", "peer") if "somax" in stats and other in stats}  # fmt: skip
     return {
         "preset": name,
-        "problem": {**prob, "n_params": n_params},
+        "problem": {**prob, "n_params": n_params(params_np)},
         "somax_options": {k: v for k, v in entry["ours"].items()},
         "hand": entry["hand"],
         "peer": peer_info,
-        "rounds": len(times[names[0]]) if names else 0,
+        "rounds": run.rounds if calls else 0,
         "compile_ms": compile_ms,
         "errors": errors,
         "somax_cg_iters": cg_iters.get("somax"),
@@ -555,46 +519,36 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
     """Bar chart of median step time (error bar to p90) per preset and variant, log scale."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        return None
     cells = result["presets"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cells) + 2), 4.2))
-    width = 0.2
     colors = {"somax": "C0", "hand": "C2", "adam": "C7", "peer": "C3"}
     labels = {"somax": "somax", "hand": "hand-written floor", "adam": "optax.adam", "peer": "python-somax 1.0.1"}
-    for j, v in enumerate(VARIANTS):
-        xs, med, err = [], [], []
-        for i, c in enumerate(cells):
-            if v in c["stats"]:
-                xs.append(i + (j - 1.5) * width)
-                med.append(c["stats"][v]["median_ms"])
-                err.append(max(c["stats"][v]["p90_ms"] - c["stats"][v]["median_ms"], 0.0))
-        if xs:
-            ax.bar(xs, med, width, yerr=[np.zeros(len(err)), err], color=colors[v], label=labels[v], capsize=2)
-    ax.set_xticks(range(len(cells)))
-    ax.set_xticklabels([c["preset"] for c in cells], rotation=40, ha="right")
-    ax.set_yscale("log")
-    ax.set_ylabel("step time, ms (median, bar to p90)")
-    m = result["machine"]
-    ax.set_title(f"Floor and peers ({result['config']['profile']}; {m['jax_backend']}, {m['cpu_count']} CPUs)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+    def draw(fig, ax):
+        width = 0.2
+        for j, v in enumerate(VARIANTS):
+            xs, med, err = [], [], []
+            for i, c in enumerate(cells):
+                if v in c["stats"]:
+                    xs.append(i + (j - 1.5) * width)
+                    med.append(c["stats"][v]["median_ms"])
+                    err.append(max(c["stats"][v]["p90_ms"] - c["stats"][v]["median_ms"], 0.0))
+            if xs:
+                ax.bar(xs, med, width, yerr=[np.zeros(len(err)), err], color=colors[v], label=labels[v], capsize=2)
+        ax.set_xticks(range(len(cells)))
+        ax.set_xticklabels([c["preset"] for c in cells], rotation=40, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("step time, ms (median, bar to p90)")
+        m = result["machine"]
+        ax.set_title(f"Floor and peers ({result['config']['profile']}; {m['jax_backend']}, {m['cpu_count']} CPUs)")
+        ax.legend(fontsize=8)
+
+    return save_figure(path, draw, figsize=(max(6.0, 0.9 * len(cells) + 2), 4.2))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small models, few rounds (a few minutes on 2 CPU cores)")
-    mode.add_argument("--smoke", action="store_true", help="tiny models, 3 rounds (the test suite)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON path (default {DEFAULT_OUT}); PNG beside it")
+    ap = study_parser(__doc__, quick="small models, few rounds (a few minutes on 2 CPU cores)",
+                      smoke="tiny models, 3 rounds (the test suite)", out=DEFAULT_OUT,
+                      out_help="JSON path; the PNG goes beside it")  # fmt: skip
     ap.add_argument("--presets", nargs="+", help="subset of somax presets (default: all of somax.list_methods())")
     ap.add_argument("--rounds", type=int, help="override the number of timed rounds")
     ap.add_argument("--no-peers", action="store_true", help="do not run python-somax")
@@ -603,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
 
-    profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    profile = profile_of(args)
     cfg = dict(PROFILES[profile])
     if args.rounds is not None:
         cfg["rounds"] = args.rounds
@@ -650,8 +604,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         if peer is not None:
             peer.close()
-    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    save_json(result, args.out)
+    write_result(result, args.out, quiet=True)
     if not args.no_plot:
         png = plot(result, args.out.with_suffix(".png"))
         result["plot"] = str(png) if png else None

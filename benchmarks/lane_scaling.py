@@ -5,7 +5,8 @@ Part 1 — Figure 2: a depth-3 ReLU MLP with scalar output on ``make_regression`
 with learning rate 1e-3, constant λ = 1, CG tolerance 1e-5, at most 5 CG iterations and
 warm-started solves. Width sweep at batch 128 and batch sweep at width 128. For every
 point both methods are jitted, warmed up (2 steps, compilation excluded) and then
-timed *interleaved* in one process (param step, row step, param step, …) on the same
+timed *interleaved* in one process (param step, row step, param step, …, always in that
+order; :func:`benchmarks.harness.interleaved` with ``rotate=False``) on the same
 batches; we report the median and p90 of the per-step wall time and the row/param ratio.
 
 Part 2 — ``egn_ce`` (row-Cholesky, structured Gram) against ``sgn_ce`` (10 CG iterations)
@@ -15,11 +16,12 @@ and ``egn_ce`` with the per-example reference Gram (``gram="per_example"``) is t
 
 Usage::
 
-    python benchmarks/lane_scaling.py            # full sweep
-    python benchmarks/lane_scaling.py --quick    # fewer points and steps (smoke run)
-    python benchmarks/lane_scaling.py --ce-only --per-example-steps 0   # CE comparison only
+    python -m benchmarks lane_scaling            # full sweep
+    python -m benchmarks lane_scaling --quick    # fewer points and steps (smoke run)
+    python -m benchmarks lane_scaling --ce-only --per-example-steps 0   # CE comparison only
 
-Writes ``benchmarks/results/lane_scaling.json`` and ``benchmarks/results/lane_scaling.png``.
+(``python benchmarks/lane_scaling.py ...`` works too.) Writes ``benchmarks/results/lane_scaling.json``
+and ``benchmarks/results/lane_scaling.png``.
 """
 
 from __future__ import annotations
@@ -29,21 +31,25 @@ import json
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if __package__ in (None, ""):  # run as ``python benchmarks/lane_scaling.py``: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import somax
-from somax.models import mlp_apply, mlp_init
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import somax  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
+from benchmarks.harness import Timings, first_call, interleaved  # noqa: E402
+from somax.models import mlp_apply, mlp_init  # noqa: E402
 
 __all__ = ["main", "time_interleaved", "regression_sweep", "ce_comparison", "egn_ce_breakdown"]
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = RESULTS_DIR
 FULL_SWEEP = (32, 64, 128, 256, 512, 1024, 2048)
 QUICK_SWEEP = (32, 128, 512)
 
@@ -88,6 +94,14 @@ def _batches(x: np.ndarray, y: np.ndarray, batch: int, count: int) -> list[dict[
     return out
 
 
+def _median_p90(timing: Timings) -> dict[str, dict[str, float]]:
+    """Median/p90 (ms) and the number of timed steps of each candidate."""
+    return {
+        name: {"median_ms": float(np.median(ts)), "p90_ms": float(np.percentile(ts, 90)), "steps": len(ts)}
+        for name, ts in timing.wall_ms.items()
+    }
+
+
 def time_interleaved(
     methods: dict[str, somax.SecondOrderMethod],
     params: Any,
@@ -97,31 +111,26 @@ def time_interleaved(
     steps: int = 20,
     max_seconds: float | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Median/p90 step time (ms) of each method, steps interleaved round-robin, after ``warmup`` steps."""
+    """Median/p90 step time (ms) of each method, steps interleaved round-robin, after ``warmup`` steps.
+
+    Every method advances its own parameters and state; step ``k`` of every method uses batch
+    ``k``. With ``max_seconds`` the run stops once that much timing has passed (at least 3 steps)."""
     runners: dict[str, list[Any]] = {}
     for name, method in methods.items():
-        step = jax.jit(method.step)
-        runners[name] = [step, params, method.init(params)]
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    start = time.perf_counter()
-    for k in range(warmup + steps):
-        batch = batches[k % len(batches)]
-        for name, run in runners.items():
+        runners[name] = [jax.jit(method.step), params, method.init(params)]
+
+    def advance(run: list[Any]) -> Callable[[int], Any]:
+        def call(k: int) -> Any:
             step, p, st = run
-            t0 = time.perf_counter()
-            p, st, info = step(p, batch, st)
-            jax.block_until_ready((p, st, info))
-            dt = time.perf_counter() - t0
+            p, st, info = step(p, batches[k % len(batches)], st)
             run[1], run[2] = p, st
-            if k >= warmup:
-                times[name].append(dt * 1e3)
-        if max_seconds is not None and k >= warmup + 2 and time.perf_counter() - start > max_seconds:
-            break
-    out = {}
-    for name, ts in times.items():
-        arr = np.asarray(ts)
-        out[name] = {"median_ms": float(np.median(arr)), "p90_ms": float(np.percentile(arr, 90)), "steps": len(ts)}
-    return out
+            return p, st, info
+
+        return call
+
+    calls = {name: advance(run) for name, run in runners.items()}
+    timing = interleaved(calls, rounds=steps, warmup=warmup, min_rounds=3, max_seconds=max_seconds, rotate=False)
+    return _median_p90(timing)
 
 
 def _fig2_methods() -> dict[str, Callable[..., somax.SecondOrderMethod]]:
@@ -159,17 +168,8 @@ def regression_sweep(
 
 def _time_pieces(pieces: dict[str, Callable[[], Any]], *, warmup: int, steps: int) -> dict[str, dict[str, float]]:
     """Median/p90 (ms) of argument-free jitted calls, interleaved round-robin after ``warmup`` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in pieces}
-    for k in range(warmup + steps):
-        for name, fn in pieces.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            if k >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {
-        name: {"median_ms": float(np.median(ts)), "p90_ms": float(np.percentile(ts, 90)), "steps": len(ts)}
-        for name, ts in times.items()
-    }
+    calls = {name: (lambda i, fn=fn: fn()) for name, fn in pieces.items()}
+    return _median_p90(interleaved(calls, rounds=steps, warmup=warmup, rotate=False))
 
 
 def egn_ce_breakdown(params: Any, batch: dict[str, jax.Array], *, steps: int) -> dict[str, dict[str, float]]:
@@ -208,13 +208,8 @@ def egn_ce_breakdown(params: Any, batch: dict[str, jax.Array], *, steps: int) ->
 def _time_compiled_once(method: somax.SecondOrderMethod, params: Any, batch: dict[str, jax.Array], steps: int) -> dict:
     """Compile ahead of time (no warm-up execution), then time ``steps`` steps (for a very slow step)."""
     state = method.init(params)
-    compiled = jax.jit(method.step).lower(params, batch, state).compile()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params, batch, state))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "steps": steps}
+    _, _, _, compiled = first_call(method.step, (params, batch, state), run=False)
+    return _median_p90(interleaved({"step": lambda i: compiled(params, batch, state)}, rounds=steps))["step"]
 
 
 def ce_comparison(*, steps: int, per_example_steps: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -283,36 +278,27 @@ def _device_name() -> str:
 
 
 def _plot(sweeps: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot", flush=True)
-        return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     panels = (("width", "hidden width (batch 128)"), ("batch", "batch size (width 128)"))
-    for ax, (sweep, label) in zip(axes, panels, strict=True):
-        pts = sweeps[sweep]
-        if not pts:
-            continue
-        xs = [p[sweep] for p in pts]
-        for name, style in (("sgn_mse", "o-"), ("egn_mse_cg", "s-")):
-            med = np.array([p[name]["median_ms"] for p in pts])
-            p90 = np.array([p[name]["p90_ms"] for p in pts])
-            ax.errorbar(xs, med, yerr=[np.zeros_like(med), p90 - med], fmt=style, capsize=3, label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("step time, median ms (bar: p90)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"Lane scaling on {_device_name()}, jax {jax.__version__}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    def draw(fig, axes):
+        for ax, (sweep, label) in zip(axes, panels, strict=True):
+            pts = sweeps[sweep]
+            if not pts:
+                continue
+            xs = [p[sweep] for p in pts]
+            for name, style in (("sgn_mse", "o-"), ("egn_mse_cg", "s-")):
+                med = np.array([p[name]["median_ms"] for p in pts])
+                p90 = np.array([p[name]["p90_ms"] for p in pts])
+                ax.errorbar(xs, med, yerr=[np.zeros_like(med), p90 - med], fmt=style, capsize=3, label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("step time, median ms (bar: p90)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"Lane scaling on {_device_name()}, jax {jax.__version__}")
+
+    save_figure(path, draw, 1, 2, figsize=(10, 4), dpi=120)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -359,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
     }
     log(f"lane_scaling: {meta['machine']}, jax {meta['jax']} ({meta['backend']}), {steps} timed steps per point")
-    results: dict[str, Any] = {"meta": meta}
+    results: dict[str, Any] = {"benchmark": "lane_scaling", "machine": machine_info(), "meta": meta}
     if args.ce_only:
         stem = f"lane_scaling{('.' + args.tag) if args.tag else ''}"
         previous = json.loads((args.out / f"{stem}.json").read_text())
@@ -373,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results["ce"] = ce_comparison(steps=steps, per_example_steps=args.per_example_steps, log=log)
     meta["load_average_end"] = os.getloadavg()
     stem = f"lane_scaling{('.' + args.tag) if args.tag else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    write_result(results, args.out / f"{stem}.json", quiet=True)
     _plot(results["figure2"], args.out / f"{stem}.png")
     log(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
     return results

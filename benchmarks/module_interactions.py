@@ -24,12 +24,13 @@ channels, dense 256 and 128 with ReLU, dense 10), only when the files are in the
 (``--download`` fetches them).
 
 Target: ``--target`` (a test accuracy in [0, 1]); by default Adam's mean final test accuracy
-minus 1 point (``--target-drop``), which is the time-to-accuracy goal of issue 7: the best
-second-order configuration should reach it in no more wall-clock time than tuned Adam.
+minus 1 point (``--target-drop``). Goal (time to accuracy): the best second-order
+configuration reaches it in no more wall-clock time than tuned Adam.
 
 Protocol: batch 128, epochs from precomputed per-seed permutations (last partial batch
 dropped), the data on device, ``eval_every`` steps per jitted ``lax.scan`` chunk; only the
-chunks are timed (``block_until_ready``), evaluation is outside the clock. The learning rate
+chunks are timed (:func:`benchmarks.harness.timed`, around ``block_until_ready``),
+evaluation is outside the clock. The learning rate
 is an Optax hyperparameter in the state (``optax.inject_hyperparams``), so each
 configuration compiles once for all rates and seeds. Final seeds run interleaved (seed
 outer, configuration inner) so that load changes on a shared machine hit every
@@ -44,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,7 +57,9 @@ import optax
 
 import somax
 from benchmarks import data as bdata
-from benchmarks.common import RESULTS_DIR, machine_info, progress, save_json
+from benchmarks.common import RESULTS_DIR, machine_info, progress, save_figure, write_result
+from benchmarks.harness import timed
+from benchmarks.models import n_params, optax_step, paper_cnn_apply, paper_cnn_init
 from somax.models import mlp_apply, mlp_init
 from somax.specs import CurvatureSpec, DampingSpec, PrecondSpec, SolverSpec
 
@@ -117,41 +119,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-# --------------------------------------------------------------------------- models
-
-
-def paper_cnn_init(key: jax.Array, *, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> dict:
-    """The paper's Fashion-MNIST CNN (Appendix C.2), He-initialised, NHWC, Flax kernel layout.
-
-    Two stages of 3×3 convolution (32, then 64 channels, SAME) + ReLU + 2×2 max-pool, then
-    dense 256 → ReLU → dense 128 → ReLU → dense ``num_classes``. (The paper gives the layer
-    types, not the widths; these widths are ours.)
-    """
-    k = jax.random.split(key, 5)
-    params: dict[str, dict[str, jax.Array]] = {}
-    c_in = in_channels
-    for i, c_out in enumerate((32, 64)):
-        std = jnp.sqrt(2.0 / (9 * c_in))
-        params[f"conv{i}"] = {"w": jax.random.normal(k[i], (3, 3, c_in, c_out)) * std, "b": jnp.zeros((c_out,))}
-        c_in = c_out
-    size = image_size // 4
-    sizes = (size * size * c_in, 256, 128, num_classes)
-    dense = mlp_init(k[2], sizes)
-    params.update({f"dense{i}": v for i, v in enumerate(dense.values())})
-    return params
-
-
-def paper_cnn_apply(params: dict, x: jax.Array) -> jax.Array:
-    """Forward pass of :func:`paper_cnn_init`'s network; returns logits."""
-    h = x
-    for i in range(2):
-        layer = params[f"conv{i}"]
-        h = jax.lax.conv_general_dilated(h, layer["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        h = jax.nn.relu(h + layer["b"])
-        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-    h = h.reshape(h.shape[0], -1)
-    dense = {f"layer{i}": params[f"dense{i}"] for i in range(3)}
-    return mlp_apply(dense, h)
+# --------------------------------------------------------------------------- problems
 
 
 def _problem(dataset: str, cfg: dict[str, Any], download: bool) -> tuple[bdata.Split, Callable, Callable, str]:
@@ -224,13 +192,12 @@ class Trainer:
             self.method: somax.SecondOrderMethod | None = method
         else:
             base = optax.sgd if config.kind == "sgd" else optax.adam
-            tx = optax.inject_hyperparams(base)(learning_rate=1.0)
-            self._init = lambda params, lr: _set_lr(tx.init(params), lr)
+            tx_init, first_order = optax_step(lambda q, batch: _ce(predict(q, batch["x"]), batch["y"]),
+                                              optax.inject_hyperparams(base)(learning_rate=1.0))  # fmt: skip
+            self._init = lambda params, lr: _set_lr(tx_init(params), lr)
 
             def one(p, s, batch, key):
-                loss, g = jax.value_and_grad(lambda q: _ce(predict(q, batch["x"]), batch["y"]))(p)
-                u, s = tx.update(g, s, p)
-                return optax.apply_updates(p, u), s, loss
+                return first_order(p, batch, s, key)
 
             self.method = None
 
@@ -306,10 +273,8 @@ def train_run(
     elapsed, diverged = 0.0, False
     for start in range(0, len(idx), chunk):
         block = jnp.asarray(idx[start : start + chunk])
-        t0 = time.perf_counter()
-        params, state, losses = trainer.run(params, state, x, y, block, jax.random.fold_in(key, start))
-        jax.block_until_ready((params, losses))
-        elapsed += time.perf_counter() - t0
+        (params, state, losses), ms = timed(trainer.run, params, state, x, y, block, jax.random.fold_in(key, start))
+        elapsed += ms / 1e3
         loss = float(jnp.mean(losses))
         curve["step"].append(start + int(block.shape[0]))
         curve["time_s"].append(elapsed)
@@ -349,11 +314,9 @@ def _warm_compile(trainer: Trainer, init_params: Callable, sets: dict, cfg: dict
     params = init_params(jax.random.PRNGKey(0))
     state = trainer.init(params, lr)
     idx = jnp.zeros((chunk, cfg["batch"]), jnp.int32)
-    t0 = time.perf_counter()
-    jax.block_until_ready(trainer.run(params, state, x, y, idx, jax.random.PRNGKey(0)))
-    seconds = time.perf_counter() - t0
+    _, ms = timed(trainer.run, params, state, x, y, idx, jax.random.PRNGKey(0))
     jax.block_until_ready(trainer.run(params, state, x, y, idx, jax.random.PRNGKey(1)))
-    return seconds
+    return ms / 1e3
 
 
 def summarize_config(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
@@ -427,7 +390,7 @@ def run_study(
         "n_train": int(sets["train"][0].shape[0]),
         "n_val": int(n_val),
         "n_test": int(sets["test"][0].shape[0]),
-        "n_params": int(sum(p.size for p in jax.tree_util.tree_leaves(init_params(jax.random.PRNGKey(0))))),
+        "n_params": n_params(init_params(jax.random.PRNGKey(0))),
         "target": target,
         "target_rule": target_rule,
         "seeds": seeds,
@@ -443,7 +406,7 @@ def _strip(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def goal(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Issue 7's time-to-accuracy goal: best second-order median time-to-target ≤ tuned Adam's."""
+    """The time-to-accuracy goal: best second-order median time-to-target ≤ tuned Adam's."""
     adam = summary.get("adam", {}).get("time_to_target_median_s")
     so = {k: v["time_to_target_median_s"] for k, v in summary.items() if v["kind"] == "sgn"}
     so = {k: v for k, v in so.items() if v is not None}
@@ -503,42 +466,38 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], path: Path) -> Path:
+def plot(result: dict[str, Any], path: Path) -> Path | None:
     """Test accuracy vs training wall-clock (median curve over seeds) and final accuracy bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     names = list(result["summary"])
-    cmap = plt.get_cmap("tab10")
-    for i, name in enumerate(names):
-        runs = result["runs"][name]
-        n = min(len(r["curve"]["time_s"]) for r in runs)
-        t = np.median([r["curve"]["time_s"][:n] for r in runs], axis=0)
-        a = np.median([r["curve"]["test_acc"][:n] for r in runs], axis=0)
-        style = "-" if result["summary"][name]["kind"] == "sgn" else "--"
-        ax.plot(t, 100 * a, style, color=cmap(i % 10), label=name, lw=1.6 if style == "--" else 1.2)
-    ax.axhline(100 * result["target"], color="k", lw=0.8, ls=":", label=f"target {100 * result['target']:.1f}%")
-    ax.set_xlabel("training wall-clock (s, compile excluded; median over seeds)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{result['dataset']}: test accuracy vs time")
-    ax.legend(fontsize=7, ncol=2)
-    acc = [100 * result["summary"][k]["final_test_acc_mean"] for k in names]
-    err = [100 * result["summary"][k]["final_test_acc_std"] for k in names]
-    bx.barh(range(len(names)), acc, xerr=err, color=[cmap(i % 10) for i in range(len(names))])
-    bx.set_yticks(range(len(names)), names, fontsize=8)
-    bx.invert_yaxis()
-    bx.axvline(100 * result["target"], color="k", lw=0.8, ls=":")
-    lo = max(0.0, min(acc) - 10)
-    bx.set_xlim(lo, 100)
-    bx.set_xlabel("final test accuracy (%), mean ± std")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+    def draw(fig, axes):
+        import matplotlib.pyplot as plt
+
+        ax, bx = axes
+        cmap = plt.get_cmap("tab10")
+        for i, name in enumerate(names):
+            runs = result["runs"][name]
+            n = min(len(r["curve"]["time_s"]) for r in runs)
+            t = np.median([r["curve"]["time_s"][:n] for r in runs], axis=0)
+            a = np.median([r["curve"]["test_acc"][:n] for r in runs], axis=0)
+            style = "-" if result["summary"][name]["kind"] == "sgn" else "--"
+            ax.plot(t, 100 * a, style, color=cmap(i % 10), label=name, lw=1.6 if style == "--" else 1.2)
+        ax.axhline(100 * result["target"], color="k", lw=0.8, ls=":", label=f"target {100 * result['target']:.1f}%")
+        ax.set_xlabel("training wall-clock (s, compile excluded; median over seeds)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{result['dataset']}: test accuracy vs time")
+        ax.legend(fontsize=7, ncol=2)
+        acc = [100 * result["summary"][k]["final_test_acc_mean"] for k in names]
+        err = [100 * result["summary"][k]["final_test_acc_std"] for k in names]
+        bx.barh(range(len(names)), acc, xerr=err, color=[cmap(i % 10) for i in range(len(names))])
+        bx.set_yticks(range(len(names)), names, fontsize=8)
+        bx.invert_yaxis()
+        bx.axvline(100 * result["target"], color="k", lw=0.8, ls=":")
+        lo = max(0.0, min(acc) - 10)
+        bx.set_xlim(lo, 100)
+        bx.set_xlabel("final test accuracy (%), mean ± std")
+
+    return save_figure(path, draw, 1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -593,9 +552,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "wall_s": time.time() - started,
         **result,
     }
-    result["machine"]["load_average_end"] = list(os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
-    save_json(result, args.out / f"{stem}.json")
+    write_result(result, args.out / f"{stem}.json", quiet=True)
     plot(result, args.out / f"{stem}.png")
     table = render(result)
     (args.out / f"{stem}.md").write_text(table + "\n")

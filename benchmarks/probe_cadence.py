@@ -1,4 +1,4 @@
-"""Probe-cadence benchmark (issue 5, "Performance"; paper §3.4, Table 3) on CPU.
+"""Probe cadence: the cost of cadence-gated telemetry inside a Newton-CG step (paper §3.4, Table 3), on CPU.
 
 Cost of cadence-gated telemetry inside a Newton-CG step: the *rho bundle*
 (``TelemetrySpec.rho_every_k``: one forward pass at the new parameters for
@@ -22,8 +22,9 @@ multiple of every cadence). Then, round after round, every variant performs its 
 training step (its own parameters, optimizer state and step counter, so each cadence
 fires exactly as in training; all variants see the same batch stream), in an order
 rotated every round, each call timed with ``jax.block_until_ready``; the garbage
-collector is off. The number of rounds is a multiple of 10, so every variant's
-timed steps cover whole cadence cycles.
+collector is off (:func:`benchmarks.harness.interleaved`, stopping only at whole cycles).
+The number of rounds is a multiple of 10, so every variant's timed steps cover whole
+cadence cycles.
 
 Reported per variant: median, p90, mean, min step time (ms); median of the steps
 where the probe fired and of those where it did not; overheads against ``off``
@@ -32,7 +33,7 @@ over 10-step cycles of the per-cycle mean ratio). A median hides a probe that fi
 on 1 step in 10, so the cadence goal is checked on the *amortised* cost: the mean
 over whole cadence cycles.
 
-Goals (issue 5): ``never`` ≤ 1% over ``off`` (median); cadence ``k`` costs no more than
+Goals: ``never`` ≤ 1% over ``off`` (median); cadence ``k`` costs no more than
 (cost of one probe)/k + 1%, the cost of one probe being the overhead of ``k1`` over
 ``off``: ``mean_k / mean_off − 1 ≤ (mean_k1 / mean_off − 1) / k + 0.01``.
 
@@ -43,14 +44,9 @@ Goals (issue 5): ``never`` ≤ 1% over ``off`` (median); cadence ``k`` costs no 
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
 import math
-import os
-import re
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,14 +56,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import somax
-from benchmarks import step_overhead
-from somax.models import mlp_apply
+from benchmarks.common import RESULTS_DIR, machine_info, profile_of, save_figure, study_parser, write_result
+from benchmarks.harness import first_call, hlo_counts, interleaved
+from benchmarks.models import he_mlp, mse_loss, sine_targets, teacher, to_device
 from somax.specs import TelemetrySpec
 
 __all__ = ["main", "PROFILES", "VARIANTS", "PROBES", "markdown_report"]
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "probe_cadence.json"
-F32 = jnp.float32
+DEFAULT_OUT = RESULTS_DIR / "probe_cadence.json"
 
 #: never-firing cadence: fires at step 0 only (a warm-up step), never while timing
 NEVER = 10**9
@@ -110,24 +106,16 @@ def cycle_length(names: Sequence[str]) -> int:
 
 
 def make_problem(width: int, d_in: int, batch: int, n_batches: int, seed: int = 0) -> tuple[dict, list[dict]]:
-    """He-initialised ``(d_in, w, w, 1)`` ReLU MLP (the ``somax.models.mlp_init`` layout) and a
-    stream of ``n_batches`` float32 regression batches ``y = sin(3 x·u) + 0.1 ε`` with static
-    shapes. Built with NumPy (no eager JAX compiles)."""
+    """He-initialised ``(d_in, w, w, 1)`` ReLU MLP and a stream of ``n_batches`` float32 regression
+    batches ``y = sin(3 x·u) + 0.1 ε`` with static shapes (:mod:`benchmarks.models`, NumPy)."""
     rs = np.random.default_rng(seed)
-    params = step_overhead.he_mlp(rs, (d_in, width, width, 1))
-    u = rs.standard_normal((d_in, 1)) / np.sqrt(d_in)
+    params = he_mlp(rs, (d_in, width, width, 1))
+    u = teacher(rs, d_in)
     stream = []
     for _ in range(n_batches):
         x = rs.standard_normal((batch, d_in))
-        y = np.sin(3.0 * x @ u) + 0.1 * rs.standard_normal((batch, 1))
-        stream.append({"x": jnp.asarray(x, F32), "y": jnp.asarray(y, F32)})
-    return params, stream
-
-
-def mse_loss(params: dict, batch: dict) -> jax.Array:
-    """``1/(2b) Σ‖f(x) − y‖²``."""
-    r = mlp_apply(params, batch["x"]) - batch["y"]
-    return 0.5 * jnp.sum(r * r) / r.shape[0]
+        stream.append({"x": x.astype(np.float32), "y": sine_targets(rs, x, u).astype(np.float32)})
+    return to_device(params), to_device(stream)
 
 
 def telemetry(probe: str, every_k: int, eig_iters: int) -> TelemetrySpec:
@@ -159,15 +147,9 @@ def probe_value(probe: str, info: dict) -> jax.Array:
 
 def program_stats(compiled: Any) -> dict[str, int]:
     """Deterministic figures of the optimised HLO: instructions, fusions, copies, branches, loops."""
-    hlo = compiled.as_text() or ""
-    return {
-        "hlo_instructions": len(re.findall(r"^\s+(?:ROOT )?%\S+ = ", hlo, flags=re.M)),
-        "fusions": len(re.findall(r" fusion\(", hlo)),
-        "copies": len(re.findall(r" copy(?:-start)?\(", hlo)),
-        "conditionals": len(re.findall(r" conditional\(", hlo)),
-        "while_loops": len(re.findall(r" while\(", hlo)),
-        "dots": len(re.findall(r" dot\(", hlo)),
-    }
+    c = hlo_counts(compiled)
+    return {"hlo_instructions": c["instructions"], **{k: c[k] for k in ("fusions", "copies", "conditionals",
+                                                                         "while_loops", "dots")}}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- timing
@@ -182,9 +164,8 @@ def compile_variant(
     spec = method.telemetry
     if spec not in cache:
         args = (params0, stream[0], method.init(params0), keys[0])
-        t0 = time.perf_counter()
-        compiled = jax.jit(method.step, compiler_options=cfg.get("compiler_options")).lower(*args).compile()
-        cache[spec] = (compiled, (time.perf_counter() - t0) * 1e3, program_stats(compiled))
+        _, ms, _, compiled = first_call(method.step, args, cfg.get("compiler_options"), run=False)
+        cache[spec] = (compiled, ms["first_call"], program_stats(compiled))
     compiled, ms, stats = cache[spec]
     return method, compiled, ms, stats
 
@@ -206,45 +187,27 @@ def run_sweep(
         )
         carry[name] = [params0, method.init(params0)]
 
-    def one_step(name: str, step: int) -> tuple[float, float, dict]:
-        params, state = carry[name]
-        i = step % len(stream)
-        c0, t0 = time.process_time(), time.perf_counter()
-        out = jax.block_until_ready(run[name](params, stream[i], state, keys[i]))
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        carry[name] = [out[0], out[1]]
-        return dt, dc, out[2]
-
-    # warm-up: whole cadence cycles per variant, interleaved; step 0 fires every cadence (1e9 included)
-    warmup = -(-cfg["warmup"] // cycle) * cycle
     infos: dict[str, list] = {n: [] for n in names}
-    for step in range(warmup):
-        for name in names:
-            infos[name].append(one_step(name, step)[2])
 
+    def advance(name: str):
+        def call(step: int) -> Any:  # the variant's next training step; its info is kept for the checks
+            params, state = carry[name]
+            i = step % len(stream)
+            out = run[name](params, stream[i], state, keys[i])
+            carry[name] = [out[0], out[1]]
+            infos[name].append(out[2])
+            return out
+
+        return call
+
+    # warm-up: whole cadence cycles per variant, interleaved; step 0 fires every cadence (1e9 included).
+    # Timing stops only at whole cycles, so every variant's timed steps cover whole cadence cycles.
+    warmup = -(-cfg["warmup"] // cycle) * cycle
     rounds = max(cycle, -(-cfg["rounds"] // cycle) * cycle)
     min_rounds = min(rounds, -(-cfg["min_rounds"] // cycle) * cycle)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    cpu_times: dict[str, list[float]] = {n: [] for n in names}
-    started = time.perf_counter()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        rnd = 0
-        while rnd < rounds:
-            if rnd % cycle == 0 and rnd >= min_rounds and time.perf_counter() - started > cfg["max_seconds"]:
-                break
-            k = rnd % len(names)
-            for name in names[k:] + names[:k]:  # round-robin, rotated each round
-                dt, dc, info = one_step(name, warmup + rnd)
-                times[name].append(dt)
-                cpu_times[name].append(dc)
-                infos[name].append(info)
-            rnd += 1
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    elapsed = time.perf_counter() - started
+    timing = interleaved({n: advance(n) for n in names}, rounds=rounds, warmup=warmup, min_rounds=min_rounds,
+                         max_seconds=cfg["max_seconds"], stop_every=cycle, cpu_time=True)  # fmt: skip
+    times, cpu_times = timing.wall_ms, timing.samples(cpu=True)
 
     # checks, after timing (host transfers of the kept info scalars)
     fired: dict[str, np.ndarray] = {}
@@ -270,11 +233,11 @@ def run_sweep(
     sweep["cpu_time"] = {k: cpu[k] for k in ("stats", "overhead_vs_off", "overhead_ci95", "probe_cost", "goals")}
     sweep.update(
         warmup_steps=warmup,
-        timing_seconds=elapsed,
+        timing_seconds=timing.seconds,
         compile_ms=compile_ms,
         program=programs,
         loss_first_last=[losses[0], losses[-1]],
-        times_ms={n: [round(x * 1e3, 4) for x in times[n]] for n in names},
+        times_ms={n: [round(x, 4) for x in times[n]] for n in names},
     )  # raw, in round order; fmt: skip
     return sweep
 
@@ -318,7 +281,7 @@ def summarise(probe: str, names: list[str], cycle: int, times: dict, fired: dict
     median figures and over whole cadence cycles for the means; every variant is resampled
     with the same indices, so the interleaving pairs are kept.
     """
-    t = {n: np.asarray(times[n]) * 1e3 for n in names}
+    t = {n: np.asarray(times[n]) for n in names}  # ms
     stats = {n: _stats(t[n], fired[n]) for n in names}
     off = stats["off"]
     cyc = {n: t[n].reshape(-1, cycle).mean(axis=1) for n in names}  # mean of each whole cadence cycle
@@ -547,68 +510,63 @@ def markdown_report(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def plot(result: dict[str, Any], path: Path) -> Path | None:
     """Top: median (bar to p90) and mean step time per variant. Bottom: overhead vs ``off``
     (median, and mean = amortised, with 95% bootstrap intervals) against the goal bounds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sweeps = list(result["sweeps"].values())
-    fig, axes = plt.subplots(2, len(sweeps), figsize=(6.2 * len(sweeps), 7.6), squeeze=False)
-    for col, sw in enumerate(sweeps):
-        names = list(sw["variants"])
-        x = np.arange(len(names))
-        labels = [{"off": "off", "never": "never\n(1e9)"}.get(n, str(VARIANTS[n])) for n in names]
-        st, ov, ci = sw["stats"], sw["overhead_vs_off"], sw["overhead_ci95"]
-        ax = axes[0][col]
-        med = np.array([st[n]["median_ms"] for n in names])
-        p90 = np.array([st[n]["p90_ms"] for n in names])
-        mean = np.array([st[n]["mean_ms"] for n in names])
-        ax.bar(x - 0.2, med, 0.4, yerr=[np.zeros_like(med), p90 - med], capsize=3, label="median (whisker to p90)")
-        ax.bar(x + 0.2, mean, 0.4, label="mean (amortised, whole cycles)")
-        ax.set_xticks(x, labels)
-        ax.set_ylabel("step time (ms)")
-        ax.set_title(f"{sw['probe']} probe, Newton-CG ({sw['rounds']} interleaved rounds)")
-        ax.legend(fontsize=7, loc="upper left")
-        ax = axes[1][col]
-        for off_x, key, lab in ((-0.2, "median", "overhead of the median"), (0.2, "mean", "overhead of the mean")):
-            y = np.array([100 * ov[n][key] for n in names])
-            lo = np.array([100 * ci[n][key][0] for n in names])
-            hi = np.array([100 * ci[n][key][1] for n in names])
-            ax.errorbar(x + off_x, y, yerr=[y - lo, hi - y], fmt="o", capsize=3, label=f"{lab} (95% CI)")
-        goals = sw["goals"]
-        if "never" in goals:
-            i = names.index("never")
-            ax.plot([i - 0.4, i], [100 * GOAL_NEVER] * 2, color="k", lw=2)
-        for n in sparse_goals(sw):
-            i = names.index(n)
-            ax.plot([i, i + 0.4], [100 * goals[n]["bound_mean"]] * 2, color="k", lw=2)
-        ax.plot([], [], color="k", lw=2, label="goal: never ≤ 1% (median); k: ≤ ovh(k1)/k + 1% (mean)")
-        ax.axhline(0, color="grey", lw=0.6)
-        ax.set_yscale("symlog", linthresh=10)
-        ax.set_xticks(x, labels)
-        ax.set_xlabel(f"{sw['probe']}_every_k")
-        ax.set_ylabel("overhead vs off (%)")
-        ax.legend(fontsize=7, loc="upper left")
-    cfg, m = result["config"], result["machine"]
-    fig.suptitle(f"Cadence-gated probe overhead — MLP ({cfg['d_in']},{cfg['width']},{cfg['width']},1), batch "
-                 f"{cfg['batch']}, CG {cfg['maxiter']} its, λ={cfg['lam']}; {m['jax_backend']}, {m['cpu_count']} "
-                 f"CPUs, jax {m['versions']['jax']}", fontsize=9)  # fmt: skip
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    def draw(fig, axes):
+        for col, sw in enumerate(sweeps):
+            _plot_sweep(axes[0][col], axes[1][col], sw)
+        cfg, m = result["config"], result["machine"]
+        fig.suptitle(f"Cadence-gated probe overhead — MLP ({cfg['d_in']},{cfg['width']},{cfg['width']},1), batch "
+                     f"{cfg['batch']}, CG {cfg['maxiter']} its, λ={cfg['lam']}; {m['jax_backend']}, "
+                     f"{m['cpu_count']} CPUs, jax {m['versions']['jax']}", fontsize=9)  # fmt: skip
+
+    return save_figure(path, draw, 2, len(sweeps), figsize=(6.2 * len(sweeps), 7.6), squeeze=False)
+
+
+def _plot_sweep(ax, bx, sw: dict[str, Any]) -> None:
+    """One column of the figure: step times (``ax``) and overheads against the goals (``bx``)."""
+    names = list(sw["variants"])
+    x = np.arange(len(names))
+    labels = [{"off": "off", "never": "never\n(1e9)"}.get(n, str(VARIANTS[n])) for n in names]
+    st, ov, ci = sw["stats"], sw["overhead_vs_off"], sw["overhead_ci95"]
+    med = np.array([st[n]["median_ms"] for n in names])
+    p90 = np.array([st[n]["p90_ms"] for n in names])
+    mean = np.array([st[n]["mean_ms"] for n in names])
+    ax.bar(x - 0.2, med, 0.4, yerr=[np.zeros_like(med), p90 - med], capsize=3, label="median (whisker to p90)")
+    ax.bar(x + 0.2, mean, 0.4, label="mean (amortised, whole cycles)")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("step time (ms)")
+    ax.set_title(f"{sw['probe']} probe, Newton-CG ({sw['rounds']} interleaved rounds)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax = bx
+    for off_x, key, lab in ((-0.2, "median", "overhead of the median"), (0.2, "mean", "overhead of the mean")):
+        y = np.array([100 * ov[n][key] for n in names])
+        lo = np.array([100 * ci[n][key][0] for n in names])
+        hi = np.array([100 * ci[n][key][1] for n in names])
+        ax.errorbar(x + off_x, y, yerr=[y - lo, hi - y], fmt="o", capsize=3, label=f"{lab} (95% CI)")
+    goals = sw["goals"]
+    if "never" in goals:
+        i = names.index("never")
+        ax.plot([i - 0.4, i], [100 * GOAL_NEVER] * 2, color="k", lw=2)
+    for n in sparse_goals(sw):
+        i = names.index(n)
+        ax.plot([i, i + 0.4], [100 * goals[n]["bound_mean"]] * 2, color="k", lw=2)
+    ax.plot([], [], color="k", lw=2, label="goal: never ≤ 1% (median); k: ≤ ovh(k1)/k + 1% (mean)")
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xticks(x, labels)
+    ax.set_xlabel(f"{sw['probe']}_every_k")
+    ax.set_ylabel("overhead vs off (%)")
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="smaller model, fewer rounds (< 1 minute)")
-    mode.add_argument("--smoke", action="store_true", help="tiny model, 10 rounds (for the test suite)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT}); "
-                    "the PNG is written next to it with the suffix .png")  # fmt: skip
+    ap = study_parser(__doc__, quick="smaller model, fewer rounds (< 1 minute)",
+                      smoke="tiny model, 10 rounds (for the test suite)", out=DEFAULT_OUT, raw=True,
+                      out_help="JSON output path; the PNG is written next to it with the suffix .png")  # fmt: skip
     ap.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES), help="which sweeps to run")
     ap.add_argument("--width", type=int, help="override the hidden width")
     ap.add_argument("--d-in", type=int, help="override the input dimension")
@@ -629,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             plot(result, args.plot)
         return result
 
-    profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    profile = profile_of(args)
     cfg = dict(PROFILES[profile])
     for key in ("width", "d_in", "batch", "rounds", "max_seconds", "eig_iters"):
         if getattr(args, key) is not None:
@@ -659,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     result: dict[str, Any] = {
         "benchmark": "probe_cadence",
-        "machine": step_overhead.machine_info(),
+        "machine": machine_info(),
         "config": config,
         "sweeps": {},
     }
@@ -667,10 +625,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for probe in args.probes:
         result["sweeps"][probe] = sw = run_sweep(probe, params, stream, keys, cfg, cache)
         print(f"  done {probe}: {sw['rounds']} rounds in {sw['timing_seconds']:.0f} s", file=sys.stderr, flush=True)
-    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out, quiet=True)
     if not args.no_plot:
         plot(result, args.out.with_suffix(".png"))
     m = result["machine"]

@@ -1,4 +1,4 @@
-"""Per-device memory and step time of a sharded step against the single-device step (issue 8).
+"""Per-device memory and step time of a sharded step against the single-device step.
 
 For each method and device count ``n ∈ {1, 2, 4, 8}`` (forced host devices:
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set here before JAX starts), the
@@ -12,8 +12,9 @@ XLA's per-device buffer assignment is read from ``compiled.memory_analysis()``:
 * ``peak`` — ``argument + output + temp − alias`` (an upper bound on live bytes).
 
 ``n = 0`` in the table is the plain ``jax.jit(method.step)`` on one device (the baseline).
-Step time is the median of interleaved timed steps; on forced host devices all "devices"
-share the same CPU cores, so time shows overhead, not speed-up.
+Step time is the median of timed steps after one untimed call
+(:func:`benchmarks.harness.interleaved` with a single candidate); on forced host devices
+all "devices" share the same CPU cores, so time shows overhead, not speed-up.
 ``Device.memory_stats()`` is recorded too; the CPU backend returns ``None`` (no allocator
 statistics), which is why the figures come from the compiler's buffer assignment.
 
@@ -30,16 +31,16 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import somax  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine_info, save_json, summarize  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, write_result  # noqa: E402
+from benchmarks.harness import interleaved  # noqa: E402
+from benchmarks.models import n_params  # noqa: E402
 from somax import sharding as sh  # noqa: E402
 from somax.models import mlp_apply, mlp_init  # noqa: E402
 
@@ -89,13 +90,8 @@ def _memory(compiled: Any) -> dict[str, int]:
 
 
 def _time(fn, args, steps: int) -> dict[str, float]:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return summarize(times)
+    """``summarize`` of ``steps`` timed calls after one untimed call (the same inputs every call)."""
+    return interleaved({"step": lambda i: fn(*args)}, rounds=steps, warmup=1).stats()["step"]
 
 
 def run(profile: str) -> dict[str, Any]:
@@ -138,7 +134,7 @@ def run(profile: str) -> dict[str, Any]:
                 }
             )
             print(_fmt(rows[-1]), file=sys.stderr, flush=True)
-    d = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+    d = n_params(params)
     stats = jax.devices()[0].memory_stats()
     return {
         "benchmark": "sharding_memory",
@@ -175,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("sharding_memory: needs 8 devices; start it in a fresh process (XLA_FLAGS is set on import)")
     result = run(profile)
     out = args.out or (DEFAULT_OUT if profile == "full" else DEFAULT_OUT.with_suffix(f".{profile}.json"))
-    save_json(result, out)
+    write_result(result, out, quiet=True)
     print(table(result))
     print(f"wrote {out}")
     return result

@@ -1,4 +1,4 @@
-"""Sophia-style recombination (issue 7, study 4; Somax paper §4.4, Figure 3, Appendix C.3).
+"""Sophia-style recombination: SGDM against Sophia-H / G / N (Somax paper §4.4, Figure 3, Appendix C.3).
 
 Trains the same model with
 
@@ -17,7 +17,7 @@ seeds, as JSON and a PNG like the paper's Figure 3.
 Data and model: ResNet-20 (BatchNorm, ``examples/resnet20_cifar10.py`` through the Flax
 adapter) on CIFAR-10 when ``benchmarks.data.cifar10`` finds the archive in its cache
 (``--dataset auto``/``cifar10``; never downloads unless ``--download``); otherwise a
-small CNN (``somax.models.cnn_init``: 3×3 convs with 8 and 16 channels, dense head) on
+small CNN (``benchmarks.models.small_cnn``: 3×3 convs with 8 and 16 channels, dense head) on
 the 8×8 ``digits`` images (offline, scikit-learn).
 
 Run ``python -m benchmarks.sophia_recombination`` (full), ``--quick`` (a few minutes on 2
@@ -27,11 +27,8 @@ and ``.png`` (or ``--out``).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,9 +40,19 @@ import optax
 
 import somax
 import somax.adapters
-import somax.models
 from benchmarks import data as bdata
-from benchmarks.common import RESULTS_DIR, machine_info, progress, save_json, summarize
+from benchmarks.common import (
+    RESULTS_DIR,
+    machine_info,
+    profile_of,
+    progress,
+    save_figure,
+    study_parser,
+    summarize,
+    write_result,
+)
+from benchmarks.harness import first_call, timed
+from benchmarks.models import small_cnn
 
 __all__ = ["main", "METHODS", "PROFILES", "DEFAULT_LR"]
 
@@ -119,9 +126,8 @@ def build(method: str, model: str, lr: float, steps: int, seed: int, x0: np.ndar
     sched = _schedule(method, lr, steps)
     key = jax.random.PRNGKey(seed)
     if model == "cnn":
-        params = somax.models.cnn_init(key, in_channels=x0.shape[-1], channels=(8, 16), image_size=x0.shape[1])
+        params, predict = small_cnn(key, in_channels=x0.shape[-1], image_size=x0.shape[1])
         model_state: Any = ()
-        predict = somax.models.cnn_apply
         logits_eval = lambda p, ms, x: predict(p, x)  # noqa: E731
         sophia_model: dict[str, Any] = {"predict_fn": predict, "loss": "ce"}
         sgd_logits = lambda p, ms, x: (predict(p, x), ms)  # noqa: E731
@@ -171,9 +177,14 @@ def build(method: str, model: str, lr: float, steps: int, seed: int, x0: np.ndar
 
 
 def run_one(method: str, model: str, split: bdata.Split, lr: float, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Train one (method, seed); per-step times exclude compile and evaluation."""
+    """Train one (method, seed); per-step times exclude compile and evaluation.
+
+    A training curve, not a race: one candidate, steps timed one by one (:func:`benchmarks.harness.timed`)
+    with untimed evaluation in between, so this loop is not :func:`benchmarks.harness.interleaved`.
+    Methods are interleaved at the level of runs instead (order rotated per seed, see ``main``).
+    """
     b = build(method, model, lr, cfg["steps"], seed, split.x_train[:1])
-    step_fn, acc_fn = jax.jit(b["step"]), jax.jit(b["accuracy"])
+    acc_fn = jax.jit(b["accuracy"])
     params, state = b["params"], b["state"]
     n_test = len(split.x_test) if cfg["test_max"] is None else min(cfg["test_max"], len(split.x_test))
     x_te, y_te = jnp.asarray(split.x_test[:n_test]), jnp.asarray(split.y_test[:n_test])
@@ -186,10 +197,8 @@ def run_one(method: str, model: str, split: bdata.Split, lr: float, cfg: dict[st
         return {"x": jnp.asarray(split.x_train[idx]), "y": jnp.asarray(split.y_train[idx])}
 
     # compile (AOT) and evaluation program, timed apart from training
-    b0 = batch_at(0)
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(params, b0, state, key).compile()
-    compile_ms = (time.perf_counter() - t0) * 1e3
+    _, ms, _, compiled = first_call(b["step"], (params, batch_at(0), state, key), run=False)
+    compile_ms = ms["first_call"]
     acc0 = float(acc_fn(params, b["model_state"](state), x_te, y_te))
 
     history = [{"step": 0, "seconds": 0.0, "test_acc": acc0, "loss": None}]
@@ -198,12 +207,9 @@ def run_one(method: str, model: str, split: bdata.Split, lr: float, cfg: dict[st
     keys = jax.block_until_ready(jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(cfg["steps"])))
     for t in range(cfg["steps"]):
         batch, rng = jax.block_until_ready((batch_at(t), keys[t]))  # data movement outside the timer
-        s0 = time.perf_counter()
-        params, state, info = compiled(params, batch, state, rng)
-        jax.block_until_ready(params)
-        dt = time.perf_counter() - s0
-        elapsed += dt
-        step_ms.append(dt * 1e3)
+        (params, state, info), ms = timed(compiled, params, batch, state, rng)
+        elapsed += ms / 1e3
+        step_ms.append(ms)
         if (t + 1) % cfg["eval_every"] == 0 or t + 1 == cfg["steps"]:
             acc = float(acc_fn(params, b["model_state"](state), x_te, y_te))
             history.append({"step": t + 1, "seconds": elapsed, "test_acc": acc, "loss": float(info["loss"])})
@@ -255,29 +261,21 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
     """Test accuracy against wall-clock training time: mean over seeds, band ±1 std (paper Fig. 3)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     names = {"sgdm": "SGDM", "sophia_h": "Sophia-H", "sophia_g": "Sophia-G", "sophia_n": "Sophia-N"}
-    for m, a in result["summary"].items():
-        t, mu, sd = np.array(a["seconds_mean"]), np.array(a["acc_mean"]), np.array(a["acc_std"])
-        ax.plot(t, mu, lw=2, label=f"{names[m]} ({a['final_acc_mean']:.3f})")
-        ax.fill_between(t, mu - sd, mu + sd, alpha=0.2)
-    c = result["config"]
-    ax.set_xlabel("training wall-clock, s (compile and evaluation excluded)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{c['model']} on {c['dataset']}: {c['steps']} steps, {len(c['seeds'])} seed(s)")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+    def draw(fig, ax):
+        for m, a in result["summary"].items():
+            t, mu, sd = np.array(a["seconds_mean"]), np.array(a["acc_mean"]), np.array(a["acc_std"])
+            ax.plot(t, mu, lw=2, label=f"{names[m]} ({a['final_acc_mean']:.3f})")
+            ax.fill_between(t, mu - sd, mu + sd, alpha=0.2)
+        c = result["config"]
+        ax.set_xlabel("training wall-clock, s (compile and evaluation excluded)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{c['model']} on {c['dataset']}: {c['steps']} steps, {len(c['seeds'])} seed(s)")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+
+    return save_figure(path, draw, figsize=(6.4, 4.2))
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -291,11 +289,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="300 steps, 2 seeds (a few minutes on 2 CPU cores)")
-    mode.add_argument("--smoke", action="store_true", help="a dozen steps, one seed (the test suite)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON path (default {DEFAULT_OUT}); PNG beside it")
+    ap = study_parser(__doc__, quick="300 steps, 2 seeds (a few minutes on 2 CPU cores)",
+                      smoke="a dozen steps, one seed (the test suite)", out=DEFAULT_OUT,
+                      out_help="JSON path; the PNG goes beside it")  # fmt: skip
     ap.add_argument("--dataset", choices=["auto", "cifar10", "digits", "synthetic_cifar"], default="auto")
     ap.add_argument("--download", action="store_true", help="let benchmarks.data.cifar10 download the archive")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -307,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
 
-    profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    profile = profile_of(args)
     cfg = dict(PROFILES[profile])
     for k in ("steps", "eval_every", "seeds", "batch"):
         if getattr(args, k) is not None:
@@ -346,8 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }  # fmt: skip
     result["summary"] = aggregate(runs)
-    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    save_json(result, args.out)
+    write_result(result, args.out, quiet=True)
     if not args.no_plot:
         png = plot(result, args.out.with_suffix(".png"))
         result["plot"] = str(png) if png else None

@@ -1,4 +1,4 @@
-"""Step-overhead benchmark (issue 2, "Performance"; DESIGN.md "Performance doctrine").
+"""Step overhead: somax's step against a hand-written jitted step doing the same arithmetic.
 
 Times, in one process and interleaved, one optimisation step of
 
@@ -24,10 +24,13 @@ with ``tol=0`` and warm start off, so every solve does exactly ``maxiter`` curva
 products in both implementations (checked after warm-up and recorded).
 
 Each repeat calls every variant once, in an order rotated per repeat, and waits with
-``jax.block_until_ready`` on all outputs; the same inputs are fed every call, so the
-work per call is constant. It also measures first-call compile time (trace + lower +
-XLA compile, and the first run) of each step after ``jax.clear_caches()``, interleaved
-over several fresh repeats.
+``jax.block_until_ready`` on all outputs (:func:`benchmarks.harness.interleaved`); the
+same inputs are fed every call, so the work per call is constant. It also measures
+first-call compile time (trace + lower + XLA compile, and the first run) of each step
+after ``jax.clear_caches()``, interleaved over several fresh repeats.
+
+Goals: step ≤ 1.03× the hand-written floor at width ≥ 128 and ≤ 1.10× below (ratio of
+medians); first call ≤ 1.1× the floor's.
 
 Run ``python -m benchmarks.step_overhead`` (full grid and 8×25 fresh compiles, about 20 minutes on 2 CPU cores),
 ``--quick`` (< 1 minute) or ``--smoke`` (seconds; used by the test suite). Results go
@@ -36,13 +39,8 @@ to ``benchmarks/results/step_overhead.json`` (or ``--out``) and a table is print
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
-import os
-import re
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,15 +48,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import somax
-from benchmarks.common import machine_info, summarize
-from somax.models import mlp_apply
+from benchmarks.common import RESULTS_DIR, machine_info, profile_of, study_parser, write_result
+from benchmarks.harness import first_call as _aot_first_call
+from benchmarks.harness import hlo_counts, interleaved, rotation
+from benchmarks.models import adam_step, cg, mlp_apply, mlp_problem, mse_loss, to_device, vdot
 
 __all__ = ["main", "PROFILES", "VARIANTS"]
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "step_overhead.json"
+DEFAULT_OUT = RESULTS_DIR / "step_overhead.json"
 VARIANTS = ("somax_sgn", "hand_sgn", "somax_newton", "hand_newton", "adam")
 PAIRS = {"sgn": ("somax_sgn", "hand_sgn"), "newton": ("somax_newton", "hand_newton")}
 #: somax's default step rejects a step with a non-finite loss, ‖g‖ or ‖u‖, which the floor does not
@@ -75,8 +74,6 @@ COMPILE_PAIRS = {
     "newton_unguarded": (UNGUARDED[1], "hand_newton"),
 }
 HAND_KEYS = ("sgn_vs_hand", "newton_vs_hand")
-F32 = jnp.float32
-
 #: Grids. ``repeats`` is the target number of timed rounds per point, ``min_repeats`` the
 #: floor when ``max_seconds`` (per point) would stop earlier; ``compile_repeats`` fresh compiles.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -101,79 +98,20 @@ ADAM_LR = 1e-3
 # --------------------------------------------------------------------------- problem
 
 
-def he_mlp(rs: np.random.Generator, sizes: Sequence[int]) -> dict:
-    """He-initialised float32 MLP parameters in the ``somax.models.mlp_init`` layout, drawn with NumPy."""
-    return {
-        f"layer{i}": {
-            "w": jnp.asarray(rs.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in), F32),
-            "b": jnp.zeros((n_out,), F32),
-        }
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
-    }
-
-
 def make_problem(width: int, batch: int, d_in: int, seed: int = 0) -> tuple[dict, dict]:
-    """He-initialised ``(d_in, w, w, 1)`` ReLU MLP (the ``somax.models.mlp_init`` layout) and a
-    float32 regression batch ``y = sin(3 x·u) + 0.1 ε``. Built with NumPy: eager JAX ops would
-    each compile a small program, which costs more than the smoke run itself."""
-    rs = np.random.default_rng(seed)
-    params = he_mlp(rs, (d_in, width, width, 1))
-    x = rs.standard_normal((batch, d_in))
-    u = rs.standard_normal((d_in, 1)) / np.sqrt(d_in)
-    y = np.sin(3.0 * x @ u) + 0.1 * rs.standard_normal((batch, 1))
-    return params, {"x": jnp.asarray(x, F32), "y": jnp.asarray(y, F32)}
-
-
-def mse_loss(params: dict, batch: dict) -> jax.Array:
-    """``1/(2b) Σ‖f(x) − y‖²`` — the normalisation ``sgn_mse`` uses."""
-    r = mlp_apply(params, batch["x"]) - batch["y"]
-    return 0.5 * jnp.sum(r * r) / r.shape[0]
+    """He-initialised ``(d_in, w, w, 1)`` ReLU MLP and a float32 regression batch
+    ``y = sin(3 x·u) + 0.1 ε`` (:func:`benchmarks.models.mlp_problem`), on the device."""
+    return to_device(mlp_problem("mse", d_in, width, batch, seed=seed))
 
 
 # --------------------------------------------------------------------------- hand-written floor
-
-
-def _vdot(a: Any, b: Any) -> jax.Array:
-    leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-    return sum(jnp.vdot(x, y) for x, y in leaves)
-
-
-def _cg(matvec: Callable[[Any], Any], b: Any, lam: jax.Array, tol: float, maxiter: int) -> tuple[Any, dict]:
-    """Textbook CG on ``(H + λI) s = b`` from ``s = 0``: stop at ``maxiter``, at
-    ``‖r‖ ≤ tol‖b‖`` or at ``pᵀAp ≤ 0`` (the stopping rule somax's CG uses). Returns
-    ``s`` and the statistics every somax step reports: iterations, ``‖b‖`` and ``‖r‖/‖b‖``."""
-    tm = jax.tree_util.tree_map
-    bb = _vdot(b, b)
-    threshold = tol * jnp.sqrt(bb)
-
-    def cond(c):
-        i, _, _, _, rr, neg = c
-        return (i < maxiter) & (jnp.sqrt(rr) > threshold) & ~neg
-
-    def body(c):
-        i, x, r, p, rr, _ = c
-        ap = tm(lambda hv, v: hv + lam * v, matvec(p), p)
-        pap = _vdot(p, ap)
-        neg = ~(pap > 0)
-        alpha = jnp.where(neg, 0.0, rr / jnp.where(neg, 1.0, pap))
-        x = tm(lambda xi, pi: xi + alpha * pi, x, p)
-        r = tm(lambda ri, ai: ri - alpha * ai, r, ap)
-        rr_new = _vdot(r, r)
-        p = tm(lambda ri, pi: ri + (rr_new / rr) * pi, r, p)
-        return i + jnp.where(neg, 0, 1), x, r, p, rr_new, neg
-
-    x0 = tm(jnp.zeros_like, b)
-    init = (jnp.zeros((), jnp.int32), x0, b, b, bb, jnp.zeros((), bool))
-    i, x, _, _, rr, _ = jax.lax.while_loop(cond, body, init)
-    bnorm = jnp.sqrt(bb)
-    return x, {"iters": i, "grad_norm": bnorm, "residual": jnp.sqrt(rr) / bnorm}
 
 
 def _apply_sgd(params: Any, s: Any, lr: float, loss: jax.Array, grad_norm: jax.Array, guard: bool) -> tuple:
     """``w − lr·s`` and ``‖lr·s‖`` (the update norm every somax step reports). With ``guard``, the
     check somax's default step makes: a non-finite loss, ‖g‖ or ‖u‖ zeroes the update."""
     u = jax.tree_util.tree_map(lambda si: -lr * si, s)
-    unorm = jnp.sqrt(_vdot(u, u))
+    unorm = jnp.sqrt(vdot(u, u))
     if not guard:
         return jax.tree_util.tree_map(jnp.add, params, u), unorm
     finite = jnp.all(jnp.isfinite(jnp.stack([loss, grad_norm, unorm])))
@@ -192,7 +130,7 @@ def make_hand_sgn(lr: float, tol: float, maxiter: int, guard: bool = False) -> C
         r = z - y
         loss = 0.5 * jnp.sum(r * r) / b
         (g,) = vjp(r / b)
-        s, stats = _cg(lambda v: vjp(jvp(v) / b)[0], g, lam, tol, maxiter)
+        s, stats = cg(lambda v: vjp(jvp(v) / b)[0], g, lam, tol, maxiter)
         new, update_norm = _apply_sgd(params, s, lr, loss, stats["grad_norm"], guard)
         return new, loss, stats["iters"], (stats, update_norm)
 
@@ -208,22 +146,11 @@ def make_hand_newton(lr: float, tol: float, maxiter: int, guard: bool = False) -
             return g, value
 
         g, hvp, loss = jax.linearize(grad_and_loss, params, has_aux=True)
-        s, stats = _cg(hvp, g, lam, tol, maxiter)
+        s, stats = cg(hvp, g, lam, tol, maxiter)
         new, update_norm = _apply_sgd(params, s, lr, loss, stats["grad_norm"], guard)
         return new, loss, stats["iters"], (stats, update_norm)
 
     return step
-
-
-def make_adam(lr: float) -> tuple[Callable, optax.GradientTransformation]:
-    tx = optax.adam(lr)
-
-    def step(params, batch, opt_state):
-        loss, g = jax.value_and_grad(mse_loss)(params, batch)
-        updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step, tx
 
 
 # --------------------------------------------------------------------------- variants
@@ -237,13 +164,13 @@ def build_variants(params: dict, batch: dict, maxiter: int) -> dict[str, tuple[C
     sgn_ung = somax.make("sgn_mse", predict_fn=mlp_apply, lam0=LAM, reject_nonfinite=False, **common)
     newton_ung = somax.make("newton_cg", loss_fn=mse_loss, lam0=LAM_NEWTON, reject_nonfinite=False, **common)
     rng = jnp.asarray([0, 1], jnp.uint32)  # = jax.random.PRNGKey(1) without an eager compile; unused here
-    adam_step, adam_tx = make_adam(ADAM_LR)
+    adam_init, adam = adam_step(mse_loss, ADAM_LR)
     return {
         "somax_sgn": (sgn.step, (params, batch, sgn.init(params), rng)),
         "hand_sgn": (make_hand_sgn(LR, TOL, maxiter), (params, batch, np.float32(LAM))),
         "somax_newton": (newton.step, (params, batch, newton.init(params), rng)),
         "hand_newton": (make_hand_newton(LR, TOL, maxiter), (params, batch, np.float32(LAM_NEWTON))),
-        "adam": (adam_step, (params, batch, adam_tx.init(params))),
+        "adam": (adam, (params, batch, adam_init(params))),
         UNGUARDED[0]: (sgn_ung.step, (params, batch, sgn_ung.init(params), rng)),
         UNGUARDED[1]: (newton_ung.step, (params, batch, newton_ung.init(params), rng)),
         GUARDED[0]: (make_hand_sgn(LR, TOL, maxiter, guard=True), (params, batch, np.float32(LAM))),
@@ -251,31 +178,15 @@ def build_variants(params: dict, batch: dict, maxiter: int) -> dict[str, tuple[C
     }
 
 
-def hlo_size(lowered: Any, compiled: Any) -> dict[str, int]:
-    """Deterministic program-size figures: StableHLO ops, optimised HLO instructions, fusions."""
-    shlo = lowered.as_text()
-    hlo = compiled.as_text() or ""
-    return {
-        "stablehlo_ops": len(re.findall(r"^\s*(?:%\S+(?:, %\S+)* = )?\"?[a-z_]+\.[a-z_]+", shlo, flags=re.M)),
-        "hlo_instructions": len(re.findall(r"^\s+(?:ROOT )?%\S+ = ", hlo, flags=re.M)),
-        "hlo_fusions": len(re.findall(r" fusion\(", hlo)),
-        "hlo_computations": len(re.findall(r"^(?:ENTRY )?%\S+ .*\{\s*$", hlo, flags=re.M)),
-    }
-
-
 def first_call(fn: Callable, args: tuple, options: dict | None = None) -> tuple[Any, dict[str, float], dict[str, int]]:
     """Trace + lower, XLA-compile and run ``jax.jit(fn)`` once (ahead of time); returns the
-    output, the three timings (ms; ``first_call`` is their sum) and the program size. The
-    executable lands in JAX's caches, so a later ``jax.jit(fn)(*args)`` does not recompile."""
-    t0 = time.perf_counter()
-    lowered = jax.jit(fn, compiler_options=options).lower(*args)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    t3 = time.perf_counter()
-    ms = {"lower": (t1 - t0) * 1e3, "compile": (t2 - t1) * 1e3, "first_call": (t3 - t0) * 1e3}
-    return out, ms, hlo_size(lowered, compiled)
+    output, the three timings (ms; ``first_call`` is their sum) and the program size
+    (StableHLO ops, optimised HLO instructions, fusions, computations)."""
+    out, ms, lowered, compiled = _aot_first_call(fn, args, options)
+    c = hlo_counts(compiled, lowered)
+    sizes = {"stablehlo_ops": c["stablehlo_ops"], "hlo_instructions": c["instructions"],
+             "hlo_fusions": c["fusions"], "hlo_computations": c["computations"]}  # fmt: skip
+    return out, ms, sizes
 
 
 def _cg_iters(name: str, out: Any) -> int | None:
@@ -290,43 +201,11 @@ def _goal(width: int) -> float:
     return 1.03 if width >= 128 else 1.10
 
 
-def _timed_rounds(
-    jitted: dict[str, tuple[Callable, tuple]],
-    names: list[str],
-    repeats: int,
-    min_repeats: int = 0,
-    max_seconds: float | None = None,
-) -> dict[str, list[float]]:
-    """Seconds per call: each round calls every variant once, in an order rotated from round to
-    round, and waits for its outputs; the garbage collector is off. After ``min_repeats`` rounds
-    the loop also stops once ``max_seconds`` have passed."""
-    times: dict[str, list[float]] = {n: [] for n in names}
-    started = time.perf_counter()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for rep in range(repeats):
-            if max_seconds is not None and rep >= min_repeats and time.perf_counter() - started > max_seconds:
-                break
-            k = rep % len(names)
-            for name in names[k:] + names[:k]:
-                f, args = jitted[name]
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(*args))
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
-
-
-def _ratio(stats: dict, times: dict[str, list[float]], a: str, b: str) -> dict[str, float]:
-    """``a``/``b``: ratio of medians, of p90s, and the median of per-round ratios (adjacent calls)."""
-    return {
-        "median": stats[a]["median_ms"] / stats[b]["median_ms"],
-        "p90": stats[a]["p90_ms"] / stats[b]["p90_ms"],
-        "paired_median": float(np.median(np.asarray(times[a]) / np.asarray(times[b]))),
-    }
+def _timed_rounds(jitted: dict[str, tuple[Callable, tuple]], names: list[str], repeats: int,
+                  min_repeats: int = 0, max_seconds: float | None = None):  # fmt: skip
+    """Each round calls every variant once on its fixed inputs (the work per call is constant)."""
+    calls = {n: (lambda i, f=jitted[n][0], a=jitted[n][1]: f(*a)) for n in names}
+    return interleaved(calls, rounds=repeats, min_rounds=min_repeats, max_seconds=max_seconds)
 
 
 def time_point(width: int, batch_size: int, cfg: dict) -> dict[str, Any]:
@@ -358,19 +237,18 @@ def time_point(width: int, batch_size: int, cfg: dict) -> dict[str, Any]:
                 f"{cfg['maxiter']} (negative curvature or zero residual); the comparison would be unfair"
             )
 
-    names = list(VARIANTS)
-    times = _timed_rounds(jitted, names, cfg["repeats"], cfg["min_repeats"], cfg["max_seconds"])
-    stats = {n: summarize(np.asarray(times[n]) * 1e3) for n in names}
+    run = _timed_rounds(jitted, list(VARIANTS), cfg["repeats"], cfg["min_repeats"], cfg["max_seconds"])
+    stats = run.stats()
     ratios: dict[str, dict[str, float]] = {}
     for lane, (s, h) in PAIRS.items():
-        ratios[f"{lane}_vs_hand"] = _ratio(stats, times, s, h)
-        ratios[f"{lane}_vs_adam"] = _ratio(stats, times, s, "adam")
+        ratios[f"{lane}_vs_hand"] = run.ratio(s, h)
+        ratios[f"{lane}_vs_adam"] = run.ratio(s, "adam")
     goal = _goal(width)
     return {
         "width": width,
         "batch": batch_size,
         "n_params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
-        "repeats": len(times[names[0]]),
+        "repeats": run.rounds,
         "cg_iters": iters,
         "compile_ms": compile_ms,
         "program_size": sizes,
@@ -418,9 +296,9 @@ def time_compile(width: int, batch_size: int, cfg: dict) -> dict[str, Any]:
     names = list(COMPILE_VARIANTS)
     rec: dict[str, dict[str, list[float]]] = {n: {"lower": [], "compile": [], "first_call": []} for n in names}
     sizes: dict[str, dict[str, int]] = {}
+    # the harness's rotated rounds, but each "call" is a fresh compile whose three phases are timed apart
     for rep in range(cfg["compile_repeats"]):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
+        for name in rotation(names, rep):
             fn, args = variants[name]
             jax.clear_caches()
             _, ms, sizes[name] = first_call(fn, args, cfg.get("compiler_options"))
@@ -454,9 +332,9 @@ def time_pair(width: int, batch_size: int, lane: str, cfg: dict) -> dict[str, An
             out = jax.block_until_ready(f(*args))
         if _cg_iters(name, out) != cfg["maxiter"]:
             raise RuntimeError(f"{name} ran {_cg_iters(name, out)} CG iterations, expected {cfg['maxiter']}")
-    times = _timed_rounds(jitted, names, cfg["repeats"])
-    stats = {n: summarize(np.asarray(times[n]) * 1e3) for n in names}
-    ratio = _ratio(stats, times, *names)
+    run = _timed_rounds(jitted, names, cfg["repeats"])
+    stats = run.stats()
+    ratio = run.ratio(*names)
     return {"width": width, "batch": batch_size, "lane": lane, "repeats": cfg["repeats"], "stats": stats,
             "ratio": ratio, "goal": _goal(width), "meets_goal": ratio["median"] <= _goal(width)}  # fmt: skip
 
@@ -559,11 +437,8 @@ def _warm_up_jax() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small grid, few repeats (< 1 minute)")
-    mode.add_argument("--smoke", action="store_true", help="one tiny point, 3 repeats (for the test suite)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output path (default {DEFAULT_OUT})")
+    ap = study_parser(__doc__, quick="small grid, few repeats (< 1 minute)",
+                      smoke="one tiny point, 3 repeats (for the test suite)", out=DEFAULT_OUT, raw=True)  # fmt: skip
     ap.add_argument("--widths", type=int, nargs="+", help="override the profile's widths")
     ap.add_argument("--batches", type=int, nargs="+", help="override the profile's batch sizes")
     ap.add_argument("--maxiter", type=int, help="override CG iterations per step")
@@ -579,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(markdown_table(result))
         return result
 
-    profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    profile = profile_of(args)
     cfg = dict(PROFILES[profile])
     for key in ("widths", "batches", "maxiter", "repeats", "compile_repeats"):
         if getattr(args, key) is not None:
@@ -605,8 +480,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.pair is not None:
         pairs = [time_pair(w, b, args.pair, cfg) for w in cfg["widths"] for b in cfg["batches"]]
         result = {"benchmark": "step_overhead_pair", "machine": machine_info(), "config": config, "pairs": pairs}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(result, args.out, quiet=True)
         for p in pairs:
             r, st = p["ratio"], p["stats"]
             print(f"w={p['width']} b={p['batch']} {p['lane']}: " + "  ".join(
@@ -629,9 +503,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             result["compile"] = compile_from_points(result["points"])
 
-    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out, quiet=True)
     m = result["machine"]
     print(f"{m['platform']}  cpus={m['cpu_count']}  backend={m['jax_backend']}  jax {m['versions']['jax']}  "
           f"jaxlib {m['versions']['jaxlib']}  optax {m['versions']['optax']}  maxiter={cfg['maxiter']}")  # fmt: skip

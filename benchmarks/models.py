@@ -1,0 +1,243 @@
+"""Model zoo of the benchmark studies: the MLPs, CNNs, losses, synthetic problems and Optax baselines.
+
+* :func:`he_mlp`, :func:`mlp_apply` — He-initialised ReLU MLPs in the ``somax.models.mlp_init``
+  layout (``layer{i}: {w, b}``), drawn with NumPy: eager JAX ops would each compile a small
+  program, which costs more than a smoke run;
+* :func:`mse_loss`, :func:`ce_loss`, :func:`loss_for` — ``1/(2b) Σ‖f(x) − y‖²`` (the
+  normalisation of ``sgn_mse``) and mean softmax cross-entropy with integer labels;
+* :func:`mlp_problem` — an MLP ``(d_in, w, w, out)`` with one fixed float32 batch: regression
+  ``y = sin(3 x·u) + 0.1 ε`` (scalar output) or 10-class labels from a random linear teacher;
+* :func:`small_cnn` — ``somax.models.cnn_init`` with 8 and 16 channels (8×8×1 digit images);
+* :func:`paper_cnn_init`, :func:`paper_cnn_apply` — the Fashion-MNIST CNN of the paper's
+  module-interaction study;
+* :func:`cg` — textbook conjugate gradients with somax's stopping rule, the solver of the
+  hand-written floors (``step_overhead``, ``floor_and_peers``);
+* :func:`optax_step`, :func:`adam_step` — ``value_and_grad`` + an Optax update, the
+  first-order baseline every timing study compares against.
+
+This module must not import ``somax`` at module level: ``_floor_peer_worker`` imports it
+under the interpreter that holds the ``python-somax`` 1.0.1 package (also named ``somax``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "he_mlp",
+    "mlp_apply",
+    "mse_loss",
+    "ce_loss",
+    "loss_for",
+    "teacher",
+    "sine_targets",
+    "mlp_problem",
+    "to_device",
+    "n_params",
+    "small_cnn",
+    "paper_cnn_init",
+    "paper_cnn_apply",
+    "vdot",
+    "cg",
+    "optax_step",
+    "adam_step",
+]
+
+# --------------------------------------------------------------------------- MLPs, losses, problems
+
+
+def he_mlp(rs: np.random.Generator, sizes: Sequence[int]) -> dict[str, dict[str, np.ndarray]]:
+    """He-initialised float32 MLP parameters (NumPy) for layer sizes ``(d_in, h_1, …, d_out)``."""
+    return {
+        f"layer{i}": {
+            "w": (rs.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)).astype(np.float32),
+            "b": np.zeros((n_out,), np.float32),
+        }
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    }
+
+
+def mlp_apply(params: dict, x: Any) -> Any:
+    """ReLU MLP forward pass (the last layer is linear); the same program as ``somax.models.mlp_apply``."""
+    n = len(params)
+    h = x
+    for i in range(n):
+        layer = params[f"layer{i}"]
+        h = h @ layer["w"] + layer["b"]
+        if i < n - 1:
+            h = jax.nn.relu(h)
+    return h
+
+
+def mse_loss(params: dict, batch: dict) -> Any:
+    """``1/(2b) Σ‖f(x) − y‖²`` — the normalisation ``sgn_mse`` uses (in somax and python-somax)."""
+    r = mlp_apply(params, batch["x"]) - batch["y"]
+    return 0.5 * jnp.sum(r * r) / r.shape[0]
+
+
+def ce_loss(params: dict, batch: dict) -> Any:
+    """Mean softmax cross-entropy with integer labels."""
+    logp = jax.nn.log_softmax(mlp_apply(params, batch["x"]))
+    return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=-1))
+
+
+def loss_for(kind: str) -> Callable[[dict, dict], Any]:
+    """The scalar loss ``loss_fn(params, batch)`` of a problem kind (``"mse"`` or ``"ce"``)."""
+    return mse_loss if kind == "mse" else ce_loss
+
+
+def teacher(rs: np.random.Generator, d_in: int) -> np.ndarray:
+    """The direction ``u`` of the synthetic regression target (unit expected norm)."""
+    return rs.standard_normal((d_in, 1)) / np.sqrt(d_in)
+
+
+def sine_targets(rs: np.random.Generator, x: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``y = sin(3 x·u) + 0.1 ε``, shape ``(b, 1)``, in float64."""
+    return np.sin(3.0 * x @ u) + 0.1 * rs.standard_normal((x.shape[0], 1))
+
+
+def mlp_problem(
+    kind: str, d_in: int, width: int, batch: int, classes: int = 10, seed: int = 0
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """He-initialised ``(d_in, w, w, out)`` ReLU MLP and one float32 batch (NumPy, fixed seed).
+
+    ``kind="mse"``: scalar output, ``y = sin(3 x·u) + 0.1 ε`` with shape ``(b, 1)``.
+    ``kind="ce"``: ``classes`` logits, integer labels from a random linear teacher.
+    Returns NumPy arrays (:func:`to_device` moves them to JAX).
+    """
+    rs = np.random.default_rng(seed)
+    params = he_mlp(rs, (d_in, width, width, 1 if kind == "mse" else classes))
+    x = rs.standard_normal((batch, d_in))
+    if kind == "mse":
+        y = sine_targets(rs, x, teacher(rs, d_in)).astype(np.float32)
+    else:
+        logits = x.astype(np.float32) @ rs.standard_normal((d_in, classes))
+        y = np.argmax(logits + 0.5 * rs.standard_normal((batch, classes)), axis=-1).astype(np.int32)
+    return params, {"x": x.astype(np.float32), "y": y}
+
+
+def to_device(tree: Any) -> Any:
+    """``jnp.asarray`` on every leaf."""
+    return jax.tree_util.tree_map(jnp.asarray, tree)
+
+
+def n_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays."""
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+# --------------------------------------------------------------------------- CNNs
+
+#: channels of the small CNN used on 8×8 images
+SMALL_CNN_CHANNELS = (8, 16)
+
+
+def small_cnn(key: jax.Array, *, in_channels: int = 1, image_size: int = 8) -> tuple[dict, Callable]:
+    """``(params, apply)`` of ``somax.models.cnn_init``'s CNN with 8 and 16 channels:
+    3×3 conv (stride 1) → ReLU → 3×3 conv (stride 2) → ReLU → dense to 10 logits."""
+    from somax.models import cnn_apply, cnn_init
+
+    params = cnn_init(key, in_channels=in_channels, channels=SMALL_CNN_CHANNELS, image_size=image_size)
+    return params, cnn_apply
+
+
+def paper_cnn_init(key: jax.Array, *, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> dict:
+    """The paper's Fashion-MNIST CNN (module-interaction study), He-initialised, NHWC, Flax kernel layout.
+
+    Two stages of 3×3 convolution (32, then 64 channels, SAME) + ReLU + 2×2 max-pool, then
+    dense 256 → ReLU → dense 128 → ReLU → dense ``num_classes``. (The paper gives the layer
+    types, not the widths; these widths are ours.)
+    """
+    from somax.models import mlp_init
+
+    k = jax.random.split(key, 5)
+    params: dict[str, dict[str, jax.Array]] = {}
+    c_in = in_channels
+    for i, c_out in enumerate((32, 64)):
+        std = jnp.sqrt(2.0 / (9 * c_in))
+        params[f"conv{i}"] = {"w": jax.random.normal(k[i], (3, 3, c_in, c_out)) * std, "b": jnp.zeros((c_out,))}
+        c_in = c_out
+    size = image_size // 4
+    sizes = (size * size * c_in, 256, 128, num_classes)
+    dense = mlp_init(k[2], sizes)
+    params.update({f"dense{i}": v for i, v in enumerate(dense.values())})
+    return params
+
+
+def paper_cnn_apply(params: dict, x: jax.Array) -> jax.Array:
+    """Forward pass of :func:`paper_cnn_init`'s network; returns logits."""
+    h = x
+    for i in range(2):
+        layer = params[f"conv{i}"]
+        h = jax.lax.conv_general_dilated(h, layer["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h = jax.nn.relu(h + layer["b"])
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    h = h.reshape(h.shape[0], -1)
+    dense = {f"layer{i}": params[f"dense{i}"] for i in range(3)}
+    return mlp_apply(dense, h)
+
+
+# --------------------------------------------------------------------------- hand-written building blocks
+
+
+def vdot(a: Any, b: Any) -> jax.Array:
+    """Inner product of two pytrees with the same structure."""
+    leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    return sum(jnp.vdot(x, y) for x, y in leaves)
+
+
+def cg(matvec: Callable[[Any], Any], b: Any, lam: jax.Array, tol: float, maxiter: int) -> tuple[Any, dict]:
+    """Textbook CG on ``(H + λI) s = b`` from ``s = 0``: stop at ``maxiter``, at
+    ``‖r‖ ≤ tol‖b‖`` or at ``pᵀAp ≤ 0`` (the stopping rule somax's CG uses). Returns
+    ``s`` and the statistics every somax step reports: iterations, ``‖b‖`` and ``‖r‖/‖b‖``."""
+    tm = jax.tree_util.tree_map
+    bb = vdot(b, b)
+    threshold = tol * jnp.sqrt(bb)
+
+    def cond(c):
+        i, _, _, _, rr, neg = c
+        return (i < maxiter) & (jnp.sqrt(rr) > threshold) & ~neg
+
+    def body(c):
+        i, x, r, p, rr, _ = c
+        ap = tm(lambda hv, v: hv + lam * v, matvec(p), p)
+        pap = vdot(p, ap)
+        neg = ~(pap > 0)
+        alpha = jnp.where(neg, 0.0, rr / jnp.where(neg, 1.0, pap))
+        x = tm(lambda xi, pi: xi + alpha * pi, x, p)
+        r = tm(lambda ri, ai: ri - alpha * ai, r, ap)
+        rr_new = vdot(r, r)
+        p = tm(lambda ri, pi: ri + (rr_new / rr) * pi, r, p)
+        return i + jnp.where(neg, 0, 1), x, r, p, rr_new, neg
+
+    x0 = tm(jnp.zeros_like, b)
+    init = (jnp.zeros((), jnp.int32), x0, b, b, bb, jnp.zeros((), bool))
+    i, x, _, _, rr, _ = jax.lax.while_loop(cond, body, init)
+    bnorm = jnp.sqrt(bb)
+    return x, {"iters": i, "grad_norm": bnorm, "residual": jnp.sqrt(rr) / bnorm}
+
+
+# --------------------------------------------------------------------------- first-order baselines
+
+
+def optax_step(loss_fn: Callable[[Any, Any], Any], tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
+    """``(init, step)`` of plain first-order training:
+    ``step(params, batch, opt_state, rng=None) -> (params, opt_state, loss)``."""
+
+    def step(params, batch, opt_state, rng=None):
+        loss, g = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return tx.init, step
+
+
+def adam_step(loss_fn: Callable[[Any, Any], Any], lr: float) -> tuple[Callable, Callable]:
+    """:func:`optax_step` with ``optax.adam(lr)``."""
+    return optax_step(loss_fn, optax.adam(lr))
