@@ -42,7 +42,7 @@ STUDIES: dict[str, Study] = {
     ),
     "sophia_recombination": Study("sophia_recombination", "Sophia-style recombination (paper Figure 3)"),
     "floor_and_peers": Study("floor_and_peers", "every preset against its hand-written floor and peers"),
-    "step_overhead": Study("step_overhead", "somax step vs hand-written jitted step (issue 2)"),
+    "step_overhead": Study("step_overhead", "somax step vs hand-written jitted step (goal: <= 1.03x the floor)"),
     "diag_vs_adam": Study("diag_vs_adam", "diagonal-lane presets vs Adam, per-step cost"),
     "sharding_memory": Study("sharding_memory", "per-device memory and step time on 1-8 forced host devices"),
 }

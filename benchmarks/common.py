@@ -32,6 +32,7 @@ import numpy as np
 __all__ = [
     "RESULTS_DIR",
     "machine_info",
+    "machine_line",
     "summarize",
     "save_json",
     "write_result",
@@ -152,6 +153,16 @@ def save_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(to_jsonable(result), indent=1, allow_nan=False) + "\n")
     return out
+
+
+def machine_line(m: Mapping[str, Any], markdown: bool = False) -> str:
+    """One line naming the machine and versions of a result's ``machine`` record (console or Markdown)."""
+    v = m["versions"]
+    if markdown:
+        return (f"Machine: {m['platform']}, {m['cpu_count']} CPUs, backend `{m['jax_backend']}` ({m['device']}); "
+                f"jax {v['jax']}, jaxlib {v['jaxlib']}, optax {v['optax']}, numpy {v['numpy']}")  # fmt: skip
+    return (f"{m['platform']}  cpus={m['cpu_count']}  backend={m['jax_backend']}  jax {v['jax']}  "
+            f"jaxlib {v['jaxlib']}  optax {v['optax']}")  # fmt: skip
 
 
 def load_average() -> list[float] | None:

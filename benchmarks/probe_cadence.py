@@ -56,7 +56,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import somax
-from benchmarks.common import RESULTS_DIR, machine_info, profile_of, save_figure, study_parser, write_result
+from benchmarks.common import (
+    RESULTS_DIR,
+    machine_info,
+    machine_line,
+    profile_of,
+    save_figure,
+    study_parser,
+    write_result,
+)
 from benchmarks.harness import first_call, hlo_counts, interleaved
 from benchmarks.models import he_mlp, mse_loss, sine_targets, teacher, to_device
 from somax.specs import TelemetrySpec
@@ -463,13 +471,11 @@ def format_sweep(sw: dict[str, Any]) -> str:
 def markdown_report(result: dict[str, Any]) -> str:
     """The measured figures of a result as Markdown (for ``docs/benchmarks_probe_cadence.md``)."""
     m, cfg = result["machine"], result["config"]
-    v = m["versions"]
     load = ", ".join(f"{x:.1f}" for x in m["load_average"] or [])
     load_end = ", ".join(f"{x:.1f}" for x in m.get("load_average_end") or [])
     out = [
-        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, backend `{m['jax_backend']}` ({m['device']}); "
-        f"jax {v['jax']}, jaxlib {v['jaxlib']}, optax {v['optax']}, numpy {v['numpy']}; load average "
-        f"(1/5/15 min) {load} at start, {load_end} at the end. Profile `{cfg['profile']}`: MLP "
+        f"{machine_line(m, markdown=True)}; load average (1/5/15 min) {load} at start, {load_end} at the end. "
+        f"Profile `{cfg['profile']}`: MLP "
         f"({cfg['d_in']}, {cfg['width']}, {cfg['width']}, 1) ({cfg['n_params']} parameters), batch {cfg['batch']}, "
         f"CG maxiter={cfg['maxiter']}, tol=0, λ={cfg['lam']} constant, eig_k=1, eig_iters={cfg['eig_iters']}.",
     ]
@@ -629,8 +635,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.no_plot:
         plot(result, args.out.with_suffix(".png"))
     m = result["machine"]
-    print(f"{m['platform']}  cpus={m['cpu_count']}  backend={m['jax_backend']}  jax {m['versions']['jax']}  "
-          f"jaxlib {m['versions']['jaxlib']}  optax {m['versions']['optax']}  load {m['load_average']}")  # fmt: skip
+    print(f"{machine_line(m)}  load {m['load_average']}")
     for sw in result["sweeps"].values():
         print(format_sweep(sw))
     print(f"wrote {args.out}")

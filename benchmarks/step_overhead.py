@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import somax
-from benchmarks.common import RESULTS_DIR, machine_info, profile_of, study_parser, write_result
+from benchmarks.common import RESULTS_DIR, machine_info, machine_line, profile_of, study_parser, write_result
 from benchmarks.harness import first_call as _aot_first_call
 from benchmarks.harness import hlo_counts, interleaved, rotation
 from benchmarks.models import adam_step, cg, mlp_apply, mlp_problem, mse_loss, to_device, vdot
@@ -391,10 +391,8 @@ def format_table(result: dict[str, Any]) -> str:
 def markdown_table(result: dict[str, Any]) -> str:
     """The measured figures of a result as Markdown (for ``docs/benchmarks.md``)."""
     m, cfg = result["machine"], result["config"]
-    v = m["versions"]
     out = [
-        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, backend `{m['jax_backend']}` ({m['device']}); "
-        f"jax {v['jax']}, jaxlib {v['jaxlib']}, optax {v['optax']}, numpy {v['numpy']}. "
+        f"{machine_line(m, markdown=True)}. "
         f"CG maxiter={cfg['maxiter']}, tol={cfg['cg_tol']}; {cfg['profile']} profile.",
         "",
         "| w | b | rounds | somax_sgn | hand_sgn | somax_newton | hand_newton | adam "
@@ -505,8 +503,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     write_result(result, args.out, quiet=True)
     m = result["machine"]
-    print(f"{m['platform']}  cpus={m['cpu_count']}  backend={m['jax_backend']}  jax {m['versions']['jax']}  "
-          f"jaxlib {m['versions']['jaxlib']}  optax {m['versions']['optax']}  maxiter={cfg['maxiter']}")  # fmt: skip
+    print(f"{machine_line(m)}  maxiter={cfg['maxiter']}")
     print(format_table(result))
     print(f"wrote {args.out}")
     return result
