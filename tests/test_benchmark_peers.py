@@ -1,4 +1,4 @@
-"""Smoke tests for issue 7's studies 4 (Sophia recombination) and 5 (floor and peers).
+"""Smoke tests for the Sophia-recombination and floor-and-peers studies.
 
 They run each study's smallest profile on a subset and check the JSON and PNG it writes;
 no timing is asserted (benchmarks never become timed tests). The python-somax peer is

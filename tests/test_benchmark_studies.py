@@ -122,5 +122,35 @@ def test_lane_scaling_quick_tiny(tmp_path, monkeypatch):
     assert data["figure2"]["width"] and data["figure2"]["batch"]
 
 
-# Studies 4 and 5 (sophia_recombination, floor_and_peers) are run in their smoke modes by
-# tests/test_benchmark_peers.py.
+# sophia_recombination and floor_and_peers are run in their smoke modes by tests/test_benchmark_peers.py.
+
+
+def test_harness_interleaved_rotation_warmup_and_stops():
+    """The shared timing loop: warm-up steps come first, rounds rotate, stops land on ``stop_every``."""
+    from benchmarks import harness
+
+    seen: list[tuple[str, int]] = []
+    calls = {n: (lambda i, n=n: seen.append((n, i))) for n in ("a", "b", "c")}
+    run = harness.interleaved(calls, rounds=4, warmup=2)
+    assert seen[:6] == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1)]
+    assert [n for n, _ in seen[6:15]] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {i for _, i in seen[6:9]} == {2} and run.rounds == 4 and run.cpu_ms is None
+    assert all(len(t) == 4 and min(t) >= 0 for t in run.wall_ms.values())
+    # a time limit already passed stops at the first allowed round: >= min_rounds and a multiple of stop_every
+    run = harness.interleaved(calls, rounds=50, min_rounds=3, max_seconds=0.0, stop_every=5)
+    assert run.rounds == 5
+    fixed: list[str] = []
+    harness.interleaved({n: (lambda i, n=n: fixed.append(n)) for n in "xy"}, rounds=3, rotate=False)
+    assert fixed == ["x", "y"] * 3
+
+
+def test_harness_self_timed_and_ratios():
+    from benchmarks import harness
+
+    peer = harness.SelfTimed(lambda i: 0.002 * (i + 1))  # seconds it measured itself
+    run = harness.interleaved({"ref": lambda i: None, "peer": peer}, rounds=3, cpu_time=True)
+    assert run.wall_ms["peer"] == pytest.approx([2.0, 4.0, 6.0])
+    assert run.stats()["peer"]["median_ms"] == pytest.approx(4.0)
+    r = harness.ratio([2.0, 4.0, 8.0], [1.0, 2.0, 2.0], keys=("median", "mean", "paired_median", "paired_p90"))
+    assert r == pytest.approx({"median": 2.0, "mean": 14 / 5, "paired_median": 2.0, "paired_p90": 3.6})
+
