@@ -3,6 +3,7 @@
 from somax.curvature.base import Linearization
 from somax.curvature.ggn import GGNCurvature, ggn, ggn_ce, ggn_mse
 from somax.curvature.hessian import HessianCurvature, hessian
+from somax.curvature.layers import Layer, LayerMap, discover_layers, layer_inputs_and_output_grads, row_cotangents
 from somax.curvature.losses import MSELoss, OutputCurvature, OutputLoss, SoftmaxCELoss
 
 __all__ = [
@@ -17,4 +18,9 @@ __all__ = [
     "OutputCurvature",
     "MSELoss",
     "SoftmaxCELoss",
+    "Layer",
+    "LayerMap",
+    "discover_layers",
+    "layer_inputs_and_output_grads",
+    "row_cotangents",
 ]

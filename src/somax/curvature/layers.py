@@ -559,7 +559,10 @@ def layer_inputs_and_output_grads(
     """
     closed, single_out = _single_example_jaxpr(predict_fn, params, inputs)
     found = _discover(closed, params)
-    names = [n for n, layer in found.items() if layer.kind in ("dense", "conv")] if layers is None else list(layers)
+    if layers is None or isinstance(layers, LayerMap):
+        names = [n for n in layers or found if found[n].kind in ("dense", "conv")]
+    else:
+        names = list(layers)
     for n in names:
         if n not in found or found[n].kind not in ("dense", "conv"):
             kind = found[n].kind if n in found else "not a parameter leaf"
