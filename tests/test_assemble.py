@@ -9,6 +9,7 @@ import pytest
 from oracles import classification_batch, regression_batch, tiny_mlp
 
 import somax
+from somax.contracts import Solver
 from somax.specs import *  # noqa: F403  (exactly as the paper's example does)
 from somax.specs import CurvatureSpec, DampingSpec, PrecondSpec, SolverSpec, TelemetrySpec
 
@@ -109,16 +110,11 @@ def test_user_registered_solver_is_used():
     calls = {"n": 0}
 
     @dataclasses.dataclass(frozen=True)
-    class ScaledGradient:
+    class ScaledGradient(Solver):
         """s = g / (1 + λ): a deliberately simple user solver in the parameter lane."""
 
         scale: float = 1.0
         lane = "param"
-        uses_precond = False
-        info_keys = ()
-
-        def init(self, params):
-            return ()
 
         def solve(self, lin, rhs, lam, precond, state):
             calls["n"] += 1
@@ -146,10 +142,11 @@ def test_user_registered_solver_is_used():
 
 def test_row_solver_with_hessian_is_rejected_naming_both():
     @dataclasses.dataclass(frozen=True)
-    class FakeRow:
+    class FakeRow(Solver):
         lane = "row"
-        uses_precond = False
-        info_keys = ()
+
+        def solve(self, lin, rhs, lam, precond, state):
+            raise AssertionError("never reached: assembly rejects it")
 
     somax.register("solver", "fake_row_test", FakeRow)
     _, predict = tiny_mlp()

@@ -277,7 +277,7 @@ def test_pcg_in_the_parameter_lane_uses_the_estimator_preconditioner():
     def run():
         new, new_state, info = method.step(params, batch, method.init(params), rng)
         lin = curvature.linearize(params, batch)
-        diag, _ = est.diagonal(lin, jax.random.fold_in(rng, 1), est.init(params))
+        diag, _ = est.estimate(lin, jax.random.fold_in(rng, 1), est.init(params))
         # dense GGN (the formula of oracles.dense_ggn, materialised under jit)
         jac = jax.jacfwd(lambda w: predict(unravel(w), batch["x"]).reshape(-1))(flat_params)
         G = jac.T @ jac / batch["x"].shape[0]

@@ -46,7 +46,7 @@ def _run(curvature, target_fn, params, batch, estimators, seed: int):
     @jax.jit
     def run(keys):
         lin = curvature.linearize(params, batch)
-        flat = lambda e, k: ravel_pytree(e.diagonal(lin, k, e.init(None))[0])[0]
+        flat = lambda e, k: ravel_pytree(e.estimate(lin, k, e.init(None))[0])[0]
         samples = [jax.vmap(lambda k, e=e: flat(e, k))(ks) for (e, _), ks in zip(estimators, keys)]
         return samples, target_fn(params, batch)
 
@@ -137,7 +137,7 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian():
     @jax.jit
     def refresh(key):
         lin = hessian(loss_fn=loss_fn).linearize(jax.tree.map(jnp.ones_like, a), {})
-        return est.diagonal(lin, key, est.init(None))
+        return est.estimate(lin, key, est.init(None))
 
     for seed in range(3):
         d, state = refresh(jax.random.PRNGKey(seed))
@@ -198,7 +198,7 @@ def test_gnb_rejects_an_output_loss_it_cannot_sample():
 
     def refresh(loss, key):
         lin = ggn(predict_fn=predict, loss=ScaledMSE()).linearize(params, batch)
-        return est.diagonal(dataclasses.replace(lin, output_loss=loss), key, est.init(None))[0]
+        return est.estimate(dataclasses.replace(lin, output_loss=loss), key, est.init(None))[0]
 
     jax.jit(lambda k: refresh(ScaledMSE(), k))(jax.random.PRNGKey(0))  # a subclass of MSE samples as MSE
     with pytest.raises(TypeError, match="custom"):

@@ -19,7 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from somax import validate
 from somax._tree import tree_axpy, tree_vdot
+from somax.contracts import LineSearch
 from somax.registry import LINE_SEARCHES
 
 __all__ = ["GridLineSearch", "ArmijoLineSearch", "grid", "armijo"]
@@ -29,15 +31,14 @@ def _loss_along(lin, params: Any, updates: Any):
     return lambda alpha: lin.loss_at(tree_axpy(alpha, updates, params))
 
 
-@dataclass(frozen=True)
-class GridLineSearch:
+@dataclass(frozen=True, kw_only=True)
+class GridLineSearch(LineSearch):
     """Argmin of the batch loss over ``α_i = 2^(−i/2)``, ``i < n`` (one vmapped pass)."""
 
     n: int = 8
 
     def __post_init__(self) -> None:
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"LineSearchSpec('grid'): n must be an int >= 1, got {self.n!r}")
+        validate.integer("LineSearchSpec('grid'): n", self.n, minimum=1)
 
     def search(self, lin, params: Any, updates: Any, dtype) -> tuple[jax.Array, jax.Array]:
         alphas = 2.0 ** (-jnp.arange(self.n, dtype=dtype) / 2)
@@ -47,8 +48,8 @@ class GridLineSearch:
         return alphas[i], losses[i]
 
 
-@dataclass(frozen=True)
-class ArmijoLineSearch:
+@dataclass(frozen=True, kw_only=True)
+class ArmijoLineSearch(LineSearch):
     """Backtracking until the Armijo sufficient-decrease condition holds."""
 
     c: float = 1e-4
@@ -57,12 +58,11 @@ class ArmijoLineSearch:
     max_steps: int = 10
 
     def __post_init__(self) -> None:
-        if not 0 < self.shrink < 1:
-            raise ValueError(f"LineSearchSpec('armijo'): shrink must be in (0, 1), got {self.shrink}")
-        if not 0 < self.c < 1:
-            raise ValueError(f"LineSearchSpec('armijo'): c must be in (0, 1), got {self.c}")
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise ValueError(f"LineSearchSpec('armijo'): max_steps must be an int >= 1, got {self.max_steps!r}")
+        open_unit = {"minimum": 0.0, "maximum": 1.0, "exclusive_minimum": True, "exclusive_maximum": True}
+        validate.number("LineSearchSpec('armijo'): shrink", self.shrink, **open_unit)
+        validate.number("LineSearchSpec('armijo'): c", self.c, **open_unit)
+        validate.number("LineSearchSpec('armijo'): alpha0", self.alpha0, minimum=0.0, exclusive_minimum=True)
+        validate.integer("LineSearchSpec('armijo'): max_steps", self.max_steps, minimum=1)
 
     def search(self, lin, params: Any, updates: Any, dtype) -> tuple[jax.Array, jax.Array]:
         f = _loss_along(lin, params, updates)
@@ -86,15 +86,9 @@ class ArmijoLineSearch:
         return a, fa
 
 
-def grid(*, n: int = 8) -> GridLineSearch:
-    """Factory for :class:`GridLineSearch` (``"grid"``)."""
-    return GridLineSearch(n)
+#: the registered factories (keyword options as the classes' fields)
+grid = GridLineSearch
+armijo = ArmijoLineSearch
 
-
-def armijo(*, c: float = 1e-4, shrink: float = 0.5, alpha0: float = 1.0, max_steps: int = 10) -> ArmijoLineSearch:
-    """Factory for :class:`ArmijoLineSearch` (``"armijo"``)."""
-    return ArmijoLineSearch(c, shrink, alpha0, max_steps)
-
-
-LINE_SEARCHES.register("grid", grid)
-LINE_SEARCHES.register("armijo", armijo)
+LINE_SEARCHES.register("grid", GridLineSearch)
+LINE_SEARCHES.register("armijo", ArmijoLineSearch)

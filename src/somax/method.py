@@ -1,11 +1,12 @@
-"""The one step skeleton shared by every lane.
+"""The one step skeleton shared by every lane, in named phases.
 
 ::
 
     linearize ─► spectral probes (cadence-gated) ─► gradient-side transform
-      ─► (estimator, cadence-gated) ─► preconditioner ─► solve in the lane
-      ─► Optax chain on the direction ─► line search (optional) ─► apply
-      ─► post-update probes (cadence-gated) ─► damping update / accept ─► state, info
+      ─► precondition: statistic (estimator cadence) ─► update ─► refresh (own cadence) ─► M⁻¹(λ)
+      ─► solve in the lane ─► apply: Optax chain on the direction, non-finite guard, line search
+      ─► post-update probes (cadence-gated) ─► damp: λ update / accept
+      ─► finalize: post-step hooks, keep/rollback per component, state, info
 
 Lanes differ only in the solver object that turns ``(linearization, g, λ, M⁻¹)``
 into a direction ``s``. All branching on configuration happens here in Python,
@@ -14,7 +15,7 @@ at trace time, from the static plan; the traced step has no compatibility logic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jax
@@ -22,9 +23,11 @@ import jax.numpy as jnp
 import optax
 
 from somax._tree import scalar_dtype, tree_norm, tree_scale, tree_vdot, tree_where, tree_zeros_like
+from somax.contracts import Component, Curvature, Damping, Estimator, LineSearch, Preconditioner, Solver
 from somax.plan import Plan, cadence_gate
 from somax.probes import block_names, spectral_values
 from somax.specs import TelemetrySpec
+from somax.step_checks import check_params, check_rng, check_state, describe_batch
 from somax.step_info import StepInfo
 from somax.telemetry import fill_info
 
@@ -52,6 +55,12 @@ class MethodState(NamedTuple):
     nonfinite_count: jax.Array | int = 0
 
 
+#: What happens to the state that is not a component's on a rejected / non-finite step.
+#: The Optax chain's state belongs to the update that was not applied; gradient-side
+#: statistics and the model's state describe the point ``w_t``, which a rejection keeps.
+_OWN_POLICIES = {"tx": ("rollback", "rollback"), "grad_tx": ("keep", "rollback"), "model_state": ("keep", "rollback")}
+
+
 @dataclass(frozen=True)
 class SecondOrderMethod:
     """An assembled method: ``init(params)`` and ``step(params, batch, state, rng)``.
@@ -61,18 +70,34 @@ class SecondOrderMethod:
     """
 
     plan: Plan
-    curvature: Any
-    solver: Any
-    precond: Any
-    damping: Any
-    estimator: Any
+    curvature: Curvature
+    solver: Solver
+    precond: Preconditioner
+    damping: Damping
+    estimator: Estimator | None
     tx: optax.GradientTransformation
     grad_tx: optax.GradientTransformation | None
     lam0: float
     telemetry: TelemetrySpec = TelemetrySpec()
-    line_search: Any = None
+    line_search: LineSearch | None = None
     solve_dtype: Any = None
     reject_nonfinite: bool = True
+    assembly: Any = field(default=None, compare=False, repr=False)
+
+    def replace(self, **changes: Any) -> SecondOrderMethod:
+        """The method re-assembled with some :func:`somax.assemble` arguments changed (a new plan).
+
+        ``method.replace(solver=SolverSpec("row_cg"))`` checks the new combination with every
+        assembly rule; ``assembly`` holds the arguments this method was assembled from.
+        """
+        if self.assembly is None:
+            raise ValueError("replace: this method was not built by somax.assemble, so it cannot be re-assembled")
+        from somax.assemble import assemble  # assembly builds methods: imported here, not at module load
+
+        unknown = set(changes) - set(self.assembly)
+        if unknown:
+            raise TypeError(f"replace: unknown assemble argument(s) {sorted(unknown)}; known: {sorted(self.assembly)}")
+        return assemble(**{**self.assembly, **changes})
 
     def init(self, params: PyTree, model_state: PyTree = ()) -> MethodState:
         """Initial method state for ``params`` (and the model's initial state, if it has one).
@@ -93,26 +118,12 @@ class SecondOrderMethod:
             nonfinite_count=jnp.zeros((), jnp.int32),
         )
 
-    def _check_state(self, params: PyTree, state: MethodState) -> None:
-        """Trace-time check that ``state`` has the structure, shapes and dtypes ``init(params)`` gives."""
-        expected = jax.eval_shape(lambda p: self.init(p)._replace(model_state=()), params)
-        got = state._replace(model_state=())
-        for field in MethodState._fields:
-            e_leaves, e_tree = jax.tree_util.tree_flatten_with_path(getattr(expected, field))
-            g_leaves, g_tree = jax.tree_util.tree_flatten_with_path(getattr(got, field))
-            if e_tree != g_tree:
-                raise ValueError(
-                    f"step: state.{field} has structure {g_tree}, but method.init(params) gives {e_tree}; "
-                    f"was the state created by this method's init for these params?"
-                )
-            for (path, e), (_, g) in zip(e_leaves, g_leaves, strict=True):
-                g_shape, g_dtype = jnp.shape(g), jnp.result_type(g)
-                if g_shape != e.shape or g_dtype != e.dtype:
-                    where = f"state.{field}{jax.tree_util.keystr(path)}"
-                    raise ValueError(
-                        f"step: {where} is {g_dtype}{list(g_shape)}, but method.init(params) gives "
-                        f"{e.dtype}{list(e.shape)}; were params reshaped or cast after init?"
-                    )
+    def components(self) -> dict[str, Component]:
+        """The components that own a field of :class:`MethodState`, by field name."""
+        out: dict[str, Component] = {"solver": self.solver, "precond": self.precond, "damping": self.damping}
+        if self.estimator is not None:
+            out["estimator"] = self.estimator
+        return out
 
     def _working(self, params: PyTree) -> PyTree:
         """Parameters in the dtype of curvature products and solves (``solve_dtype``), else as given."""
@@ -125,58 +136,88 @@ class SecondOrderMethod:
         self, params: PyTree, batch: Any, state: MethodState, rng: jax.Array | None = None
     ) -> tuple[PyTree, MethodState, StepInfo]:
         """One optimization step; returns ``(new_params, new_state, info)``."""
-        plan = self.plan
-        if not isinstance(state, MethodState):
-            raise TypeError(f"step: state must be the MethodState from method.init, got {type(state).__name__}")
-        count = state.count
-        if rng is None and plan.needs_rng:
-            raise ValueError(f"step: rng=None, but this plan draws random numbers for: {', '.join(plan.needs_rng)}")
-        if plan.needs_rng:
-            _check_rng(rng)
-        _check_params(params)
-        self._check_state(params, state)
+        self._check_inputs(params, state, rng)
         user_params, params = params, self._working(params)
         fdt = scalar_dtype(params)
-        nan = jnp.asarray(jnp.nan, fdt)
+        count = state.count
+        lin = self._linearize(params, batch, state, rng)
+        values: dict[str, Any] = {}
+        if any(self.plan.enabled(p) for p in ("trace", "eig", "density", "block_eig")):
+            gate = lambda p: self.plan.gate(p, count)  # noqa: E731
+            values.update(spectral_values(self.telemetry, lin, params, rng, gate, _gated, fdt))
+        rhs, grad_tx_state = lin.grad, state.grad_tx
+        if self.grad_tx is not None:
+            rhs, grad_tx_state = self.grad_tx.update(lin.grad, state.grad_tx, params)
+        lam = state.damping.lam
+        precond_state, estimator_state, inverse = self._precondition(lin, rng, state)
+        direction, solver_state, solver_stats = self.solver.solve(lin, rhs, lam, inverse, state.solver)
+        updates, tx_state, finite = self._apply(lin, params, direction, state, values, fdt)
+        rho = self._post_update(lin, params, direction, updates, count, values, fdt)
+        damping_state, accepted = self._damp(state, rho, values)
+        values.update(step=count, loss=lin.loss, lam=lam, **solver_stats)
+        new_params = _add(user_params, updates)
+        if self.damping.can_reject:
+            new_params = tree_where(accepted, new_params, user_params)
+        new = {
+            "solver": solver_state,
+            "precond": precond_state,
+            "damping": damping_state,
+            "estimator": estimator_state,
+            "grad_tx": grad_tx_state,
+            "tx": tx_state,
+            "model_state": lin.model_state if lin.model_state is not None else state.model_state,
+        }
+        new_state = self._finalize(state, new, updates, accepted, finite, values)
+        blocks = block_names(user_params) if "block_top_eig" in self.plan.info_schema else ()
+        extras = {"aux": lin.aux} if self.curvature.has_aux else None
+        return new_params, new_state, fill_info(self.plan.info_schema, values, fdt, blocks, extras)
 
+    # ------------------------------------------------------------------------------------ phases
+
+    def _check_inputs(self, params: PyTree, state: MethodState, rng: Any) -> None:
+        if not isinstance(state, MethodState):
+            raise TypeError(f"step: state must be the MethodState from method.init, got {type(state).__name__}")
+        if rng is None and self.plan.needs_rng:
+            users = ", ".join(self.plan.needs_rng)
+            raise ValueError(f"step: rng=None, but this plan draws random numbers for: {users}")
+        if self.plan.needs_rng:
+            check_rng(rng)
+        check_params(params)
+        check_state(self.init, params, state)
+
+    def _linearize(self, params: PyTree, batch: Any, state: MethodState, rng: Any):
         model_rng = None
-        if getattr(self.curvature, "uses_rng", False):
-            model_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), count)  # fresh every step
+        if self.curvature.uses_rng:
+            model_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), state.count)  # fresh every step
         try:
-            lin = self.curvature.linearize(params, batch, state.model_state, model_rng)
+            return self.curvature.linearize(params, batch, state.model_state, model_rng)
         except (TypeError, ValueError) as e:
             if type(e) not in (TypeError, ValueError):
                 raise
-            msg = f"step: evaluating the model and loss on the batch failed; batch: {_describe(batch)}. {e}"
+            msg = f"step: evaluating the model and loss on the batch failed; batch: {describe_batch(batch)}. {e}"
             raise type(e)(msg) from e
-        g = lin.grad
-        lam = state.damping.lam
-        values: dict[str, Any] = {}
-        if any(plan.enabled(p) for p in ("trace", "eig", "density", "block_eig")):
-            values.update(spectral_values(self.telemetry, lin, params, rng, lambda p: plan.gate(p, count), _gated, fdt))
 
-        rhs, grad_tx_state = g, state.grad_tx
-        if self.grad_tx is not None:
-            rhs, grad_tx_state = self.grad_tx.update(g, state.grad_tx, params)
+    def _precondition(self, lin, rng: Any, state: MethodState) -> tuple[PyTree, PyTree, Any]:
+        """Statistic (estimator cadence) → ``update`` → ``refresh`` (own cadence) → ``M⁻¹`` for this λ."""
+        precond_state, estimator_state, count = state.precond, state.estimator, state.count
+        est = self.estimator
+        if est is not None:
+            key = jax.random.fold_in(rng, 1) if est.uses_rng and rng is not None else None
 
-        precond_state, estimator_state = state.precond, state.estimator
-        if self.precond.needs_diagonal:
-            if self.estimator is None:
-                precond_state = self.precond.update(precond_state, jax.tree_util.tree_map(jnp.square, g))
-            else:
+            def update() -> tuple[PyTree, PyTree]:
+                statistic, new_est = est.estimate(lin, key, estimator_state)
+                return self.precond.update(precond_state, statistic, lin), new_est
 
-                def refresh():
-                    diag, est_state = self.estimator.diagonal(lin, jax.random.fold_in(rng, 1), estimator_state)
-                    return self.precond.update(precond_state, diag), est_state
+            fire = self.plan.gate("estimator", count)
+            precond_state, estimator_state = _gated(fire, update, (precond_state, estimator_state))
+        refreshed = precond_state
+        precond_state = _gated(self.plan.gate("refresh", count), lambda: self.precond.refresh(refreshed), refreshed)
+        return precond_state, estimator_state, self.precond.inverse(precond_state, state.damping.lam)
 
-                precond_state, estimator_state = _gated(
-                    plan.gate("estimator", count), refresh, (precond_state, estimator_state)
-                )
-        inverse = self.precond.inverse(precond_state, lam)
-
-        direction, solver_state, solver_stats = self.solver.solve(lin, rhs, lam, inverse, state.solver)
+    def _apply(self, lin, params, direction, state, values, fdt) -> tuple[PyTree, PyTree, jax.Array]:
+        """Optax chain on ``s``, the non-finite guard, then the line search (or the ``loss_after`` probe)."""
         updates, tx_state = self.tx.update(direction, state.tx, params)
-        grad_norm = tree_norm(g)
+        grad_norm = tree_norm(lin.grad)
         update_norm = tree_norm(updates)
         finite = jnp.asarray(True)
         if self.reject_nonfinite:
@@ -188,122 +229,86 @@ class SecondOrderMethod:
             finite = jnp.all(jnp.isfinite(checked))
             updates = tree_where(finite, updates, tree_zeros_like(updates))
             update_norm = jnp.where(finite, update_norm, 0)
-
-        # Post-update probes are computed against the update actually applied.
-        loss_after = nan
-        fire_loss = cadence_gate(count, plan.cadences("loss_after") + plan.cadences("rho"))
+        nan = jnp.asarray(jnp.nan, fdt)
+        fire = cadence_gate(state.count, self.plan.cadences("loss_after") + self.plan.cadences("rho"))
         if self.line_search is not None:
             alpha, loss_after = self.line_search.search(lin, params, updates, fdt)
             updates = tree_scale(alpha, updates)
             update_norm = jnp.abs(alpha).astype(update_norm.dtype) * update_norm
             values["ls_alpha"] = alpha
-            fire_loss = True  # the line search evaluated L_B(w + αu) already
+            fire = True  # the line search evaluated L_B(w + αu) already
             loss_after = loss_after.astype(fdt)
         else:
-            loss_after = _gated(fire_loss, lambda: lin.loss_at(optax.apply_updates(params, updates)).astype(fdt), nan)
-        new_params = _apply(user_params, updates)
-        values.update(
-            step=count,
-            loss=lin.loss,
-            grad_norm=grad_norm,
-            update_norm=update_norm,
-            lam=lam,
-            **solver_stats,
-        )
-        fire_norms = plan.gate("norms", count)
+            loss_after = _gated(fire, lambda: lin.loss_at(optax.apply_updates(params, updates)).astype(fdt), nan)
+        if fire is not False:
+            values["loss_after"] = jnp.where(jnp.asarray(fire), loss_after, nan)
+            values["actual_decrease"] = lin.loss.astype(fdt) - values["loss_after"]
+        values.update(grad_norm=grad_norm, update_norm=update_norm)
+        return updates, tx_state, finite
+
+    def _post_update(self, lin, params, direction, updates, count, values, fdt) -> jax.Array:
+        """Norms and the rho bundle, against the update actually applied; returns rho (``nan`` if off)."""
+        nan = jnp.asarray(jnp.nan, fdt)
+        fire_norms = self.plan.gate("norms", count)
         if fire_norms is not False:
             tiny = jnp.finfo(fdt).tiny
-            values["rel_update"], values["g_dot_s"] = _gated(
-                fire_norms,
-                lambda: (update_norm / jnp.maximum(tree_norm(params), tiny), tree_vdot(g, direction).astype(fdt)),
-                (nan, nan),
-            )
-        fire_rho = plan.gate("rho", count)
-        rho = nan
-        if fire_loss is not False:
-            values["loss_after"] = jnp.where(_as_array(fire_loss), loss_after, nan)
-            values["actual_decrease"] = lin.loss.astype(fdt) - values["loss_after"]
-        if fire_rho is not False:
-            pred = _gated(fire_rho, lambda: -(tree_vdot(g, updates) + 0.5 * lin.quad(updates)).astype(fdt), nan)
-            rho = jnp.where(pred > 0, values["actual_decrease"] / jnp.where(pred > 0, pred, 1.0), -jnp.inf)
-            rho = jnp.where(_as_array(fire_rho), jnp.where(jnp.isfinite(rho), rho, -jnp.inf), nan)
-            values.update(rho=rho, pred_decrease=pred)
+            update_norm = values["update_norm"]
 
-        damping_state, accepted = state.damping, jnp.asarray(True)
-        fire_damp = plan.gate("damping", count)
-        if fire_damp is not False:
-            signals = {"rho": rho, "update_norm": update_norm, "rel_update": values.get("rel_update", nan)}
-            new_damping, ok, action = self.damping.update(state.damping, signals)
-            fire_damp = _as_array(fire_damp)
-            damping_state = tree_where(fire_damp, new_damping, state.damping)
-            accepted = jnp.where(fire_damp, ok, True)
-            values["tr_action"] = jnp.where(fire_damp, action, -1)
-            if getattr(self.damping, "can_reject", False):
-                new_params = tree_where(accepted, new_params, user_params)
-                tx_state = tree_where(accepted, tx_state, state.tx)
+            def norms() -> tuple[jax.Array, jax.Array]:
+                return update_norm / jnp.maximum(tree_norm(params), tiny), tree_vdot(lin.grad, direction).astype(fdt)
 
-        new_state = MethodState(
-            count=count + 1,
-            solver=solver_state,
-            precond=precond_state,
-            damping=damping_state,
-            estimator=estimator_state,
-            grad_tx=grad_tx_state,
-            tx=tx_state,
-            model_state=lin.model_state if lin.model_state is not None else state.model_state,
-            nonfinite_count=state.nonfinite_count + jnp.where(finite, 0, 1).astype(jnp.int32),
-        )
-        if self.reject_nonfinite:
-            # A non-finite loss, gradient or direction leaves everything as it was but the counters.
-            kept = state._replace(count=new_state.count, nonfinite_count=new_state.nonfinite_count)
-            new_state = tree_where(finite, new_state, kept)
-            accepted = accepted & finite
-        values["step_accepted"] = accepted
-        values["finite"] = finite
-        blocks = block_names(user_params) if "block_top_eig" in plan.info_schema else ()
-        extras = {"aux": lin.aux} if getattr(self.curvature, "has_aux", False) else None
-        info = fill_info(plan.info_schema, values, fdt, blocks, extras)
-        return new_params, new_state, info
+            values["rel_update"], values["g_dot_s"] = _gated(fire_norms, norms, (nan, nan))
+        fire_rho = self.plan.gate("rho", count)
+        if fire_rho is False:
+            return nan
+        pred = _gated(fire_rho, lambda: -(tree_vdot(lin.grad, updates) + 0.5 * lin.quad(updates)).astype(fdt), nan)
+        rho = jnp.where(pred > 0, values["actual_decrease"] / jnp.where(pred > 0, pred, 1.0), -jnp.inf)
+        rho = jnp.where(jnp.asarray(fire_rho), jnp.where(jnp.isfinite(rho), rho, -jnp.inf), nan)
+        values.update(rho=rho, pred_decrease=pred)
+        return rho
+
+    def _damp(self, state: MethodState, rho: jax.Array, values: dict) -> tuple[PyTree, jax.Array]:
+        """The damping policy on its cadence: new λ state and whether it accepts the step."""
+        fire = self.plan.gate("damping", state.count)
+        if fire is False:
+            return state.damping, jnp.asarray(True)
+        nan = jnp.asarray(jnp.nan, rho.dtype)
+        signals = {"rho": rho, "update_norm": values["update_norm"], "rel_update": values.get("rel_update", nan)}
+        new_damping, ok, action = self.damping.update(state.damping, signals)
+        fire = jnp.asarray(fire)
+        values["tr_action"] = jnp.where(fire, action, -1)
+        return tree_where(fire, new_damping, state.damping), jnp.where(fire, ok, True)
+
+    def _finalize(self, state, new: dict, updates, accepted, finite, values) -> MethodState:
+        """Post-step hooks, then each state field kept or rolled back as its owner declares."""
+        step_ok = accepted & finite
+        can_reject = self.damping.can_reject
+        for name, comp in self.components().items():
+            new[name] = comp.post_step(new[name], updates, step_ok)
+        policies = {name: (c.on_reject, c.on_nonfinite) for name, c in self.components().items()}
+        for name, (on_reject, on_nonfinite) in {**policies, **_OWN_POLICIES}.items():
+            old = getattr(state, name)
+            if can_reject and on_reject == "rollback":
+                new[name] = tree_where(accepted, new[name], old)
+            if self.reject_nonfinite and on_nonfinite == "rollback":
+                new[name] = tree_where(finite, new[name], old)
+        for name, comp in self.components().items():
+            reported = dict(comp.info(new[name]))
+            stray = set(reported) - set(comp.info_keys)
+            if stray:
+                raise KeyError(f"{type(comp).__name__}.info reported keys it does not declare: {sorted(stray)}")
+            values.update(reported)
+        values.update(step_accepted=step_ok, finite=finite)
+        nonfinite = state.nonfinite_count + jnp.where(finite, 0, 1).astype(jnp.int32)
+        return MethodState(count=state.count + 1, nonfinite_count=nonfinite, **new)
 
 
-def _check_params(params: PyTree) -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(
-                f"step: params{jax.tree_util.keystr(path)} has dtype {dtype}; every parameter must be a floating "
-                f"array (keep integer or boolean constants out of params, e.g. in the model or the batch)"
-            )
-
-
-def _check_rng(rng: Any) -> None:
-    dtype, shape = jnp.result_type(rng), jnp.shape(rng)
-    typed = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    if not (typed and shape == ()) and not (dtype == jnp.uint32 and shape == (2,)):
-        raise TypeError(
-            f"step: rng must be one PRNG key (jax.random.key(...) or jax.random.PRNGKey(...)), got {dtype}{list(shape)}"
-        )
-
-
-def _describe(batch: Any) -> str:
-    def one(x: Any) -> str:
-        return f"{x.dtype}{list(x.shape)}" if hasattr(x, "dtype") and hasattr(x, "shape") else type(x).__name__
-
-    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
-    parts = [f"{jax.tree_util.keystr(p) or 'batch'}: {one(x)}" for p, x in leaves]
-    return ", ".join(parts[:8]) + (", …" if len(parts) > 8 else "")
-
-
-def _apply(params: PyTree, updates: PyTree) -> PyTree:
+def _add(params: PyTree, updates: PyTree) -> PyTree:
     """``w + u`` in each parameter's own dtype (updates may be in ``solve_dtype``)."""
     return jax.tree_util.tree_map(lambda w, u: (w + u.astype(w.dtype)).astype(w.dtype), params, updates)
 
 
-def _as_array(flag: bool | jax.Array) -> jax.Array:
-    return jnp.asarray(flag)
-
-
-def _gated(fire: bool | jax.Array, compute, sentinel: jax.Array) -> jax.Array:
+def _gated(fire: bool | jax.Array, compute, sentinel: Any) -> Any:
     """``compute()`` where ``fire`` holds, else ``sentinel``; nothing is compiled for ``False``."""
     if fire is False:
         return sentinel

@@ -17,6 +17,8 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from somax.contracts import Curvature, Damping, Estimator, LineSearch, Preconditioner, Solver
+
 __all__ = [
     "Registry",
     "UnknownKindError",
@@ -30,6 +32,7 @@ __all__ = [
     "register",
     "registry_for",
     "build_component",
+    "check_component",
 ]
 
 
@@ -49,10 +52,11 @@ class UnknownKindError(ValueError):
 
 
 class Registry:
-    """A named table ``kind name -> factory``."""
+    """A named table ``kind name -> factory``; every factory returns an instance of ``base``."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, base: type) -> None:
         self.what = what
+        self.base = base
         self._factories: dict[str, Callable[..., Any]] = {}
 
     def register(self, name: str, factory: Callable[..., Any] | None = None, *, overwrite: bool = False):
@@ -82,12 +86,12 @@ class Registry:
         return name in self._factories
 
 
-CURVATURES = Registry("curvature")
-SOLVERS = Registry("solver")
-PRECONDITIONERS = Registry("preconditioner")
-DAMPINGS = Registry("damping")
-ESTIMATORS = Registry("estimator")
-LINE_SEARCHES = Registry("line search")
+CURVATURES = Registry("curvature", Curvature)
+SOLVERS = Registry("solver", Solver)
+PRECONDITIONERS = Registry("preconditioner", Preconditioner)
+DAMPINGS = Registry("damping", Damping)
+ESTIMATORS = Registry("estimator", Estimator)
+LINE_SEARCHES = Registry("line search", LineSearch)
 
 _BY_KIND: Mapping[str, Registry] = {
     "curvature": CURVATURES,
@@ -115,7 +119,7 @@ def register(component: str, name: str, factory: Callable[..., Any] | None = Non
 
 
 def build_component(reg: Registry, name: str, kwargs: Mapping[str, Any], *, where: str) -> Any:
-    """Instantiate ``name`` from ``reg`` with ``kwargs``, naming the spec on a bad keyword."""
+    """Instantiate ``name`` from ``reg`` with ``kwargs``, naming the spec on a bad keyword or a wrong type."""
     factory = reg.get(name)
     try:
         sig = inspect.signature(factory)
@@ -144,4 +148,16 @@ def build_component(reg: Registry, name: str, kwargs: Mapping[str, Any], *, wher
                 raise TypeError(
                     f"{where}: {reg.what} kind {name!r} requires keyword(s) {', '.join(map(repr, missing))}."
                 )
-    return factory(**dict(kwargs))
+    component = factory(**dict(kwargs))
+    check_component(reg, component, f"{where}: {reg.what} kind {name!r}")
+    return component
+
+
+def check_component(reg: Registry, component: Any, where: str) -> None:
+    """Raise ``TypeError`` unless ``component`` is an instance of the family's base class."""
+    if not isinstance(component, reg.base):
+        base = f"somax.contracts.{reg.base.__name__}"
+        raise TypeError(
+            f"{where} built a {type(component).__name__}, which is not a {base}; subclass {base} "
+            f"(it declares the family's capabilities and their defaults in one place)"
+        )

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 
 from somax._tree import tree_vdot
+from somax.contracts import Curvature
 from somax.curvature.base import Linearization
 from somax.curvature.losses import OutputLoss, get_output_loss
 from somax.curvature.model import BatchReader, Model, as_model
@@ -25,7 +26,7 @@ __all__ = ["GGNCurvature", "ggn", "ggn_mse", "ggn_ce"]
 
 
 @dataclass(frozen=True)
-class GGNCurvature:
+class GGNCurvature(Curvature):
     """GGN of ``L(f(w, x), y)`` for an output-space loss ``L`` and a :class:`Model` ``f``."""
 
     model: Model
@@ -33,16 +34,20 @@ class GGNCurvature:
     reader: BatchReader
     name: str = "ggn"
 
-    has_rows: bool = True
-    needs_model_outputs: bool = True
+    has_rows = True
+    has_model_outputs = True
 
     @property
-    def uses_rng(self) -> bool:
+    def uses_rng(self) -> bool:  # type: ignore[override]
         return self.model.uses_rng
 
     @property
-    def has_aux(self) -> bool:
+    def has_aux(self) -> bool:  # type: ignore[override]
         return self.model.has_aux
+
+    @property
+    def couples_examples(self) -> bool:  # type: ignore[override]
+        return self.model.couples_examples
 
     def linearize(
         self, params: Any, batch: Any, model_state: Any = None, rng: jax.Array | None = None

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from somax._tree import tree_vdot
+from somax.contracts import Curvature
 from somax.curvature.base import Linearization
 from somax.curvature.losses import OutputLoss, get_output_loss
 from somax.curvature.model import BatchReader, Model, as_model
@@ -27,15 +28,13 @@ StatefulLoss = Callable[[Any, Any, Any, Any], tuple[jax.Array, tuple[Any, Any]]]
 
 
 @dataclass(frozen=True)
-class HessianCurvature:
+class HessianCurvature(Curvature):
     """Exact Hessian of a scalar loss of the parameters."""
 
     loss: StatefulLoss
     uses_rng: bool = False
     has_aux: bool = False
     name: str = "hessian"
-    has_rows: bool = False
-    needs_model_outputs: bool = False
 
     def linearize(
         self, params: Any, batch: Any, model_state: Any = None, rng: jax.Array | None = None

@@ -27,8 +27,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from somax import validate
+from somax.contracts import Damping
 from somax.registry import DAMPINGS
-from somax.specs import OFF, check_cadence
 
 __all__ = [
     "DampingState",
@@ -60,6 +61,8 @@ def _scale_lam(state: DampingState, up: jax.Array, down: jax.Array, increase: fl
 
 
 def _check_factors(where: str, decrease: float, increase: float, lam_min: float, lam_max: float) -> None:
+    for name, value in (("decrease", decrease), ("increase", increase), ("lam_min", lam_min), ("lam_max", lam_max)):
+        validate.number(f"{where}: {name}", value)
     if not (0 < decrease <= 1 <= increase):
         raise ValueError(f"{where}: need 0 < decrease <= 1 <= increase, got ({decrease}, {increase})")
     if not 0 <= lam_min <= lam_max:
@@ -67,12 +70,8 @@ def _check_factors(where: str, decrease: float, increase: float, lam_min: float,
 
 
 @dataclass(frozen=True)
-class ConstantDamping:
+class ConstantDamping(Damping):
     """``λ_t = λ_0`` for every step."""
-
-    needs_rho = False
-    can_reject = False
-    every_k = OFF
 
     def init(self, lam0: float, dtype) -> DampingState:
         return DampingState(jnp.asarray(lam0, dtype))
@@ -81,8 +80,8 @@ class ConstantDamping:
         return state, jnp.asarray(True), jnp.asarray(KEEP, jnp.int32)
 
 
-@dataclass(frozen=True)
-class TrustRegion:
+@dataclass(frozen=True, kw_only=True)
+class TrustRegion(Damping):
     """Levenberg–Marquardt trust region on the gain ratio (see module docstring)."""
 
     every_k: int = 1
@@ -103,9 +102,10 @@ class TrustRegion:
 
     def __post_init__(self) -> None:
         where = "DampingSpec('trust_region')"
-        check_cadence(f"{where}.every_k", self.every_k)
-        if self.every_k == OFF:
-            raise ValueError(f"{where}: every_k must be >= 1 (use 'constant' damping for no updates)")
+        validate.cadence(f"{where}.every_k", self.every_k, allow_off=False)
+        for name in ("lower", "upper", "rho_clip"):
+            validate.number(f"{where}: {name}", getattr(self, name))
+        validate.number(f"{where}: reject_below", self.reject_below, allow_none=True)
         if not self.lower < self.upper:
             raise ValueError(f"{where}: need lower < upper, got ({self.lower}, {self.upper})")
         _check_factors(where, self.decrease, self.increase, self.lam_min, self.lam_max)
@@ -121,8 +121,8 @@ class TrustRegion:
         return new, accept, action
 
 
-@dataclass(frozen=True)
-class StepNormDamping:
+@dataclass(frozen=True, kw_only=True)
+class StepNormDamping(Damping):
     """Keep ``‖u_t‖`` (or ``‖u_t‖/‖w_t‖``) inside ``[low, high]`` by scaling λ."""
 
     low: float = 1e-3
@@ -134,9 +134,6 @@ class StepNormDamping:
     lam_min: float = 1e-12
     lam_max: float = 1e6
 
-    needs_rho = False
-    can_reject = False
-
     @property
     def needs_norms(self) -> bool:
         """``relative=True`` reads ``rel_update``, which needs ``‖w_t‖`` (the "norms" probe)."""
@@ -144,9 +141,10 @@ class StepNormDamping:
 
     def __post_init__(self) -> None:
         where = "DampingSpec('step_norm')"
-        check_cadence(f"{where}.every_k", self.every_k)
-        if self.every_k == OFF:
-            raise ValueError(f"{where}: every_k must be >= 1")
+        validate.cadence(f"{where}.every_k", self.every_k, allow_off=False)
+        validate.number(f"{where}: low", self.low)
+        validate.number(f"{where}: high", self.high)
+        validate.boolean(f"{where}: relative", self.relative)
         if not 0 <= self.low < self.high:
             raise ValueError(f"{where}: need 0 <= low < high, got ({self.low}, {self.high})")
         _check_factors(where, self.decrease, self.increase, self.lam_min, self.lam_max)
@@ -161,42 +159,11 @@ class StepNormDamping:
         return new, jnp.asarray(True), action
 
 
-def constant() -> ConstantDamping:
-    """Factory for :class:`ConstantDamping` (``"constant"``)."""
-    return ConstantDamping()
+#: the registered factories (keyword options as the classes' fields)
+constant = ConstantDamping
+trust_region = TrustRegion
+step_norm = StepNormDamping
 
-
-def trust_region(
-    *,
-    every_k: int = 1,
-    lower: float = 0.25,
-    upper: float = 0.75,
-    decrease: float = 0.5,
-    increase: float = 1.5,
-    lam_min: float = 1e-12,
-    lam_max: float = 1e6,
-    rho_clip: float = 5.0,
-    reject_below: float | None = 0.0,
-) -> TrustRegion:
-    """Factory for :class:`TrustRegion` (``"trust_region"``)."""
-    return TrustRegion(every_k, lower, upper, decrease, increase, lam_min, lam_max, rho_clip, reject_below)
-
-
-def step_norm(
-    *,
-    low: float = 1e-3,
-    high: float = 1e-1,
-    relative: bool = False,
-    every_k: int = 1,
-    decrease: float = 0.5,
-    increase: float = 2.0,
-    lam_min: float = 1e-12,
-    lam_max: float = 1e6,
-) -> StepNormDamping:
-    """Factory for :class:`StepNormDamping` (``"step_norm"``)."""
-    return StepNormDamping(low, high, relative, every_k, decrease, increase, lam_min, lam_max)
-
-
-DAMPINGS.register("constant", constant)
-DAMPINGS.register("trust_region", trust_region)
-DAMPINGS.register("step_norm", step_norm)
+DAMPINGS.register("constant", ConstantDamping)
+DAMPINGS.register("trust_region", TrustRegion)
+DAMPINGS.register("step_norm", StepNormDamping)

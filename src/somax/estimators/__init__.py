@@ -4,12 +4,16 @@
 * ``"gnb"`` (alias ``"gauss_newton_bartlett"``): ``n · ĝ ⊙ ĝ`` with labels sampled from
   the model's predictive distribution; GGN curvatures with a CE or MSE loss.
 
-Both refresh on their ``eval_every_k`` cadence and feed a diagonal preconditioner.
+* ``"squared_gradient"``: ``g ⊙ g`` (the default statistic of the diagonal preconditioners).
+
+Each refreshes on its ``eval_every_k`` cadence and feeds the preconditioner the statistic
+it ``produces`` (``"diagonal"`` or ``"squared_gradient"``).
 """
 
 from somax.estimators.base import EstimatorState, mean_over_samples, rademacher_like
 from somax.estimators.gnb import GaussNewtonBartlett, gnb, predictive_noise, sample_predictive
 from somax.estimators.hutchinson import HutchinsonDiagonal, hutchinson
+from somax.estimators.squared_gradient import SquaredGradient
 
 __all__ = [
     "EstimatorState",
@@ -21,4 +25,5 @@ __all__ = [
     "predictive_noise",
     "rademacher_like",
     "sample_predictive",
+    "SquaredGradient",
 ]

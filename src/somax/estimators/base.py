@@ -1,15 +1,10 @@
-"""Shared pieces of the diagonal curvature estimators.
+"""Shared pieces of the curvature estimators.
 
-An estimator is a small frozen object layered on the step's single
-:class:`~somax.curvature.base.Linearization`; it never linearizes the model again.
-The step (:mod:`somax.method`) calls it on the plan's ``"estimator"`` cadence:
-
-* ``every_k``: the cadence (``-1`` off, ``k >= 1``: steps ``0, k, 2k, …``); the spec
-  keyword is ``eval_every_k``.
-* ``produces_diagonal``: ``True`` — the output feeds a diagonal preconditioner.
-* ``needs_model_outputs``: ``True`` when the estimator needs the model outputs ``z``
-  and the VJP of a GGN linearization (assembly rejects it with the Hessian).
-* ``init(params) -> state`` and ``diagonal(lin, rng, state) -> (diag, state)``.
+An estimator (:class:`~somax.contracts.Estimator`) is a small frozen object layered on
+the step's single :class:`~somax.curvature.base.Linearization`; it never linearizes the
+model again. The step (:mod:`somax.method`) calls ``estimate(lin, rng, state)`` on the
+plan's ``"estimator"`` cadence (the spec keyword ``eval_every_k``: ``-1`` off, ``k >= 1``:
+steps ``0, k, 2k, …``) and hands the statistic it ``produces`` to the preconditioner.
 
 The state of every built-in estimator is :class:`EstimatorState`, which counts the
 refreshes performed. The count is folded into the probe key, so even a caller that
@@ -24,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from somax.specs import check_cadence
+from somax import validate
 
 PyTree = Any
 
@@ -35,7 +30,6 @@ __all__ = [
     "rademacher_like",
     "mean_over_samples",
     "check_count",
-    "check_every_k",
 ]
 
 
@@ -100,12 +94,4 @@ def mean_over_samples(fn: Callable[[Any], PyTree], samples: Any, n: int) -> PyTr
 
 def check_count(where: str, value: Any) -> int:
     """Validate a positive integer count (``n_probes``, ``n_samples``)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where} must be an int >= 1, got {value!r}")
-    return value
-
-
-def check_every_k(where: str, value: Any) -> int:
-    """Validate the ``eval_every_k`` cadence (``-1`` off, ``k >= 1``)."""
-    return check_cadence(where, value)
-
+    return validate.integer(where, value, minimum=1)

@@ -39,12 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from somax import validate
+from somax.contracts import DIAGONAL, Estimator
 from somax.curvature.base import Linearization
 from somax.curvature.losses import MSELoss, OutputLoss, SoftmaxCELoss
 from somax.estimators.base import (
     EstimatorState,
     check_count,
-    check_every_k,
     init_state,
     mean_over_samples,
     refresh_key,
@@ -116,31 +117,36 @@ def _positions(loss: OutputLoss, z: jax.Array) -> tuple[int, ...]:
     return z.shape[:-1] if isinstance(loss, SoftmaxCELoss) else z.shape[:1]
 
 
-@dataclass(frozen=True)
-class GaussNewtonBartlett:
+@dataclass(frozen=True, kw_only=True)
+class GaussNewtonBartlett(Estimator):
     """``d̂ = (n/S) Σ_k ĝ_k ⊙ ĝ_k`` over ``S = n_samples`` label samples, ``ĝ_k = Jᵀ∇_z L(z, ŷ_k)``.
 
     See the module docstring for ``n`` and the proof that ``E[d̂] = diag(GGN)``.
 
     Attributes:
       n_samples: label samples averaged per refresh.
-      every_k: refresh cadence (steps ``0, k, 2k, …``; ``-1`` never).
+      eval_every_k: refresh cadence (steps ``0, k, 2k, …``; ``-1`` never); between refreshes
+        the preconditioner keeps the last estimate.
     """
 
     n_samples: int = 1
-    every_k: int = 1
+    eval_every_k: int = 1
 
-    produces_diagonal = True
+    produces = DIAGONAL
     needs_model_outputs = True
 
     def __post_init__(self) -> None:
         check_count("EstimatorSpec('gnb'): n_samples", self.n_samples)
-        check_every_k("EstimatorSpec('gnb'): eval_every_k", self.every_k)
+        validate.cadence("EstimatorSpec('gnb'): eval_every_k", self.eval_every_k)
+
+    @property
+    def every_k(self) -> int:  # type: ignore[override]
+        return self.eval_every_k
 
     def init(self, params: PyTree) -> EstimatorState:
         return init_state()
 
-    def diagonal(self, lin: Linearization, rng: jax.Array, state: EstimatorState) -> tuple[PyTree, EstimatorState]:
+    def estimate(self, lin: Linearization, rng: jax.Array, state: EstimatorState) -> tuple[PyTree, EstimatorState]:
         """One refresh: the averaged GNB estimate and the state with ``refreshes + 1``."""
         if lin.outputs is None or lin.vjp is None or lin.output_loss is None:
             raise TypeError(
@@ -175,16 +181,9 @@ class GaussNewtonBartlett:
         return diag, EstimatorState(state.refreshes + 1)
 
 
-def gnb(*, n_samples: int = 1, eval_every_k: int = 1) -> GaussNewtonBartlett:
-    """Factory for :class:`GaussNewtonBartlett` (``EstimatorSpec("gnb")``).
-
-    Args:
-      n_samples: label samples averaged per refresh (Sophia-G uses 1).
-      eval_every_k: refresh cadence; between refreshes the preconditioner keeps the
-        last estimate. ``-1`` never refreshes.
-    """
-    return GaussNewtonBartlett(n_samples=n_samples, every_k=eval_every_k)
+#: the registered factory of ``"gnb"`` (keyword options as the class fields)
+gnb = GaussNewtonBartlett
 
 
-ESTIMATORS.register("gnb", gnb)
-ESTIMATORS.register("gauss_newton_bartlett", gnb)
+ESTIMATORS.register("gnb", GaussNewtonBartlett)
+ESTIMATORS.register("gauss_newton_bartlett", GaussNewtonBartlett)

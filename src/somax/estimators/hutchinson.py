@@ -23,11 +23,12 @@ from typing import Any
 
 import jax
 
+from somax import validate
+from somax.contracts import DIAGONAL, Estimator
 from somax.curvature.base import Linearization
 from somax.estimators.base import (
     EstimatorState,
     check_count,
-    check_every_k,
     init_state,
     mean_over_samples,
     rademacher_like,
@@ -40,29 +41,33 @@ PyTree = Any
 __all__ = ["HutchinsonDiagonal", "hutchinson"]
 
 
-@dataclass(frozen=True)
-class HutchinsonDiagonal:
+@dataclass(frozen=True, kw_only=True)
+class HutchinsonDiagonal(Estimator):
     """``d̂ = 1/n Σ_k z_k ⊙ (H z_k)`` with Rademacher probes ``z_k`` (see module docstring).
 
     Attributes:
       n_probes: number of probes averaged per refresh.
-      every_k: refresh cadence (steps ``0, k, 2k, …``; ``-1`` never).
+      eval_every_k: refresh cadence (steps ``0, k, 2k, …``; ``-1`` never); between refreshes
+        the preconditioner keeps the last estimate.
     """
 
     n_probes: int = 1
-    every_k: int = 1
+    eval_every_k: int = 1
 
-    produces_diagonal = True
-    needs_model_outputs = False
+    produces = DIAGONAL
 
     def __post_init__(self) -> None:
         check_count("EstimatorSpec('hutchinson'): n_probes", self.n_probes)
-        check_every_k("EstimatorSpec('hutchinson'): eval_every_k", self.every_k)
+        validate.cadence("EstimatorSpec('hutchinson'): eval_every_k", self.eval_every_k)
+
+    @property
+    def every_k(self) -> int:  # type: ignore[override]
+        return self.eval_every_k
 
     def init(self, params: PyTree) -> EstimatorState:
         return init_state()
 
-    def diagonal(self, lin: Linearization, rng: jax.Array, state: EstimatorState) -> tuple[PyTree, EstimatorState]:
+    def estimate(self, lin: Linearization, rng: jax.Array, state: EstimatorState) -> tuple[PyTree, EstimatorState]:
         """One refresh: the averaged probe estimate and the state with ``refreshes + 1``."""
         n = self.n_probes
         probes = rademacher_like(refresh_key(rng, state), lin.grad, None if n == 1 else n)
@@ -74,15 +79,8 @@ class HutchinsonDiagonal:
         return diag, EstimatorState(state.refreshes + 1)
 
 
-def hutchinson(*, n_probes: int = 1, eval_every_k: int = 1) -> HutchinsonDiagonal:
-    """Factory for :class:`HutchinsonDiagonal` (``EstimatorSpec("hutchinson")``).
-
-    Args:
-      n_probes: Rademacher probes averaged per refresh (Sophia and AdaHessian use 1).
-      eval_every_k: refresh cadence; between refreshes the preconditioner keeps the
-        last estimate. ``-1`` never refreshes.
-    """
-    return HutchinsonDiagonal(n_probes=n_probes, every_k=eval_every_k)
+#: the registered factory of ``"hutchinson"`` (keyword options as the class fields)
+hutchinson = HutchinsonDiagonal
 
 
-ESTIMATORS.register("hutchinson", hutchinson)
+ESTIMATORS.register("hutchinson", HutchinsonDiagonal)

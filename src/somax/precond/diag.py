@@ -39,7 +39,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from somax import validate
 from somax._tree import tree_zeros_like
+from somax.contracts import DIAGONAL, SQUARED_GRADIENT, Preconditioner
 from somax.registry import PRECONDITIONERS
 
 PyTree = Any
@@ -54,22 +56,6 @@ __all__ = [
     "diag_ema",
     "spatial_average_tree",
 ]
-
-
-def _check_number(where: str, value: Any, *, positive: bool = False, nonneg: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where} must be a number, got {value!r}")
-    if positive and not value > 0:
-        raise ValueError(f"{where} must be > 0, got {value!r}")
-    if nonneg and not value >= 0:
-        raise ValueError(f"{where} must be >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_bool(where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{where} must be True or False, got {value!r}")
-    return value
 
 
 def _spatial_mean(x: jax.Array) -> jax.Array:
@@ -125,24 +111,21 @@ def _divide_by(scale: PyTree):
 
 
 @dataclass(frozen=True)
-class IdentityPrecond:
+class IdentityPrecond(Preconditioner):
     """No preconditioning: the parameter lane runs plain CG."""
 
-    needs_diagonal = False
-
-    def init(self, params: PyTree) -> PyTree:
-        return ()
-
-    def update(self, state: PyTree, diag: PyTree) -> PyTree:
-        return state
+    provides_inverse = False
 
     def inverse(self, state: PyTree, lam: jax.Array):
         return None
 
 
-@dataclass(frozen=True)
-class DiagDirect:
-    """``D_t`` from the latest diagonal estimate, no smoothing: ``D = max(γ max(e_t,0)^p + λ, ε)``."""
+@dataclass(frozen=True, kw_only=True)
+class DiagDirect(Preconditioner):
+    """``D_t`` from the latest diagonal estimate, no smoothing: ``D = max(γ max(e_t,0)^p + λ, ε)``.
+
+    Options ``power``, ``eps``, ``gamma``, ``square`` and ``spatial_average`` as for :class:`DiagEMA`.
+    """
 
     power: float = 1.0
     eps: float = 1e-12
@@ -150,7 +133,8 @@ class DiagDirect:
     square: bool = False
     spatial_average: bool = False
 
-    needs_diagonal = True
+    consumes = (DIAGONAL, SQUARED_GRADIENT)
+    default_estimator = "squared_gradient"
 
     def __post_init__(self) -> None:
         _validate("diag_direct", self.power, self.eps, self.gamma, self.square, self.spatial_average)
@@ -158,8 +142,8 @@ class DiagDirect:
     def init(self, params: PyTree) -> PyTree:
         return tree_zeros_like(params)
 
-    def update(self, state: PyTree, diag: PyTree) -> PyTree:
-        return _tracked(diag, state, self.square, self.spatial_average)
+    def update(self, state: PyTree, statistic: PyTree, lin: Any = None) -> PyTree:
+        return _tracked(statistic, state, self.square, self.spatial_average)
 
     def inverse(self, state: PyTree, lam: jax.Array):
         return _divide_by(_scaling(state, lam, self.power, self.eps, self.gamma))
@@ -172,13 +156,22 @@ class DiagEMAState(NamedTuple):
     count: jax.Array
 
 
-@dataclass(frozen=True)
-class DiagEMA:
+@dataclass(frozen=True, kw_only=True)
+class DiagEMA(Preconditioner):
     """Exponential moving average of the tracked estimate, optionally bias-corrected.
 
     ``m_t = β m_{t−1} + (1−β) e_t`` on every refresh (``t`` counts refreshes, not
     steps), ``m̂_t = m_t / (1 − β^t)`` when ``bias_correction`` [Kingma & Ba 2015],
     and ``D = max(γ · max(m̂_t, 0)^p + λ, ε)``. Before the first refresh ``m̂ = 0``.
+
+    Args:
+      beta: EMA decay ``β`` (Sophia's ``β₂`` = 0.99, AdaHessian's ``β₂`` = 0.999).
+      power: exponent ``p`` (AdaHessian: ``k/2`` for Hessian power ``k``).
+      eps: floor ``ε`` of ``D`` (Sophia: 1e-12).
+      bias_correction: divide by ``1 − β^t``, ``t`` = refreshes so far.
+      gamma: scale ``γ`` on the estimate (Sophia-H 0.01, Sophia-G/N 0.05).
+      square: track ``|d|²`` (AdaHessian's second moment) instead of ``d``.
+      spatial_average: average 4-D (conv) leaves over their spatial axes ``H, W``.
     """
 
     beta: float = 0.99
@@ -189,20 +182,19 @@ class DiagEMA:
     square: bool = False
     spatial_average: bool = False
 
-    needs_diagonal = True
+    consumes = (DIAGONAL, SQUARED_GRADIENT)
+    default_estimator = "squared_gradient"
 
     def __post_init__(self) -> None:
-        beta = _check_number("PrecondSpec('diag_ema'): beta", self.beta)
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"PrecondSpec('diag_ema'): beta must be in [0, 1), got {self.beta}")
-        _check_bool("PrecondSpec('diag_ema'): bias_correction", self.bias_correction)
+        validate.number("PrecondSpec('diag_ema'): beta", self.beta, minimum=0.0, maximum=1.0, exclusive_maximum=True)
+        validate.boolean("PrecondSpec('diag_ema'): bias_correction", self.bias_correction)
         _validate("diag_ema", self.power, self.eps, self.gamma, self.square, self.spatial_average)
 
     def init(self, params: PyTree) -> DiagEMAState:
         return DiagEMAState(tree_zeros_like(params), jnp.zeros((), jnp.int32))
 
-    def update(self, state: DiagEMAState, diag: PyTree) -> DiagEMAState:
-        e = _tracked(diag, state.ema, self.square, self.spatial_average)
+    def update(self, state: DiagEMAState, statistic: PyTree, lin: Any = None) -> DiagEMAState:
+        e = _tracked(statistic, state.ema, self.square, self.spatial_average)
         b = self.beta
         ema = jax.tree_util.tree_map(lambda m, x: (b * m + (1.0 - b) * x).astype(m.dtype), state.ema, e)
         return DiagEMAState(ema, state.count + 1)
@@ -225,70 +217,18 @@ class DiagEMA:
 
 
 def _validate(kind: str, power: Any, eps: Any, gamma: Any, square: Any, spatial_average: Any) -> None:
-    _check_number(f"PrecondSpec({kind!r}): power", power, positive=True)
-    _check_number(f"PrecondSpec({kind!r}): eps", eps, nonneg=True)
-    _check_number(f"PrecondSpec({kind!r}): gamma", gamma, positive=True)
-    _check_bool(f"PrecondSpec({kind!r}): square", square)
-    _check_bool(f"PrecondSpec({kind!r}): spatial_average", spatial_average)
+    validate.number(f"PrecondSpec({kind!r}): power", power, minimum=0.0, exclusive_minimum=True)
+    validate.number(f"PrecondSpec({kind!r}): eps", eps, minimum=0.0)
+    validate.number(f"PrecondSpec({kind!r}): gamma", gamma, minimum=0.0, exclusive_minimum=True)
+    validate.boolean(f"PrecondSpec({kind!r}): square", square)
+    validate.boolean(f"PrecondSpec({kind!r}): spatial_average", spatial_average)
 
 
-def identity() -> IdentityPrecond:
-    """Factory for :class:`IdentityPrecond` (``"identity"``)."""
-    return IdentityPrecond()
+#: the registered factories (keyword options as the classes' fields; see :class:`DiagEMA` for their meaning)
+identity = IdentityPrecond
+diag_direct = DiagDirect
+diag_ema = DiagEMA
 
-
-def diag_direct(
-    *,
-    power: float = 1.0,
-    eps: float = 1e-12,
-    gamma: float = 1.0,
-    square: bool = False,
-    spatial_average: bool = False,
-) -> DiagDirect:
-    """Factory for :class:`DiagDirect` (``"diag_direct"``).
-
-    Args:
-      power: exponent ``p`` on the clamped estimate.
-      eps: floor ``ε`` of ``D``.
-      gamma: scale ``γ`` on the estimate (Sophia's γ).
-      square: track ``|d|²`` (after spatial averaging of ``|d|``) instead of ``d``.
-      spatial_average: average 4-D (conv) leaves over their spatial axes ``H, W``.
-    """
-    return DiagDirect(power=power, eps=eps, gamma=gamma, square=square, spatial_average=spatial_average)
-
-
-def diag_ema(
-    *,
-    beta: float = 0.99,
-    power: float = 1.0,
-    eps: float = 1e-12,
-    bias_correction: bool = True,
-    gamma: float = 1.0,
-    square: bool = False,
-    spatial_average: bool = False,
-) -> DiagEMA:
-    """Factory for :class:`DiagEMA` (``"diag_ema"``).
-
-    Args:
-      beta: EMA decay ``β`` (Sophia's ``β₂`` = 0.99, AdaHessian's ``β₂`` = 0.999).
-      power: exponent ``p`` (AdaHessian: ``k/2`` for Hessian power ``k``).
-      eps: floor ``ε`` of ``D`` (Sophia: 1e-12).
-      bias_correction: divide by ``1 − β^t``, ``t`` = refreshes so far.
-      gamma: scale ``γ`` on the estimate (Sophia-H 0.01, Sophia-G/N 0.05).
-      square: track ``|d|²`` (AdaHessian's second moment) instead of ``d``.
-      spatial_average: average 4-D (conv) leaves over their spatial axes ``H, W``.
-    """
-    return DiagEMA(
-        beta=beta,
-        power=power,
-        eps=eps,
-        bias_correction=bias_correction,
-        gamma=gamma,
-        square=square,
-        spatial_average=spatial_average,
-    )
-
-
-PRECONDITIONERS.register("identity", identity)
-PRECONDITIONERS.register("diag_direct", diag_direct)
-PRECONDITIONERS.register("diag_ema", diag_ema)
+PRECONDITIONERS.register("identity", IdentityPrecond)
+PRECONDITIONERS.register("diag_direct", DiagDirect)
+PRECONDITIONERS.register("diag_ema", DiagEMA)

@@ -22,17 +22,18 @@ What is exact and what is per-shard:
   gathered: every device holds it and its Cholesky factor).
   :func:`row_system_bytes` estimates the per-device size; above ``row_budget_bytes``
   :func:`shard_method` refuses (``row_gram="auto"``) or warns (``row_gram="exact"``).
-  ``row_gram="block"`` swaps in :class:`BlockRowCholeskySolver`, a per-shard
-  block-diagonal row system — each shard solves its own examples' rows, ``s = Σ_k
-  Ĵ_kᵀ(Ĵ_kĴ_kᵀ + μI)⁻¹ r_k`` — which is *not* the exact GGN direction (it drops the
+  ``row_gram="block"`` re-assembles the method with :class:`BlockRowCholeskySolver`
+  (``"block_row_cholesky"``), a per-shard block-diagonal row system — each shard solves
+  its own examples' rows, ``s = Σ_k Ĵ_kᵀ(Ĵ_kĴ_kᵀ + μI)⁻¹ r_k`` — which is *not* the exact GGN direction (it drops the
   cross-shard Gram blocks) but depends only on the number of blocks, not on the devices.
 
 See ``docs/multi_device.md`` for the recipe, multi-host use and measurements.
 """
 
 from somax.sharding.layouts import batch_shardings, fsdp_shardings, make_mesh, replicated, state_shardings
-from somax.sharding.row_system import DEFAULT_ROW_BUDGET_BYTES, BlockRowCholeskySolver, row_system_bytes
+from somax.sharding.row_system import DEFAULT_ROW_BUDGET_BYTES, row_system_bytes
 from somax.sharding.sharded_method import ShardedMethod, data_parallel, fsdp, shard_method
+from somax.solvers.row_block import BlockRowCholeskySolver
 
 __all__ = [
     "make_mesh",

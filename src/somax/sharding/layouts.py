@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, Sharding
 
+from somax.contracts import shard_like_params
 from somax.method import MethodState, SecondOrderMethod
 
 PyTree = Any
@@ -116,40 +117,31 @@ def state_shardings(
 ) -> MethodState:
     """Shardings for ``method.init(params, model_state)``, from its abstract shape (nothing is computed).
 
-    Every parameter-shaped subtree of the state (CG warm start, preconditioner diagonal,
-    Optax moments, …: same tree structure and leaf shapes as ``params``) follows
-    ``param_shardings`` leaf by leaf; any other leaf whose shape matches exactly one
-    parameter sharding follows it; everything else (counters, λ, scalars, model state)
-    is replicated.
+    Each component's state follows the component's own declaration
+    (:meth:`somax.contracts.Component.state_shardings`: by default every subtree with the
+    parameters' structure and leaf shapes follows ``param_shardings`` leaf by leaf, and
+    everything else is replicated). The Optax states follow the same parameter-tree rule;
+    counters and the model state are replicated.
     """
     mesh = _auto(mesh)
     rep = NamedSharding(mesh, PartitionSpec())
     shapes = jax.eval_shape(method.init, params, model_state)
-    p_def = jax.tree_util.tree_structure(params)
-    p_shapes = [tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(params)]
-    p_shard = jax.tree_util.tree_leaves(param_shardings, is_leaf=lambda x: isinstance(x, Sharding))
-    if len(p_shard) != len(p_shapes):
-        raise ValueError(
-            f"param_shardings: expected one sharding per parameter leaf ({len(p_shapes)}), got {len(p_shard)}"
-        )
-    by_shape: dict[tuple[int, ...], set] = {}
-    for shp, s in zip(p_shapes, p_shard):
-        by_shape.setdefault(shp, set()).add(s.spec)
-
-    def is_param_tree(x: Any) -> bool:
-        try:
-            if jax.tree_util.tree_structure(x) != p_def:
-                return False
-        except Exception:  # noqa: BLE001  (non-pytree objects are simply not parameter trees)
-            return False
-        return [tuple(np.shape(a)) for a in jax.tree_util.tree_leaves(x)] == p_shapes
-
-    def one(x: Any) -> Any:
-        if is_param_tree(x):
-            return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(x), p_shard)
-        specs = by_shape.get(tuple(x.shape), set())
-        if x.shape and len(specs) == 1:
-            return NamedSharding(mesh, next(iter(specs)))
-        return rep
-
-    return jax.tree_util.tree_map(one, shapes, is_leaf=is_param_tree)
+    n_params = len(jax.tree_util.tree_leaves(params))
+    n_shardings = len(jax.tree_util.tree_leaves(param_shardings, is_leaf=lambda x: isinstance(x, Sharding)))
+    if n_shardings != n_params:
+        raise ValueError(f"param_shardings: expected one sharding per parameter leaf ({n_params}), got {n_shardings}")
+    parts = {
+        name: comp.state_shardings(getattr(shapes, name), params, param_shardings, rep)
+        for name, comp in method.components().items()
+    }
+    return MethodState(
+        count=rep,
+        solver=parts["solver"],
+        precond=parts["precond"],
+        damping=parts["damping"],
+        estimator=parts.get("estimator", ()),
+        grad_tx=shard_like_params(shapes.grad_tx, params, param_shardings, rep),
+        tx=shard_like_params(shapes.tx, params, param_shardings, rep),
+        model_state=jax.tree_util.tree_map(lambda _: rep, shapes.model_state),
+        nonfinite_count=rep,
+    )

@@ -1,8 +1,7 @@
-"""Dense row systems under sharding: their per-device size, and the per-shard block solver."""
+"""Dense row systems under sharding: their per-device size and the device budget."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -12,11 +11,11 @@ from jax.sharding import Mesh
 
 from somax.curvature.rows import row_operator
 from somax.method import SecondOrderMethod
-from somax.solvers._dtypes import check_solve_dtype, solve_dtype_for
+from somax.solvers._dtypes import solve_dtype_for
 
 PyTree = Any
 
-__all__ = ["DEFAULT_ROW_BUDGET_BYTES", "row_system_bytes", "BlockRowCholeskySolver", "device_budget"]
+__all__ = ["DEFAULT_ROW_BUDGET_BYTES", "row_system_bytes", "device_budget"]
 
 #: Default per-device budget for the gathered exact row Gram when the device does not report its memory.
 DEFAULT_ROW_BUDGET_BYTES = 2 * 1024**3
@@ -56,74 +55,6 @@ def row_system_bytes(
     mb = m // n_blocks
     rows = mb * d if (n_blocks > 1 or getattr(solver, "gram", "per_example") == "per_example") else 0
     return {"m": m, "d": d, "bytes": int((2 * mb * mb + rows) * jnp.dtype(dtype).itemsize)}
-
-
-@dataclass(frozen=True)
-class BlockRowCholeskySolver:
-    """Per-shard block-diagonal row system (lane ``"row"``): an *approximation* of ``row_cholesky``.
-
-    The ``m`` rows are cut into ``n_blocks`` contiguous blocks along the batch axis (one
-    per data shard), and each block solves its own damped system:
-
-        (Ĵ_k Ĵ_kᵀ + μ I) v_k = r_k,     s = Σ_k Ĵ_kᵀ v_k = Ĵᵀ v,     μ = n λ.
-
-    With ``n_blocks = 1`` this is ``row_cholesky`` exactly. Otherwise it drops the
-    cross-block Gram entries ``Ĵ_j Ĵ_kᵀ`` (exact only when examples in different blocks
-    have orthogonal whitened Jacobian rows). It depends on ``n_blocks`` only, not on
-    the devices: the same numbers on 1 device or ``n_blocks``. Per block: ``(m/k)²``
-    Gram, ``(m/k)³/3`` factorisation, computed on the shard that owns the block.
-
-    Args:
-      n_blocks: number of blocks; must divide the batch size.
-      solve_dtype: as for ``row_cholesky``.
-      sharding: optional sharding for the ``(n_blocks, …)`` block arrays (set by
-        :func:`shard_method` to split blocks over the data axis).
-    """
-
-    n_blocks: int = 1
-    solve_dtype: str | None = None
-    sharding: Any = None
-
-    lane = "row"
-    uses_precond = False
-    needs_gradient_rhs = True
-    info_keys: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.n_blocks, bool) or not isinstance(self.n_blocks, int) or self.n_blocks < 1:
-            raise ValueError(f"BlockRowCholeskySolver: n_blocks must be an int >= 1, got {self.n_blocks!r}")
-        object.__setattr__(self, "solve_dtype", check_solve_dtype("BlockRowCholeskySolver", self.solve_dtype))
-
-    def init(self, params: PyTree) -> PyTree:
-        return ()
-
-    def _constrain(self, x: jax.Array) -> jax.Array:
-        return x if self.sharding is None else jax.lax.with_sharding_constraint(x, self.sharding)
-
-    def solve(self, lin: Any, rhs: PyTree, lam: jax.Array, precond: Any, state: PyTree):
-        """Direction ``s = Σ_k Ĵ_kᵀ (Ĵ_k Ĵ_kᵀ + μI)⁻¹ r_k`` (``rhs`` is ``g``, rebuilt from ``r``)."""
-        rows = row_operator(lin)
-        r = rows.residual
-        k, m = self.n_blocks, rows.num_rows
-        if rows.row_shape[0] % k:
-            raise ValueError(
-                f"BlockRowCholeskySolver: n_blocks={k} does not divide the batch axis of the rows {rows.row_shape}"
-            )
-        mb = m // k
-        dtype = solve_dtype_for(self.solve_dtype, r.dtype)
-        mu = rows.mu(lam).astype(dtype)
-        gram = None
-        for blk in rows.whitened_blocks(dtype):
-            b3 = self._constrain(blk.reshape(k, mb, -1))
-            part = jnp.einsum("kid,kjd->kij", b3, b3, precision=jax.lax.Precision.HIGHEST)
-            gram = part if gram is None else gram + part
-        gram = self._constrain(gram + mu * jnp.eye(mb, dtype=dtype))
-        chol = jnp.linalg.cholesky(gram)
-        rk = self._constrain(r.reshape(k, mb, 1).astype(dtype))
-        v = jax.lax.linalg.triangular_solve(chol, rk, left_side=True, lower=True)
-        v = jax.lax.linalg.triangular_solve(chol, v, left_side=True, lower=True, transpose_a=True)
-        s = rows.vjp(v.reshape(rows.row_shape).astype(r.dtype))
-        return jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), s, rhs), state, {}
 
 
 def device_budget(mesh: Mesh) -> int:

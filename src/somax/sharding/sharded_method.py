@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Any
 
@@ -13,8 +12,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 from somax.method import MethodState, SecondOrderMethod
 from somax.sharding.layouts import _auto, _axis_size, _check_axis, _spec_axis, fsdp_shardings, state_shardings
 from somax.sharding.layouts import batch_shardings as _default_batch_shardings
-from somax.sharding.row_system import BlockRowCholeskySolver, device_budget, row_system_bytes
+from somax.sharding.row_system import device_budget, row_system_bytes
 from somax.solvers.row import RowCholeskySolver
+from somax.solvers.row_block import BlockRowCholeskySolver
 from somax.step_info import StepInfo
 
 PyTree = Any
@@ -176,7 +176,8 @@ def shard_method(
       row_gram: dense row solvers (``row_cholesky``) only. ``"auto"``: the exact gathered
         Gram if :func:`row_system_bytes` fits ``row_budget_bytes``, else ``ValueError``;
         ``"exact"``: the exact Gram, with a ``UserWarning`` above the budget;
-        ``"block"``: :class:`BlockRowCholeskySolver` with one block per shard (not exact).
+        ``"block"``: the method re-assembled with ``BlockRowCholeskySolver`` (``"block_row_cholesky"``),
+        one block per shard (not exact); the plan shows it.
       row_budget_bytes: per-device budget for the gathered Gram; default a quarter of the
         device's ``bytes_limit`` when it reports one, else 2 GiB.
       donate: donate the parameter and state buffers to the step.
@@ -225,7 +226,7 @@ def shard_method(
                 solve_dtype=solver.solve_dtype,
                 sharding=NamedSharding(mesh, PartitionSpec(_spec_axis(axes))),
             )
-            method = dataclasses.replace(method, solver=blocks)
+            method = method.replace(solver=blocks)
         else:
             row_mode = "exact"
             row_info = row_system_bytes(method, params, batch, 1, model_state)

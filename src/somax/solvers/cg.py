@@ -20,17 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from somax import validate
 from somax._tree import tree_axpy, tree_norm, tree_sub, tree_vdot, tree_where, tree_zeros_like
+from somax.contracts import Solver
 from somax.registry import SOLVERS
 
 PyTree = Any
 
-__all__ = ["CGResult", "conjugate_gradient", "CGSolver", "cg"]
+__all__ = ["CGResult", "conjugate_gradient", "CGOptions", "CGSolver", "cg"]
 
 
 class CGResult(NamedTuple):
@@ -116,9 +118,9 @@ def conjugate_gradient(
     return CGResult(x, c.i, rel, (c.rnorm <= threshold) & ~c.neg, c.neg)
 
 
-@dataclass(frozen=True)
-class CGSolver:
-    """Parameter-space (P)CG on ``(H_t + λ_t I) s = g_t`` (lane ``"param"``).
+@dataclass(frozen=True, kw_only=True)
+class CGOptions:
+    """Options shared by the CG solvers of both lanes, validated in one place.
 
     Args:
       maxiter: iteration cap.
@@ -132,21 +134,30 @@ class CGSolver:
     warm_start: bool = False
     stabilise_every: int = 0
 
-    lane = "param"
-    uses_precond = True
-    info_keys = ("cg_iters", "cg_residual", "cg_converged")
+    kind: ClassVar[str] = "cg"
 
     def __post_init__(self) -> None:
-        if isinstance(self.maxiter, bool) or not isinstance(self.maxiter, int) or self.maxiter < 1:
-            raise ValueError(f"SolverSpec('cg'): maxiter must be an int >= 1, got {self.maxiter!r}")
-        if isinstance(self.tol, bool) or not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            raise ValueError(f"SolverSpec('cg'): tol must be a number >= 0, got {self.tol!r}")
-        every = self.stabilise_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"SolverSpec('cg'): stabilise_every must be an int >= 0, got {self.stabilise_every!r}")
+        where = f"SolverSpec({self.kind!r})"
+        validate.integer(f"{where}: maxiter", self.maxiter, minimum=1)
+        validate.number(f"{where}: tol", self.tol, minimum=0.0)
+        validate.boolean(f"{where}: warm_start", self.warm_start)
+        validate.integer(f"{where}: stabilise_every", self.stabilise_every, minimum=0)
 
     def init(self, params: PyTree) -> PyTree:
         return tree_zeros_like(params) if self.warm_start else ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CGSolver(CGOptions, Solver):
+    """Parameter-space (P)CG on ``(H_t + λ_t I) s = g_t`` (lane ``"param"``); options as :class:`CGOptions`.
+
+    The warm start is the last solution ``s_{t−1}``; it is kept after a rejected step
+    (``on_reject = "keep"``: the next solve is at the same point with a larger ``λ``).
+    """
+
+    lane = "param"
+    uses_precond = True
+    info_keys = ("cg_iters", "cg_residual", "cg_converged")
 
     def solve(self, lin, rhs: PyTree, lam: jax.Array, precond, state: PyTree):
         def damped(v: PyTree) -> PyTree:
@@ -165,9 +176,8 @@ class CGSolver:
         return res.x, (res.x if self.warm_start else ()), stats
 
 
-def cg(*, maxiter: int = 10, tol: float = 1e-5, warm_start: bool = False, stabilise_every: int = 0) -> CGSolver:
-    """Factory for :class:`CGSolver` (registered as ``"cg"``)."""
-    return CGSolver(maxiter=maxiter, tol=tol, warm_start=warm_start, stabilise_every=stabilise_every)
+#: the registered factory of ``"cg"`` (keyword options as :class:`CGOptions`)
+cg = CGSolver
 
 
-SOLVERS.register("cg", cg)
+SOLVERS.register("cg", CGSolver)

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from somax import validate
+from somax.contracts import Solver
 from somax.registry import SOLVERS
 from somax.solvers._dtypes import check_solve_dtype, solve_dtype_for
 from somax.telemetry import InfoField
@@ -76,41 +78,31 @@ def dense_solve(
     raise ValueError(f"dense_solve: method must be 'cholesky' or 'eigh', got {method!r}")
 
 
-def _check_max_params(where: str, max_params: Any) -> None:
-    if max_params is not None and (isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1):
-        raise ValueError(f"{where}: max_params must be None or an int >= 1, got {max_params!r}")
-
-
-@dataclass(frozen=True)
-class _DenseSolver:
+@dataclass(frozen=True, kw_only=True)
+class _DenseSolver(Solver):
     solve_dtype: str | None = None
     max_params: int | None = 20_000
 
     lane = "param"
-    uses_precond = False
-    needs_gradient_rhs = False
     _kind = "dense"
     _method = "cholesky"
 
     def __post_init__(self) -> None:
         where = f"SolverSpec({self._kind!r})"
         object.__setattr__(self, "solve_dtype", check_solve_dtype(where, self.solve_dtype))
-        _check_max_params(where, self.max_params)
+        validate.integer(f"{where}: max_params", self.max_params, minimum=1, allow_none=True)
 
-    def init(self, params: PyTree) -> PyTree:
-        return ()
-
-    def _solve(self, lin, rhs: PyTree, lam: jax.Array) -> tuple[PyTree, jax.Array]:
+    def _solve(self, lin, rhs: PyTree, lam: jax.Array, negative: str = "abs") -> tuple[PyTree, jax.Array]:
         flat, unravel = ravel_pytree(rhs)
         dtype = solve_dtype_for(self.solve_dtype, flat.dtype)
         mat = dense_curvature(lin, rhs, dtype, max_params=self.max_params)
         s, eig_min = dense_solve(
-            mat, lam.astype(dtype), flat.astype(dtype), method=self._method, negative=getattr(self, "negative", "abs")
+            mat, lam.astype(dtype), flat.astype(dtype), method=self._method, negative=negative
         )
         return unravel(s.astype(flat.dtype)), eig_min
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DenseCholeskySolver(_DenseSolver):
     """Cholesky of the materialised ``H + λI`` (lane ``"param"``); see the module docstring.
 
@@ -119,7 +111,6 @@ class DenseCholeskySolver(_DenseSolver):
       max_params: refuse models with more parameters than this (``None``: no limit).
     """
 
-    info_keys = ()
     _kind = "dense_cholesky"
 
     def solve(self, lin, rhs: PyTree, lam: jax.Array, precond, state: PyTree):
@@ -127,7 +118,7 @@ class DenseCholeskySolver(_DenseSolver):
         return s, state, {}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DenseEighSolver(_DenseSolver):
     """Eigendecomposition of the materialised ``H``, ``|Λ|`` or ``max(Λ, 0)``, plus ``λ``.
 
@@ -146,25 +137,17 @@ class DenseEighSolver(_DenseSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.negative not in ("abs", "clip"):
-            raise ValueError(f"SolverSpec('dense_eigh'): negative must be 'abs' or 'clip', got {self.negative!r}")
+        validate.choice("SolverSpec('dense_eigh'): negative", self.negative, ("abs", "clip"))
 
     def solve(self, lin, rhs: PyTree, lam: jax.Array, precond, state: PyTree):
-        s, eig_min = self._solve(lin, rhs, lam)
+        s, eig_min = self._solve(lin, rhs, lam, self.negative)
         return s, state, {"eig_min": eig_min}
 
 
-def dense_cholesky(*, solve_dtype: str | None = None, max_params: int | None = 20_000) -> DenseCholeskySolver:
-    """Factory for :class:`DenseCholeskySolver` (registered as ``"dense_cholesky"``)."""
-    return DenseCholeskySolver(solve_dtype=solve_dtype, max_params=max_params)
+#: the registered factories (keyword options as the classes' fields)
+dense_cholesky = DenseCholeskySolver
+dense_eigh = DenseEighSolver
 
 
-def dense_eigh(
-    *, solve_dtype: str | None = None, max_params: int | None = 20_000, negative: str = "abs"
-) -> DenseEighSolver:
-    """Factory for :class:`DenseEighSolver` (registered as ``"dense_eigh"``)."""
-    return DenseEighSolver(solve_dtype=solve_dtype, max_params=max_params, negative=negative)
-
-
-SOLVERS.register("dense_cholesky", dense_cholesky)
-SOLVERS.register("dense_eigh", dense_eigh)
+SOLVERS.register("dense_cholesky", DenseCholeskySolver)
+SOLVERS.register("dense_eigh", DenseEighSolver)

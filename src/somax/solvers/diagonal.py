@@ -7,29 +7,26 @@ from typing import Any
 
 import jax
 
+from somax.contracts import Solver
 from somax.registry import SOLVERS
 
 __all__ = ["DiagonalSolver", "diagonal"]
 
 
 @dataclass(frozen=True)
-class DiagonalSolver:
-    """Explicit diagonal scaling; requires a diagonal preconditioner (assembly checks this)."""
+class DiagonalSolver(Solver):
+    """``s = M⁻¹ g``: explicit preconditioning, no iterative solve; requires a preconditioner."""
 
     lane = "diag"
     uses_precond = True
-    info_keys: tuple[str, ...] = ()
-
-    def init(self, params: Any) -> Any:
-        return ()
+    requires_precond = True
 
     def solve(self, lin, rhs: Any, lam: jax.Array, precond, state: Any):
         return precond(rhs), state, {}
 
 
-def diagonal() -> DiagonalSolver:
-    """Factory for :class:`DiagonalSolver` (registered as ``"diagonal"``)."""
-    return DiagonalSolver()
+#: the registered factory of ``"diagonal"``
+diagonal = DiagonalSolver
 
 
-SOLVERS.register("diagonal", diagonal)
+SOLVERS.register("diagonal", DiagonalSolver)

@@ -37,12 +37,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from somax._tree import tree_zeros_like
+from somax import validate
+from somax.contracts import Solver
 from somax.curvature.rows import row_operator
 from somax.curvature.structured_gram import GRAM_MODES
 from somax.registry import SOLVERS
 from somax.solvers._dtypes import check_solve_dtype, solve_dtype_for
-from somax.solvers.cg import conjugate_gradient
+from somax.solvers.cg import CGOptions, conjugate_gradient
 
 PyTree = Any
 
@@ -53,8 +54,8 @@ def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), tree, like)
 
 
-@dataclass(frozen=True)
-class RowCholeskySolver:
+@dataclass(frozen=True, kw_only=True)
+class RowCholeskySolver(Solver):
     """Dense row-space solve: Cholesky of ``Ĵ Ĵᵀ + μ I`` (lane ``"row"``).
 
     The Gram (:meth:`~somax.curvature.rows.RowOperator.gram`) is evaluated on single
@@ -79,20 +80,14 @@ class RowCholeskySolver:
     gram: str = "auto"
 
     lane = "row"
-    uses_precond = False
     needs_gradient_rhs = True
     #: the Gram comes from single-example model evaluations: rejected at assembly for models
     #: whose examples interact or that draw randomness (see ``RowOperator.gram``)
     per_example_model = True
-    info_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "solve_dtype", check_solve_dtype("SolverSpec('row_cholesky')", self.solve_dtype))
-        if self.gram not in GRAM_MODES:
-            raise ValueError(f"SolverSpec('row_cholesky'): gram must be one of {GRAM_MODES}, got {self.gram!r}")
-
-    def init(self, params: PyTree) -> PyTree:
-        return ()
+        validate.choice("SolverSpec('row_cholesky'): gram", self.gram, GRAM_MODES)
 
     def solve(self, lin, rhs: PyTree, lam: jax.Array, precond, state: PyTree):
         """Direction ``s = (G + λI)⁻¹ g`` (``rhs`` is ``g``; it is rebuilt as ``Ĵᵀ r / n``)."""
@@ -107,43 +102,23 @@ class RowCholeskySolver:
         return _cast_like(s, rhs), state, {}
 
 
-@dataclass(frozen=True)
-class RowCGSolver:
+@dataclass(frozen=True, kw_only=True)
+class RowCGSolver(CGOptions, Solver):
     """Matrix-free row-space CG on ``(Ĵ Ĵᵀ + μ I) v = r`` (lane ``"row"``), no Gram.
 
-    Args:
-      maxiter: iteration cap (each iteration is one VJP + one JVP over the batch).
-      tol: relative residual tolerance ``‖r − A v‖ ≤ τ‖r‖`` in row space.
-      warm_start: start from the previous direction ``s_{t−1}`` (see the module docstring;
-        costs one JVP and one row matvec, which also yields the initial residual).
-      stabilise_every: refresh the true residual every k iterations (0 = never).
+    Options as :class:`~somax.solvers.cg.CGOptions`; each iteration is one VJP + one JVP
+    over the batch, ``tol`` is relative to ``‖r‖`` in row space, and the warm start is the
+    previous direction ``s_{t−1}`` (see the module docstring; it costs one JVP and one row
+    matvec, which also yields the initial residual).
 
     Reports ``cg_iters``, ``cg_residual`` (relative to ``‖r‖``) and ``cg_converged``.
     """
 
-    maxiter: int = 10
-    tol: float = 1e-5
-    warm_start: bool = False
-    stabilise_every: int = 0
-
     lane = "row"
-    uses_precond = False
     needs_gradient_rhs = True
     info_keys = ("cg_iters", "cg_residual", "cg_converged")
+    kind = "row_cg"
 
-    def __post_init__(self) -> None:
-        if isinstance(self.maxiter, bool) or not isinstance(self.maxiter, int) or self.maxiter < 1:
-            raise ValueError(f"SolverSpec('row_cg'): maxiter must be an int >= 1, got {self.maxiter!r}")
-        if isinstance(self.tol, bool) or not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            raise ValueError(f"SolverSpec('row_cg'): tol must be a number >= 0, got {self.tol!r}")
-        if not isinstance(self.warm_start, bool):
-            raise TypeError(f"SolverSpec('row_cg'): warm_start must be a bool, got {self.warm_start!r}")
-        every = self.stabilise_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"SolverSpec('row_cg'): stabilise_every must be an int >= 0, got {self.stabilise_every!r}")
-
-    def init(self, params: PyTree) -> PyTree:
-        return tree_zeros_like(params) if self.warm_start else ()
 
     def solve(self, lin, rhs: PyTree, lam: jax.Array, precond, state: PyTree):
         """Direction ``s = Ĵᵀ v`` (``rhs`` is ``g``; the row system uses the residual ``r``)."""
@@ -177,15 +152,10 @@ class RowCGSolver:
         return s, (s if self.warm_start else ()), stats
 
 
-def row_cholesky(*, solve_dtype: str | None = None, gram: str = "auto") -> RowCholeskySolver:
-    """Factory for :class:`RowCholeskySolver` (registered as ``"row_cholesky"``)."""
-    return RowCholeskySolver(solve_dtype=solve_dtype, gram=gram)
+#: the registered factories (keyword options as the classes' fields)
+row_cholesky = RowCholeskySolver
+row_cg = RowCGSolver
 
 
-def row_cg(*, maxiter: int = 10, tol: float = 1e-5, warm_start: bool = False, stabilise_every: int = 0) -> RowCGSolver:
-    """Factory for :class:`RowCGSolver` (registered as ``"row_cg"``)."""
-    return RowCGSolver(maxiter=maxiter, tol=tol, warm_start=warm_start, stabilise_every=stabilise_every)
-
-
-SOLVERS.register("row_cholesky", row_cholesky)
-SOLVERS.register("row_cg", row_cg)
+SOLVERS.register("row_cholesky", RowCholeskySolver)
+SOLVERS.register("row_cg", RowCGSolver)
