@@ -48,8 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from somax.curvature.layers import Layer, LayerMap, _as_matrices, _discover, _perturbed_pass, _single_example_jaxpr
-from somax.curvature.layers import row_cotangents as _row_cotangents
+from somax.curvature.layer_signals import _as_matrices, _perturbed_pass
+from somax.curvature.layer_signals import row_cotangents as _row_cotangents
+from somax.curvature.layer_walk import _discover, _single_example_jaxpr
+from somax.curvature.layers import Layer, LayerMap
 from somax.curvature.losses import RowFactor
 
 PyTree = Any
