@@ -14,16 +14,19 @@ passes the same ``rng`` at every step gets fresh probes at every refresh.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from somax import validate
+from somax.contracts import Estimator
 
 PyTree = Any
 
 __all__ = [
+    "RefreshCounted",
     "EstimatorState",
     "init_state",
     "refresh_key",
@@ -31,6 +34,28 @@ __all__ = [
     "mean_over_samples",
     "check_count",
 ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefreshCounted(Estimator):
+    """Shared by the randomised estimators: the ``eval_every_k`` cadence and a refresh counter.
+
+    Subclasses set ``kind`` (the registered name, for error messages) and ``produces``.
+    """
+
+    eval_every_k: int = 1
+
+    kind: ClassVar[str] = "estimator"
+
+    def __post_init__(self) -> None:
+        validate.cadence(f"EstimatorSpec({self.kind!r}): eval_every_k", self.eval_every_k)
+
+    @property
+    def every_k(self) -> int:  # type: ignore[override]
+        return self.eval_every_k
+
+    def init(self, params: PyTree) -> EstimatorState:
+        return init_state()
 
 
 class EstimatorState(NamedTuple):

@@ -39,14 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from somax import validate
-from somax.contracts import DIAGONAL, Estimator
+from somax.contracts import DIAGONAL
 from somax.curvature.base import Linearization
 from somax.curvature.losses import MSELoss, OutputLoss, SoftmaxCELoss
 from somax.estimators.base import (
     EstimatorState,
+    RefreshCounted,
     check_count,
-    init_state,
     mean_over_samples,
     refresh_key,
 )
@@ -118,7 +117,7 @@ def _positions(loss: OutputLoss, z: jax.Array) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GaussNewtonBartlett(Estimator):
+class GaussNewtonBartlett(RefreshCounted):
     """``d̂ = (n/S) Σ_k ĝ_k ⊙ ĝ_k`` over ``S = n_samples`` label samples, ``ĝ_k = Jᵀ∇_z L(z, ŷ_k)``.
 
     See the module docstring for ``n`` and the proof that ``E[d̂] = diag(GGN)``.
@@ -130,21 +129,14 @@ class GaussNewtonBartlett(Estimator):
     """
 
     n_samples: int = 1
-    eval_every_k: int = 1
 
     produces = DIAGONAL
+    kind = "gnb"
     needs_model_outputs = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_count("EstimatorSpec('gnb'): n_samples", self.n_samples)
-        validate.cadence("EstimatorSpec('gnb'): eval_every_k", self.eval_every_k)
-
-    @property
-    def every_k(self) -> int:  # type: ignore[override]
-        return self.eval_every_k
-
-    def init(self, params: PyTree) -> EstimatorState:
-        return init_state()
 
     def estimate(self, lin: Linearization, rng: jax.Array, state: EstimatorState) -> tuple[PyTree, EstimatorState]:
         """One refresh: the averaged GNB estimate and the state with ``refreshes + 1``."""

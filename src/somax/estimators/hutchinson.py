@@ -23,13 +23,12 @@ from typing import Any
 
 import jax
 
-from somax import validate
-from somax.contracts import DIAGONAL, Estimator
+from somax.contracts import DIAGONAL
 from somax.curvature.base import Linearization
 from somax.estimators.base import (
     EstimatorState,
+    RefreshCounted,
     check_count,
-    init_state,
     mean_over_samples,
     rademacher_like,
     refresh_key,
@@ -42,7 +41,7 @@ __all__ = ["HutchinsonDiagonal", "hutchinson"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class HutchinsonDiagonal(Estimator):
+class HutchinsonDiagonal(RefreshCounted):
     """``d̂ = 1/n Σ_k z_k ⊙ (H z_k)`` with Rademacher probes ``z_k`` (see module docstring).
 
     Attributes:
@@ -52,20 +51,13 @@ class HutchinsonDiagonal(Estimator):
     """
 
     n_probes: int = 1
-    eval_every_k: int = 1
 
     produces = DIAGONAL
+    kind = "hutchinson"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_count("EstimatorSpec('hutchinson'): n_probes", self.n_probes)
-        validate.cadence("EstimatorSpec('hutchinson'): eval_every_k", self.eval_every_k)
-
-    @property
-    def every_k(self) -> int:  # type: ignore[override]
-        return self.eval_every_k
-
-    def init(self, params: PyTree) -> EstimatorState:
-        return init_state()
 
     def estimate(self, lin: Linearization, rng: jax.Array, state: EstimatorState) -> tuple[PyTree, EstimatorState]:
         """One refresh: the averaged probe estimate and the state with ``refreshes + 1``."""

@@ -34,7 +34,7 @@ diagonal lane). The presets use it as:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ PyTree = Any
 
 __all__ = [
     "IdentityPrecond",
+    "DiagonalScaling",
     "DiagDirect",
     "DiagEMA",
     "DiagEMAState",
@@ -121,10 +122,12 @@ class IdentityPrecond(Preconditioner):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DiagDirect(Preconditioner):
-    """``D_t`` from the latest diagonal estimate, no smoothing: ``D = max(γ max(e_t,0)^p + λ, ε)``.
+class DiagonalScaling(Preconditioner):
+    """Shared by the diagonal preconditioners: options of ``D = max(γ · max(ê, 0)^p + λ, ε)``.
 
-    Options ``power``, ``eps``, ``gamma``, ``square`` and ``spatial_average`` as for :class:`DiagEMA`.
+    Consumes ``"diagonal"`` or ``"squared_gradient"`` (the default: no estimator named).
+    Options ``power``, ``eps``, ``gamma``, ``square`` and ``spatial_average`` as in the
+    module docstring; ``kind`` is the registered name, for error messages.
     """
 
     power: float = 1.0
@@ -135,9 +138,25 @@ class DiagDirect(Preconditioner):
 
     consumes = (DIAGONAL, SQUARED_GRADIENT)
     default_estimator = "squared_gradient"
+    kind: ClassVar[str] = "diagonal"
 
     def __post_init__(self) -> None:
-        _validate("diag_direct", self.power, self.eps, self.gamma, self.square, self.spatial_average)
+        where = f"PrecondSpec({self.kind!r})"
+        validate.number(f"{where}: power", self.power, minimum=0.0, exclusive_minimum=True)
+        validate.number(f"{where}: eps", self.eps, minimum=0.0)
+        validate.number(f"{where}: gamma", self.gamma, minimum=0.0, exclusive_minimum=True)
+        validate.boolean(f"{where}: square", self.square)
+        validate.boolean(f"{where}: spatial_average", self.spatial_average)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiagDirect(DiagonalScaling):
+    """``D_t`` from the latest diagonal estimate, no smoothing: ``D = max(γ max(e_t,0)^p + λ, ε)``.
+
+    Options ``power``, ``eps``, ``gamma``, ``square`` and ``spatial_average`` as for :class:`DiagEMA`.
+    """
+
+    kind = "diag_direct"
 
     def init(self, params: PyTree) -> PyTree:
         return tree_zeros_like(params)
@@ -157,7 +176,7 @@ class DiagEMAState(NamedTuple):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DiagEMA(Preconditioner):
+class DiagEMA(DiagonalScaling):
     """Exponential moving average of the tracked estimate, optionally bias-corrected.
 
     ``m_t = β m_{t−1} + (1−β) e_t`` on every refresh (``t`` counts refreshes, not
@@ -175,20 +194,14 @@ class DiagEMA(Preconditioner):
     """
 
     beta: float = 0.99
-    power: float = 1.0
-    eps: float = 1e-12
     bias_correction: bool = True
-    gamma: float = 1.0
-    square: bool = False
-    spatial_average: bool = False
 
-    consumes = (DIAGONAL, SQUARED_GRADIENT)
-    default_estimator = "squared_gradient"
+    kind = "diag_ema"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         validate.number("PrecondSpec('diag_ema'): beta", self.beta, minimum=0.0, maximum=1.0, exclusive_maximum=True)
         validate.boolean("PrecondSpec('diag_ema'): bias_correction", self.bias_correction)
-        _validate("diag_ema", self.power, self.eps, self.gamma, self.square, self.spatial_average)
 
     def init(self, params: PyTree) -> DiagEMAState:
         return DiagEMAState(tree_zeros_like(params), jnp.zeros((), jnp.int32))
@@ -214,14 +227,6 @@ class DiagEMA(Preconditioner):
 
     def inverse(self, state: DiagEMAState, lam: jax.Array):
         return _divide_by(_scaling(self.corrected(state), lam, self.power, self.eps, self.gamma))
-
-
-def _validate(kind: str, power: Any, eps: Any, gamma: Any, square: Any, spatial_average: Any) -> None:
-    validate.number(f"PrecondSpec({kind!r}): power", power, minimum=0.0, exclusive_minimum=True)
-    validate.number(f"PrecondSpec({kind!r}): eps", eps, minimum=0.0)
-    validate.number(f"PrecondSpec({kind!r}): gamma", gamma, minimum=0.0, exclusive_minimum=True)
-    validate.boolean(f"PrecondSpec({kind!r}): square", square)
-    validate.boolean(f"PrecondSpec({kind!r}): spatial_average", spatial_average)
 
 
 #: the registered factories (keyword options as the classes' fields; see :class:`DiagEMA` for their meaning)
