@@ -171,7 +171,8 @@ class Trainer:
     """One configuration's ``init(params, lr)`` and jitted chunk ``run(params, state, x, y, idx, key)``.
 
     ``idx`` is ``(k, batch)`` indices into the device-resident training set; ``run`` does
-    ``k`` steps in a ``lax.scan`` and returns the per-step training losses.
+    ``k`` steps in a ``lax.scan`` and returns the per-step training losses, update norms and λ
+    (``nan`` for the first-order baselines).
     """
 
     def __init__(self, config: Config, predict: Callable) -> None:
@@ -187,7 +188,7 @@ class Trainer:
 
             def one(p, s, batch, key):
                 p, s, info = method.step(p, batch, s, key)
-                return p, s, info["loss"]
+                return p, s, (info["loss"], info["update_norm"], info["lam"])
 
             self.method: somax.SecondOrderMethod | None = method
         else:
@@ -197,7 +198,9 @@ class Trainer:
             self._init = lambda params, lr: _set_lr(tx_init(params), lr)
 
             def one(p, s, batch, key):
-                return first_order(p, batch, s, key)
+                p, s, loss = first_order(p, batch, s, key)
+                nan = jnp.full((), jnp.nan, loss.dtype)
+                return p, s, (loss, nan, nan)
 
             self.method = None
 
@@ -269,13 +272,17 @@ def train_run(
     state = trainer.init(params, lr)
     key = jax.random.PRNGKey(1_000 + seed)
     curve: dict[str, list] = {"step": [0], "time_s": [0.0], "test_acc": [accuracy(params, *sets["test"])],
-                              "val_acc": [accuracy(params, *sets["val"])], "train_loss": [float("nan")]}  # fmt: skip
+                              "val_acc": [accuracy(params, *sets["val"])], "train_loss": [float("nan")],
+                              "lam": [float("nan")], "max_update_norm": [float("nan")]}  # fmt: skip
     elapsed, diverged = 0.0, False
     for start in range(0, len(idx), chunk):
         block = jnp.asarray(idx[start : start + chunk])
-        (params, state, losses), ms = timed(trainer.run, params, state, x, y, block, jax.random.fold_in(key, start))
+        (params, state, (losses, norms, lams)), ms = timed(trainer.run, params, state, x, y, block,
+                                                           jax.random.fold_in(key, start))  # fmt: skip
         elapsed += ms / 1e3
         loss = float(jnp.mean(losses))
+        curve["lam"].append(float(lams[-1]))
+        curve["max_update_norm"].append(float(jnp.max(norms)))
         curve["step"].append(start + int(block.shape[0]))
         curve["time_s"].append(elapsed)
         curve["train_loss"].append(loss)
@@ -292,6 +299,7 @@ def train_run(
         "final_val_acc": curve["val_acc"][-1],
         "train_seconds": elapsed,
         "ms_per_step": 1e3 * elapsed / max(curve["step"][-1], 1),
+        "max_update_norm": float(np.nanmax(curve["max_update_norm"])) if len(curve["step"]) > 1 else float("nan"),
         "diverged": diverged,
     }
 
@@ -333,6 +341,7 @@ def summarize_config(runs: list[dict[str, Any]], target: float) -> dict[str, Any
         "reached": len(reached),
         "seeds": len(runs),
         "ms_per_step_median": float(np.median([r["ms_per_step"] for r in runs])),
+        "max_update_norm": float(np.nanmax([r.get("max_update_norm", np.nan) for r in runs] + [-np.inf])),
     }
 
 
@@ -435,8 +444,8 @@ def render(result: dict[str, Any]) -> str:
         f"{100 * result['target']:.2f}% ({result['target_rule']}).",
         "",
         "| optimizer | precond | damping | CG budget | lr | time to target (s), median | reached | "
-        "final test acc (%) | ms/step | compile (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "final test acc (%) | max ‖u‖ | ms/step | compile (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in result["summary"].values():
         opt = s["kind"].upper() if s["kind"] != "adam" else "Adam"
@@ -450,8 +459,9 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"| {opt} | {prec} | {damp} | {s['budget'] or '–'} | {s['lr']:g} | {t_txt} | {s['reached']}/{s['seeds']} "
             f"| {100 * s['final_test_acc_mean']:.2f} ± {100 * s['final_test_acc_std']:.2f} "
-            f"| {s['ms_per_step_median']:.2f} | {s['compile_s']:.1f} |"
+            f"| {s.get('max_update_norm', float('nan')):.3g} | {s['ms_per_step_median']:.2f} | {s['compile_s']:.1f} |"
         )
+    lines += ["", damping_verdict(result["summary"])]
     g = result["goal"]
     lines.append("")
     if g["best_second_order"] is None:
@@ -464,6 +474,22 @@ def render(result: dict[str, Any]) -> str:
             f"`{g['best_second_order']}` {g['best_s']:.2f} s vs Adam {_fmt_t(g['adam_s'])} s{ratio}."
         )
     return "\n".join(lines)
+
+
+def damping_verdict(summary: dict[str, dict[str, Any]]) -> str:
+    """The damping goal: every trust-region row reaches the target on every seed and ends within
+    2 points of the best constant-damping row."""
+    tr = {k: v for k, v in summary.items() if v.get("damping") == "trust_region"}
+    const = [v["final_test_acc_mean"] for v in summary.values() if v.get("damping") == "constant"]
+    if not tr or not const:
+        return "Damping goal: no trust-region or constant-damping row."
+    best = max(const)
+    misses = [f"`{k}` ({v['reached']}/{v['seeds']} reached, {100 * (best - v['final_test_acc_mean']):+.2f} points "
+              f"below the best constant row)" for k, v in tr.items()
+              if v["reached"] < v["seeds"] or best - v["final_test_acc_mean"] > 0.02]  # fmt: skip
+    verdict = "met" if not misses else "not met — " + "; ".join(misses)
+    return (f"Damping goal (every trust-region row reaches the target on every seed and ends within 2 points of "
+            f"the best constant-damping row, {100 * best:.2f}%): {verdict}.")  # fmt: skip
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
@@ -498,6 +524,29 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         bx.set_xlabel("final test accuracy (%), mean ± std")
 
     return save_figure(path, draw, 1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+
+
+def plot_damping(result: dict[str, Any], path: Path) -> Path | None:
+    """λ at each evaluation of every seed, for the trust-region configurations (log scale)."""
+    names = [k for k, v in result["summary"].items() if v.get("damping") == "trust_region"]
+    if not names:
+        return None
+
+    def draw(fig, axes):
+        import matplotlib.pyplot as plt
+
+        cmap = plt.get_cmap("tab10")
+        for i, name in enumerate(names):
+            for j, run in enumerate(result["runs"][name]):
+                c = run["curve"]
+                axes.semilogy(c["step"][1:], c["lam"][1:], color=cmap(i % 10), lw=1.0, alpha=0.8,
+                              label=name if j == 0 else None)  # fmt: skip
+        axes.set_xlabel("step")
+        axes.set_ylabel("λ (trust region), every seed")
+        axes.set_title(f"{result['dataset']}: trust-region λ trajectories")
+        axes.legend(fontsize=8)
+
+    return save_figure(path, draw, 1, 1, figsize=(8, 4.5))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -555,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     write_result(result, args.out / f"{stem}.json", quiet=True)
     plot(result, args.out / f"{stem}.png")
+    plot_damping(result, args.out / f"{stem}_lambda.png")
     table = render(result)
     (args.out / f"{stem}.md").write_text(table + "\n")
     print(table)

@@ -68,7 +68,7 @@ class HistoryJacobi(Preconditioner):
     def inverse(self, state, lam):
         return lambda v: jax.tree_util.tree_map(lambda a, d: a / (d + lam), v, state.scale)
 
-    def post_step(self, state, update, accepted):
+    def post_step(self, state, update, accepted, lin):
         sq = sum(jnp.vdot(u, u) for u in jax.tree_util.tree_leaves(update))
         return state._replace(
             recorded=state.recorded + jnp.where(accepted, 1, 0).astype(jnp.int32),

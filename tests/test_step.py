@@ -22,6 +22,9 @@ from somax.specs import CurvatureSpec, DampingSpec, SolverSpec, TelemetrySpec
 
 EXACT_CG = SolverSpec("cg", kwargs={"maxiter": 500, "tol": 1e-13})
 
+#: the trust region without its mini-batch safeguards: the Levenberg–Marquardt mechanics alone
+TEXTBOOK_TR = {"max_rel_update": None, "curvature_floor": None}
+
 
 def _direction(method, params, batch):
     state = method.init(params)
@@ -108,7 +111,7 @@ def test_cadences_are_kept_per_requester():
     method = somax.assemble(
         curvature=CurvatureSpec("ggn_mse", kwargs={"predict_fn": predict}),
         solver=SolverSpec("cg", kwargs={"maxiter": 2}),
-        damping=DampingSpec("trust_region", lam0=1.0, kwargs={"every_k": 4}),
+        damping=DampingSpec("trust_region", lam0=1.0, kwargs={"every_k": 4, **TEXTBOOK_TR}),
         telemetry=TelemetrySpec(rho_every_k=3),
         tx=optax.scale(-0.5),
     )
@@ -131,7 +134,8 @@ def test_cadences_are_kept_per_requester():
 def test_trust_region_rejects_bad_steps_and_raises_lambda():
     params, predict = tiny_mlp(sizes=(3, 8, 2))
     batch = regression_batch(b=12, d_out=2)
-    method = somax.make("sgn_mse", predict, learning_rate=50.0, damping="trust_region", lam0=1e-3)
+    method = somax.make("sgn_mse", predict, learning_rate=50.0, lam0=1e-3,
+                        damping=DampingSpec("trust_region", lam0=1e-3, kwargs=TEXTBOOK_TR))  # fmt: skip
     state = method.init(params)
     new, state2, info = jax.jit(method.step)(params, batch, state, None)
     assert float(info["rho"]) < 0 and not bool(info["step_accepted"])
@@ -141,7 +145,7 @@ def test_trust_region_rejects_bad_steps_and_raises_lambda():
     # without rejection the (bad) step is applied
     keep = somax.assemble(
         curvature=CurvatureSpec("ggn_mse", kwargs={"predict_fn": predict}),
-        damping=DampingSpec("trust_region", lam0=1e-3, kwargs={"reject_below": None}),
+        damping=DampingSpec("trust_region", lam0=1e-3, kwargs={"reject_below": None, **TEXTBOOK_TR}),
         tx=optax.scale(-50.0),
     )
     new, _, info = keep.step(params, batch, keep.init(params), None)

@@ -78,6 +78,11 @@ def tree_norm(a: PyTree) -> jax.Array:
     return jnp.sqrt(tree_vdot(a, a))
 
 
+def tree_size(a: PyTree) -> int:
+    """Number of entries over all leaves (static)."""
+    return int(sum(jnp.size(x) for x in jax.tree_util.tree_leaves(a)))
+
+
 def tree_zeros_like(a: PyTree) -> PyTree:
     return jax.tree_util.tree_map(jnp.zeros_like, a)
 

@@ -24,8 +24,9 @@ declaration            meaning
 
 and three hooks with do-nothing defaults: ``info(state)`` (values for its own
 ``info_keys``, read from the state at the end of the step), ``post_step(state,
-update, accepted)`` (called once per step with the update actually applied and
-whether the step was accepted, before ``on_reject``/``on_nonfinite`` apply) and
+update, accepted, lin)`` (called once per step with the update actually applied,
+whether the step was accepted and the step's linearization, before
+``on_reject``/``on_nonfinite`` apply) and
 ``state_shardings``.
 
 Preconditioners consume a named *statistic* made by an :class:`Estimator` on the
@@ -120,9 +121,10 @@ class Component(abc.ABC):  # noqa: B024  (no abstract method shared by every fam
         """Values of this component's ``info_keys`` at the end of a step, from its final state."""
         return {}
 
-    def post_step(self, state: PyTree, update: PyTree, accepted: jax.Array) -> PyTree:
-        """Called every step with the applied update ``u_t`` (zero for a non-finite step) and the
-        accepted flag; returns the new state. ``on_reject``/``on_nonfinite`` apply afterwards."""
+    def post_step(self, state: PyTree, update: PyTree, accepted: jax.Array, lin: Linearization) -> PyTree:
+        """Called every step with the applied update ``u_t`` (zero for a non-finite step), the
+        accepted flag and the step's linearization (``lin.grad`` is ``g_t``); returns the new state.
+        ``on_reject``/``on_nonfinite`` apply afterwards."""
         return state
 
     def state_shardings(self, state: PyTree, params: PyTree, param_shardings: PyTree, replicated: Any) -> PyTree:
@@ -221,21 +223,26 @@ class Damping(Component):
     """Policy for ``λ_t``: updates on its ``every_k`` cadence from the step's signals, may reject.
 
     Declarations: ``every_k`` (``-1``: never updates), ``needs_rho`` (the rho bundle),
-    ``needs_norms`` (``rel_update``), ``can_reject``.
+    ``needs_norms`` (``rel_update``), ``can_reject``, ``max_rel_update`` (``None``, or a
+    bound ``c``: at every step, checked or not, the step scales the applied update down to
+    ``‖u‖ ≤ c · max(‖w‖, 1)`` and tells the policy through ``signals["capped"]``).
     """
 
     every_k: int = OFF
     needs_rho: ClassVar[bool] = False
     needs_norms: bool = False
     can_reject: bool = False
+    max_rel_update: float | None = None
 
     @abc.abstractmethod
-    def init(self, lam0: float, dtype: Any) -> PyTree:  # type: ignore[override]
-        """State holding ``λ_0`` (as ``state.lam``) in ``dtype``."""
+    def init(self, params: PyTree, lam0: float) -> PyTree:  # type: ignore[override]
+        """State holding ``λ_0`` as ``state.lam`` in the parameters' scalar dtype (at least float32)."""
 
     @abc.abstractmethod
     def update(self, state: PyTree, signals: Mapping[str, jax.Array]) -> tuple[PyTree, jax.Array, jax.Array]:
-        """``(new_state, accepted, action)`` from ``signals`` (``rho``, ``update_norm``, ``rel_update``)."""
+        """``(new_state, accepted, action)`` from ``signals``: ``rho`` (``nan``: no information),
+        ``update_norm``, ``rel_update``, ``finite`` (False after a non-finite loss, gradient or
+        update) and ``capped`` (the update was scaled down to ``max_rel_update``)."""
 
 
 class LineSearch(Component):

@@ -27,7 +27,7 @@ from somax.contracts import Component, Curvature, Damping, Estimator, LineSearch
 from somax.plan import Plan, cadence_gate
 from somax.probes import block_names, spectral_values
 from somax.specs import TelemetrySpec
-from somax.step_checks import check_params, check_rng, check_state, describe_batch
+from somax.step_checks import check_batch, check_params, check_rng, check_state, describe_batch
 from somax.step_info import StepInfo
 from somax.telemetry import fill_info
 
@@ -83,6 +83,7 @@ class SecondOrderMethod:
     solve_dtype: Any = None
     reject_nonfinite: bool = True
     assembly: Any = field(default=None, compare=False, repr=False)
+    preset: Any = field(default=None, compare=False, repr=False)  # (name, options) when built by somax.make
 
     def replace(self, **changes: Any) -> SecondOrderMethod:
         """The method re-assembled with some :func:`somax.assemble` arguments changed (a new plan).
@@ -105,12 +106,13 @@ class SecondOrderMethod:
         λ, rho and metrics use the parameters' scalar dtype (≥ float32, float64 under x64).
         With ``solve_dtype`` set, solver, preconditioner and Optax state use that dtype.
         """
+        check_params(params, where="init")
         work = self._working(params)
         return MethodState(
             count=jnp.zeros((), jnp.int32),
             solver=self.solver.init(work),
             precond=self.precond.init(work),
-            damping=self.damping.init(self.lam0, scalar_dtype(work)),
+            damping=self.damping.init(work, self.lam0),
             estimator=self.estimator.init(work) if self.estimator is not None else (),
             grad_tx=self.grad_tx.init(work) if self.grad_tx is not None else (),
             tx=self.tx.init(work),
@@ -137,6 +139,7 @@ class SecondOrderMethod:
     ) -> tuple[PyTree, MethodState, StepInfo]:
         """One optimization step; returns ``(new_params, new_state, info)``."""
         self._check_inputs(params, state, rng)
+        check_batch(batch)
         user_params, params = params, self._working(params)
         fdt = scalar_dtype(params)
         count = state.count
@@ -153,7 +156,7 @@ class SecondOrderMethod:
         direction, solver_state, solver_stats = self.solver.solve(lin, rhs, lam, inverse, state.solver)
         updates, tx_state, finite = self._apply(lin, params, direction, state, values, fdt)
         rho = self._post_update(lin, params, direction, updates, count, values, fdt)
-        damping_state, accepted = self._damp(state, rho, values)
+        damping_state, accepted = self._damp(state, rho, finite, lin, values)
         values.update(step=count, loss=lin.loss, lam=lam, **solver_stats)
         new_params = _add(user_params, updates)
         if self.damping.can_reject:
@@ -167,7 +170,7 @@ class SecondOrderMethod:
             "tx": tx_state,
             "model_state": lin.model_state if lin.model_state is not None else state.model_state,
         }
-        new_state = self._finalize(state, new, updates, accepted, finite, values)
+        new_state = self._finalize(state, new, updates, accepted, finite, lin, values)
         blocks = block_names(user_params) if "block_top_eig" in self.plan.info_schema else ()
         extras = {"aux": lin.aux} if self.curvature.has_aux else None
         return new_params, new_state, fill_info(self.plan.info_schema, values, fdt, blocks, extras)
@@ -227,8 +230,19 @@ class SecondOrderMethod:
             # were copied into every parameter's update kernel (~60 more HLO instructions).
             checked = jnp.stack([lin.loss.astype(fdt), grad_norm.astype(fdt), update_norm.astype(fdt)])
             finite = jnp.all(jnp.isfinite(checked))
-            updates = tree_where(finite, updates, tree_zeros_like(updates))
-            update_norm = jnp.where(finite, update_norm, 0)
+            usable = finite if lin.valid is None else finite & lin.valid
+            updates = tree_where(usable, updates, tree_zeros_like(updates))
+            update_norm = jnp.where(usable, update_norm, 0)
+            if lin.valid is not None:
+                values["batch_valid"] = lin.valid
+        cap = self.damping.max_rel_update
+        if cap is not None:
+            # the damping's step bound, at every step: ‖u‖ ≤ c · max(‖w‖, 1)
+            limit = cap * jnp.maximum(tree_norm(params), 1.0).astype(update_norm.dtype)
+            shrink = jnp.minimum(1.0, limit / jnp.maximum(update_norm, jnp.finfo(update_norm.dtype).tiny))
+            updates = tree_scale(shrink, updates)
+            update_norm = update_norm * shrink
+            values["update_capped"] = shrink < 1
         nan = jnp.asarray(jnp.nan, fdt)
         fire = cadence_gate(state.count, self.plan.cadences("loss_after") + self.plan.cadences("rho"))
         if self.line_search is not None:
@@ -262,36 +276,58 @@ class SecondOrderMethod:
         if fire_rho is False:
             return nan
         pred = _gated(fire_rho, lambda: -(tree_vdot(lin.grad, updates) + 0.5 * lin.quad(updates)).astype(fdt), nan)
-        rho = jnp.where(pred > 0, values["actual_decrease"] / jnp.where(pred > 0, pred, 1.0), -jnp.inf)
-        rho = jnp.where(jnp.asarray(fire_rho), jnp.where(jnp.isfinite(rho), rho, -jnp.inf), nan)
+        # A predicted decrease below the loss's rounding level (a zero update, a stationary point)
+        # makes rho meaningless: nan ("no information"), which the damping reads as keep.
+        resolution = 8 * jnp.finfo(fdt).eps * jnp.abs(lin.loss.astype(fdt))
+        rho = jnp.where(pred > resolution, values["actual_decrease"] / jnp.where(pred > 0, pred, 1.0), -jnp.inf)
+        rho = jnp.where(jnp.isfinite(rho), rho, -jnp.inf)
+        rho = jnp.where(jnp.abs(pred) <= resolution, nan, rho)
+        rho = jnp.where(jnp.asarray(fire_rho), rho, nan)
         values.update(rho=rho, pred_decrease=pred)
         return rho
 
-    def _damp(self, state: MethodState, rho: jax.Array, values: dict) -> tuple[PyTree, jax.Array]:
-        """The damping policy on its cadence: new λ state and whether it accepts the step."""
+    def _damp(self, state: MethodState, rho, finite, lin, values: dict) -> tuple[PyTree, jax.Array]:
+        """The damping policy on its cadence (and after any non-finite step): new λ state, accepted."""
         fire = self.plan.gate("damping", state.count)
         if fire is False:
             return state.damping, jnp.asarray(True)
+        if self.reject_nonfinite and fire is not True:
+            fire = fire | ~finite
         nan = jnp.asarray(jnp.nan, rho.dtype)
-        signals = {"rho": rho, "update_norm": values["update_norm"], "rel_update": values.get("rel_update", nan)}
-        new_damping, ok, action = self.damping.update(state.damping, signals)
-        fire = jnp.asarray(fire)
-        values["tr_action"] = jnp.where(fire, action, -1)
-        return tree_where(fire, new_damping, state.damping), jnp.where(fire, ok, True)
+        signals = {
+            "rho": rho,
+            "update_norm": values["update_norm"],
+            "rel_update": values.get("rel_update", nan),
+            "finite": finite,
+            "capped": values.get("update_capped", jnp.asarray(False)),
+            "loss": lin.loss.astype(rho.dtype),
+            "lin": lin,
+        }
+        # On a traced cadence the policy runs in a `lax.cond`: it may do work (a curvature product).
+        skipped = (state.damping, jnp.asarray(True), jnp.asarray(-1, jnp.int32))
+        new_damping, ok, action = _gated(fire, lambda: _as_update(self.damping.update(state.damping, signals)), skipped)
+        values["tr_action"] = action
+        return new_damping, ok
 
-    def _finalize(self, state, new: dict, updates, accepted, finite, values) -> MethodState:
-        """Post-step hooks, then each state field kept or rolled back as its owner declares."""
-        step_ok = accepted & finite
+    def _finalize(self, state, new: dict, updates, accepted, finite, lin, values) -> MethodState:
+        """Post-step hooks, then each state field kept or rolled back as its owner declares.
+
+        A step on an inadmissible batch (``info["batch_valid"]`` False) is treated like a
+        non-finite one, but does not count as non-finite.
+        """
+        valid = values.get("batch_valid", True)
+        usable = finite & valid
+        step_ok = accepted & usable
         can_reject = self.damping.can_reject
         for name, comp in self.components().items():
-            new[name] = comp.post_step(new[name], updates, step_ok)
+            new[name] = comp.post_step(new[name], updates, step_ok, lin)
         policies = {name: (c.on_reject, c.on_nonfinite) for name, c in self.components().items()}
         for name, (on_reject, on_nonfinite) in {**policies, **_OWN_POLICIES}.items():
             old = getattr(state, name)
             if can_reject and on_reject == "rollback":
                 new[name] = tree_where(accepted, new[name], old)
             if self.reject_nonfinite and on_nonfinite == "rollback":
-                new[name] = tree_where(finite, new[name], old)
+                new[name] = tree_where(usable, new[name], old)
         for name, comp in self.components().items():
             reported = dict(comp.info(new[name]))
             stray = set(reported) - set(comp.info_keys)
@@ -300,7 +336,16 @@ class SecondOrderMethod:
             values.update(reported)
         values.update(step_accepted=step_ok, finite=finite)
         nonfinite = state.nonfinite_count + jnp.where(finite, 0, 1).astype(jnp.int32)
-        return MethodState(count=state.count + 1, nonfinite_count=nonfinite, **new)
+        # The counter wraps to 0 at a multiple of every cadence, never past int32.
+        count = state.count + 1
+        count = jnp.where(count >= self.plan.count_period, 0, count).astype(count.dtype)
+        return MethodState(count=count, nonfinite_count=nonfinite, **new)
+
+
+def _as_update(out: tuple) -> tuple:
+    """A damping update's ``(state, accepted, action)`` with the dtypes the skipped branch has."""
+    new, ok, action = out
+    return new, jnp.asarray(ok, bool), jnp.asarray(action, jnp.int32)
 
 
 def _add(params: PyTree, updates: PyTree) -> PyTree:

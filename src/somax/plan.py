@@ -11,6 +11,7 @@ with ``min`` would make components fire at the wrong steps.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,18 @@ class Plan:
     requests: tuple[ProbeRequest, ...]
     info_schema: Mapping[str, InfoField]
     needs_rng: tuple[str, ...] = ()
+
+    @property
+    def count_period(self) -> int:
+        """Where the int32 step counter wraps to 0: the largest multiple of every cadence below 2³¹.
+
+        Every cadence fires at the same steps before and after a wrap; ``info["step"]`` is the
+        counter, so it wraps too (after about 2·10⁹ steps).
+        """
+        ks = [r.every_k for r in self.requests if r.every_k != OFF]
+        period = functools.reduce(math.lcm, ks, 1)
+        limit = 2**31 - 1
+        return limit if period > limit else (limit // period) * period
 
     def cadences(self, probe: str, requester: str | None = None) -> tuple[int, ...]:
         return tuple(

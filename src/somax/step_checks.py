@@ -10,16 +10,21 @@ import jax.numpy as jnp
 
 PyTree = Any
 
-__all__ = ["check_params", "check_rng", "check_state", "describe_batch"]
+__all__ = ["check_params", "check_rng", "check_state", "check_batch", "describe_batch"]
 
 
-def check_params(params: PyTree) -> None:
-    """Every parameter is a floating array."""
+def check_params(params: PyTree, where: str = "step") -> None:
+    """Every parameter is a floating array (not a Python number, not an integer array)."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
+            raise TypeError(
+                f"{where}: params{jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an array; every "
+                f"parameter must be a floating array (e.g. jnp.asarray(value, jnp.float32))"
+            )
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(
-                f"step: params{jax.tree_util.keystr(path)} has dtype {dtype}; every parameter must be a floating "
+                f"{where}: params{jax.tree_util.keystr(path)} has dtype {dtype}; every parameter must be a floating "
                 f"array (keep integer or boolean constants out of params, e.g. in the model or the batch)"
             )
 
@@ -54,6 +59,17 @@ def check_state(init: Callable[[PyTree], Any], params: PyTree, state: Any) -> No
                     f"step: {where} is {g_dtype}{list(g_shape)}, but method.init(params) gives "
                     f"{e.dtype}{list(e.shape)}; were params reshaped or cast after init?"
                 )
+
+
+def check_batch(batch: Any) -> None:
+    """No array in the batch has an empty leading (batch) axis."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        shape = getattr(leaf, "shape", None)
+        if shape and shape[0] == 0:
+            raise ValueError(
+                f"step: batch{jax.tree_util.keystr(path)} is empty ({jnp.result_type(leaf)}{list(shape)}); "
+                f"a step needs at least one example"
+            )
 
 
 def describe_batch(batch: Any) -> str:

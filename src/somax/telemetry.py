@@ -90,6 +90,13 @@ CORE_FIELDS: Mapping[str, InfoField] = {
     "finite": InfoField(
         "bool", "loss, gradient and update were finite (else the step was rejected); True with reject_nonfinite=False"
     ),
+    "batch_valid": InfoField(
+        "bool", "the batch's target values are admissible for the loss (else the step was rejected, like a "
+        "non-finite one); True with reject_nonfinite=False"
+    ),
+    "update_capped": InfoField(
+        "bool", "the update was scaled down to the damping's bound ‖u‖ ≤ c·max(‖w‖, 1); False without a bound"
+    ),
     "rel_update": InfoField("float", "‖u_t‖ / ‖w_t‖; nan unless the norms probe fired"),
     "g_dot_s": InfoField(
         "float", "g_tᵀs_t for the solved direction s_t (Newton decrement² for exact solves); nan unless norms fired"

@@ -42,6 +42,8 @@ class Linearization:
       weights: per-example weights/mask from the batch, or ``None``.
       model_state: the model state returned by this forward pass (e.g. new BatchNorm statistics).
       aux: auxiliary model outputs of this forward pass, or ``None``.
+      valid: a traced bool, False when the batch's target values are inadmissible for the loss
+        (e.g. integer labels outside ``[0, C)``); ``None`` when nothing can be wrong.
       extras: kind-specific step-local values (for user components).
     """
 
@@ -59,6 +61,7 @@ class Linearization:
     weights: Any = None
     model_state: Any = None
     aux: Any = None
+    valid: jax.Array | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def quad_from_matvec(self, v: PyTree) -> jax.Array:

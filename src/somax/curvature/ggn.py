@@ -90,6 +90,7 @@ class GGNCurvature(Curvature):
             weights=w,
             model_state=new_state,
             aux=aux,
+            valid=self.loss.valid(z, y),
             # For per-example row primitives (somax.curvature.rows): the linearization point,
             # the inputs and the model; nothing is computed unless a row solver asks for it.
             extras={

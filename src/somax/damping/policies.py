@@ -1,7 +1,10 @@
 """Damping policies for ``λ_t`` in (2.4).
 
 A policy updates λ on its own cadence (steps 0, k, 2k, …) from the step's signals
-(``rho``, ``update_norm``, ``rel_update``) and may reject the step.
+(``rho``, ``update_norm``, ``rel_update``, ``finite``) and may reject the step. Every
+adaptive policy raises λ (``λ ← λ·increase``) after a step whose loss, gradient or
+update was not finite, whatever its cadence, and keeps that λ (``on_nonfinite =
+"keep"``): restoring the old λ would repeat the same failing step for ever.
 
 * ``constant``: ``λ_t = λ_0``.
 * ``trust_region``: Levenberg–Marquardt control on the gain ratio
@@ -10,7 +13,9 @@ A policy updates λ on its own cadence (steps 0, k, 2k, …) from the step's sig
 
   computed from the update ``u_t`` actually applied by the Optax chain:
   ``λ ← λ·increase`` if rho < lower, ``λ ← λ·decrease`` if rho > upper, clipped to
-  ``[lam_min, lam_max]``; rho is clipped above at ``rho_clip``. With
+  ``[lam_min, lam_max]``; rho is clipped above at ``rho_clip``. A rho of ``nan``
+  (the predicted decrease is below the loss's rounding level, e.g. at a stationary
+  point: the step says nothing about the model's quality) keeps λ and the step. With
   ``reject_below`` set (default 0), a step whose rho falls below it is rejected:
   parameters and Optax state stay as they were.
 * ``step_norm``: keeps the update norm ``‖u_t‖`` (or ``‖u_t‖/‖w_t‖`` with
@@ -22,17 +27,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from somax import validate
+from somax._tree import scalar_dtype, tree_norm, tree_scale, tree_size, tree_vdot
 from somax.contracts import Damping
+from somax.estimators.base import rademacher_like
 from somax.registry import DAMPINGS
 
 __all__ = [
     "DampingState",
+    "TrustRegionState",
     "ConstantDamping",
     "TrustRegion",
     "StepNormDamping",
@@ -50,6 +58,14 @@ KEEP, INCREASED, DECREASED = 0, 1, 2
 
 class DampingState(NamedTuple):
     lam: jax.Array
+
+
+class TrustRegionState(NamedTuple):
+    """``lam``: λ; ``top``: the running estimate of ``λ_max(H)``; ``v``: its power-iteration vector."""
+
+    lam: jax.Array
+    top: jax.Array
+    v: Any
 
 
 def _scale_lam(state: DampingState, up: jax.Array, down: jax.Array, increase: float, decrease: float,
@@ -73,8 +89,8 @@ def _check_factors(where: str, decrease: float, increase: float, lam_min: float,
 class ConstantDamping(Damping):
     """``λ_t = λ_0`` for every step."""
 
-    def init(self, lam0: float, dtype) -> DampingState:
-        return DampingState(jnp.asarray(lam0, dtype))
+    def init(self, params: Any, lam0: float) -> DampingState:
+        return DampingState(jnp.asarray(lam0, scalar_dtype(params)))
 
     def update(self, state: DampingState, signals: Mapping[str, jax.Array]):
         return state, jnp.asarray(True), jnp.asarray(KEEP, jnp.int32)
@@ -82,7 +98,22 @@ class ConstantDamping(Damping):
 
 @dataclass(frozen=True, kw_only=True)
 class TrustRegion(Damping):
-    """Levenberg–Marquardt trust region on the gain ratio (see module docstring)."""
+    """Levenberg–Marquardt trust region on the gain ratio, safe on mini-batches (module docstring).
+
+    Args:
+      every_k: λ update cadence (steps ``0, k, 2k, …``).
+      lower, upper: rho thresholds for raising / lowering λ.
+      decrease, increase: λ factors (``λ·decrease`` on rho > upper, ``λ·increase`` otherwise).
+      lam_min, lam_max: bounds on λ.
+      rho_clip: rho is clipped above at this value.
+      reject_below: reject a step whose rho is below this (``None``: never reject).
+      max_rel_update: at every step, checked or not, ``‖u‖ ≤ c · max(‖w‖, 1)``; a check whose
+        step hit the bound raises λ. ``None`` turns the bound off.
+      curvature_floor: ``λ ≥ f · λ̂_max(H)`` after each update, with ``λ̂_max`` tracked by one
+        power-iteration product ``H v`` per check (kept as ``max(vᵀHv, floor_decay · λ̂_prev)``).
+        ``None`` turns the floor off (and saves the product and the parameter-sized ``v``).
+      floor_decay: how fast the ``λ̂_max`` estimate may fall between checks.
+    """
 
     every_k: int = 1
     lower: float = 0.25
@@ -93,11 +124,15 @@ class TrustRegion(Damping):
     lam_max: float = 1e6
     rho_clip: float = 5.0
     reject_below: float | None = 0.0
+    max_rel_update: float | None = 0.03
+    curvature_floor: float | None = 0.1
+    floor_decay: float = 0.9
 
     needs_rho = True
+    on_nonfinite = "keep"
 
     @property
-    def can_reject(self) -> bool:
+    def can_reject(self) -> bool:  # type: ignore[override]
         return self.reject_below is not None
 
     def __post_init__(self) -> None:
@@ -106,19 +141,37 @@ class TrustRegion(Damping):
         for name in ("lower", "upper", "rho_clip"):
             validate.number(f"{where}: {name}", getattr(self, name))
         validate.number(f"{where}: reject_below", self.reject_below, allow_none=True)
+        positive = {"minimum": 0.0, "exclusive_minimum": True, "allow_none": True}
+        validate.number(f"{where}: max_rel_update", self.max_rel_update, **positive)
+        validate.number(f"{where}: curvature_floor", self.curvature_floor, **positive)
+        validate.number(f"{where}: floor_decay", self.floor_decay, minimum=0.0, maximum=1.0)
         if not self.lower < self.upper:
             raise ValueError(f"{where}: need lower < upper, got ({self.lower}, {self.upper})")
         _check_factors(where, self.decrease, self.increase, self.lam_min, self.lam_max)
 
-    def init(self, lam0: float, dtype) -> DampingState:
-        return DampingState(jnp.asarray(lam0, dtype))
+    def init(self, params: Any, lam0: float) -> TrustRegionState:
+        dtype = scalar_dtype(params)
+        v: Any = ()
+        if self.curvature_floor is not None:
+            probe = rademacher_like(jax.random.PRNGKey(0), params)
+            v = tree_scale(1.0 / max(tree_size(params), 1) ** 0.5, probe)
+        return TrustRegionState(jnp.asarray(lam0, dtype), jnp.zeros((), dtype), v)
 
-    def update(self, state: DampingState, signals: Mapping[str, jax.Array]):
+    def update(self, state: TrustRegionState, signals: Mapping[str, jax.Array]):
         r = jnp.minimum(signals["rho"], self.rho_clip)
-        new, action = _scale_lam(state, r < self.lower, r > self.upper, self.increase, self.decrease,
-                                 self.lam_min, self.lam_max)  # fmt: skip
-        accept = jnp.asarray(True) if self.reject_below is None else r >= self.reject_below
-        return new, accept, action
+        failed = ~signals["finite"] | signals["capped"]  # a capped step means λ was too small for it
+        new, action = _scale_lam(DampingState(state.lam), (r < self.lower) | failed, (r > self.upper) & ~failed,
+                                 self.increase, self.decrease, self.lam_min, self.lam_max)  # fmt: skip
+        lam, top, v = new.lam, state.top, state.v
+        if self.curvature_floor is not None:
+            hv = signals["lin"].matvec(v)
+            top = jnp.maximum(tree_vdot(v, hv).astype(top.dtype), self.floor_decay * top)
+            top = jnp.where(jnp.isfinite(top), top, state.top)
+            v = tree_scale(1.0 / jnp.maximum(tree_norm(hv), jnp.finfo(top.dtype).tiny), hv)
+            v = jax.tree_util.tree_map(lambda a, b: jnp.where(jnp.isfinite(top), a, b), v, state.v)
+            lam = jnp.clip(jnp.maximum(lam, self.curvature_floor * top), self.lam_min, self.lam_max).astype(lam.dtype)
+        accept = jnp.asarray(True) if self.reject_below is None else ~(r < self.reject_below)
+        return TrustRegionState(lam, top, v), accept, action
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,6 +186,9 @@ class StepNormDamping(Damping):
     increase: float = 2.0
     lam_min: float = 1e-12
     lam_max: float = 1e6
+    max_rel_update: float | None = 0.03
+
+    on_nonfinite = "keep"
 
     @property
     def needs_norms(self) -> bool:
@@ -145,17 +201,20 @@ class StepNormDamping(Damping):
         validate.number(f"{where}: low", self.low)
         validate.number(f"{where}: high", self.high)
         validate.boolean(f"{where}: relative", self.relative)
+        validate.number(f"{where}: max_rel_update", self.max_rel_update, minimum=0.0, exclusive_minimum=True,
+                        allow_none=True)  # fmt: skip
         if not 0 <= self.low < self.high:
             raise ValueError(f"{where}: need 0 <= low < high, got ({self.low}, {self.high})")
         _check_factors(where, self.decrease, self.increase, self.lam_min, self.lam_max)
 
-    def init(self, lam0: float, dtype) -> DampingState:
-        return DampingState(jnp.asarray(lam0, dtype))
+    def init(self, params: Any, lam0: float) -> DampingState:
+        return DampingState(jnp.asarray(lam0, scalar_dtype(params)))
 
     def update(self, state: DampingState, signals: Mapping[str, jax.Array]):
         norm = signals["rel_update"] if self.relative else signals["update_norm"]
-        new, action = _scale_lam(state, norm > self.high, norm < self.low, self.increase, self.decrease,
-                                 self.lam_min, self.lam_max)  # fmt: skip
+        failed = ~signals["finite"] | signals["capped"]
+        new, action = _scale_lam(state, (norm > self.high) | failed, (norm < self.low) & ~failed, self.increase,
+                                 self.decrease, self.lam_min, self.lam_max)  # fmt: skip
         return new, jnp.asarray(True), action
 
 

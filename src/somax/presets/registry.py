@@ -8,6 +8,7 @@ handling and never swallow a misspelled keyword.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -54,7 +55,8 @@ def define_preset(
         for key in kwargs:
             if key not in options:
                 raise _unknown_keyword(name, key, accepted)
-        return build({**options, **kwargs})
+        complete = {**options, **kwargs}
+        return dataclasses.replace(build(complete), preset=(name, complete))
 
     params = []
     for key, default in options.items():

@@ -4,9 +4,15 @@ Solves ``A s = g`` with ``A = H_t + λ_t I`` given only ``v ↦ A v``, stopping 
 the relative residual (2.5) ``‖A s − g‖ ≤ τ‖g‖`` holds or after ``maxiter``
 iterations. Two details that existing implementations get wrong:
 
-* **Negative curvature.** ``pᵀAp ≤ 0`` (an indefinite Hessian with small λ) ends
-  the solve instead of dividing by it (truncated Newton, Nocedal & Wright Alg. 7.1):
-  the last iterate is returned if it is a descent direction. An exit at the first
+* **Negative or negligible curvature.** ``pᵀAp ≤ 0`` (an indefinite Hessian with small
+  λ) ends the solve instead of dividing by it (truncated Newton, Nocedal & Wright Alg.
+  7.1), and so does curvature at the rounding level of ``A``:
+  ``pᵀAp ≤ c·ε·max_k(p_kᵀAp_k/‖p_k‖²)·‖p‖²`` with ``ε`` the dtype's machine epsilon and
+  ``c = 100`` (``CURVATURE_RTOL``). The maximum Rayleigh quotient seen so far stands in
+  for ``‖A‖``. Without it, a singular ``A`` (a mini-batch GGN with ``λ ≈ 0``) and a
+  tolerance below the dtype's precision let CG divide by rounding noise once it has
+  solved the range of ``A``, and return a step many orders of magnitude too long.
+  The last iterate is returned if it is a descent direction. An exit at the first
   iteration from ``x₀ = 0`` returns the preconditioned gradient ``M⁻¹g`` (``g``
   without a preconditioner); a warm-started iterate that is no descent direction
   is replaced by ``g``.
@@ -32,7 +38,7 @@ from somax.registry import SOLVERS
 
 PyTree = Any
 
-__all__ = ["CGResult", "conjugate_gradient", "CGOptions", "CGSolver", "cg"]
+__all__ = ["CGResult", "conjugate_gradient", "CGOptions", "CGSolver", "cg", "CURVATURE_RTOL"]
 
 
 class CGResult(NamedTuple):
@@ -54,6 +60,12 @@ class _Carry(NamedTuple):
     rnorm: jax.Array
     neg: jax.Array
     stay: jax.Array  # α taken on pᵀAp ≤ 0: 1 at k = 0 from x₀ = 0, else 0
+    pp: jax.Array  # ‖p‖² (tracked by recursion without a preconditioner)
+    rq_max: jax.Array  # largest Rayleigh quotient pᵀAp/‖p‖² so far: the scale of A
+
+
+#: Curvature ``pᵀAp`` below ``CURVATURE_RTOL · ε · ‖A‖ · ‖p‖²`` ends CG like negative curvature.
+CURVATURE_RTOL = 100.0
 
 
 def conjugate_gradient(
@@ -87,7 +99,9 @@ def conjugate_gradient(
     def body(c: _Carry) -> _Carry:
         ap = matvec(c.p)
         pap = tree_vdot(c.p, ap)
-        neg = ~(pap > 0)  # also true for NaN
+        pp = c.pp if precond is None else tree_vdot(c.p, c.p)
+        neg = ~(pap > rtol * jnp.maximum(c.rq_max * pp, pap))  # also true for pᵀAp ≤ 0 and NaN
+        rq_max = jnp.maximum(c.rq_max, pap / jnp.where(pp > 0, pp, 1.0))
         # On pᵀAp ≤ 0 the iterate stays where it is, except at k = 0 from x₀ = 0, where x = 0
         # would be no direction at all: step α = 1 along p₀ = M⁻¹b instead (bᵀM⁻¹b > 0). That
         # α is carried in the loop state, not computed from k: XLA copies this scalar logic
@@ -102,10 +116,15 @@ def conjugate_gradient(
         beta = rz / jnp.where(c.rz == 0, 1.0, c.rz)
         p = tree_axpy(beta, c.p, z)
         rnorm = jnp.sqrt(jnp.maximum(rz, 0)) if precond is None else tree_norm(r)
-        return _Carry(jnp.where(neg, c.i, c.i + 1), x, r, p, rz, rnorm, neg, jnp.zeros_like(c.stay))
+        # p_{k+1} = r_{k+1} + β p_k with r_{k+1} ⊥ p_k: ‖p_{k+1}‖² = ‖r_{k+1}‖² + β²‖p_k‖² (no extra pass)
+        pp_next = (rz + beta * beta * pp).astype(pp.dtype) if precond is None else pp
+        return _Carry(jnp.where(neg, c.i, c.i + 1), x, r, p, rz, rnorm, neg, jnp.zeros_like(c.stay), pp_next, rq_max)
 
+    rtol = CURVATURE_RTOL * jnp.finfo(rz.dtype).eps
     stay = jnp.asarray(1.0 if x0 is None else 0.0, rz.dtype)
-    init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool), stay)
+    zero = jnp.zeros((), rz.dtype)
+    pp0 = rz if precond is None else zero  # p₀ = r₀ without a preconditioner
+    init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool), stay, pp0, zero)
     c = jax.lax.while_loop(cond, body, init)
     # From x₀ = 0, every iterate before the first pᵀAp ≤ 0 lies in a Krylov space on which A
     # is positive definite, so bᵀx_k > ½x_kᵀAx_k > 0 for k ≥ 1, and an exit at k = 0 took

@@ -4,14 +4,17 @@ The curvature ``H`` (GGN or exact Hessian) is materialised from the step's
 linearization by ``d`` matrix-vector products ``H e_i`` (vmapped), symmetrised, and
 the damped system ``(H + λI) s = rhs`` is solved directly:
 
-* ``dense_cholesky``: Cholesky of ``H + λI``. For a PSD curvature (GGN) and ``λ > 0``
-  this is always defined; for an indefinite Hessian the factorisation fails (NaN) —
-  use ``dense_eigh``.
+* ``dense_cholesky``: Cholesky of ``H + λ'I`` with ``λ' = max(λ, d·ε·max_i |H_ii|)``:
+  below that relative floor (``ε`` the dtype's machine epsilon, as ``pinv``'s default
+  ``rcond``) a singular ``H`` — a mini-batch GGN with ``λ = 0`` — has no well-defined
+  Cholesky factor at the dtype's resolution. For a PSD curvature (GGN) this is always
+  defined; for an indefinite Hessian the factorisation fails (NaN) — use ``dense_eigh``.
 * ``dense_eigh``: ``H = QΛQᵀ`` and ``s = Q diag(1/(f(Λ) + λ)) Qᵀ rhs`` with
   ``f(Λ) = |Λ|`` (``negative="abs"``, the saddle-free Newton modification [Dauphin et al.
   2014]) or ``f(Λ) = max(Λ, 0)`` (``negative="clip"``). Eigen-directions whose
-  denominator is ``≤ 0`` (only possible with ``λ = 0``) are dropped (pseudo-inverse),
-  so the direction is always finite. For a PSD ``H`` both modes give ``(H + λI)⁻¹ rhs``.
+  denominator ``f(Λ_i) + λ`` is at most ``d·ε`` times the largest (only possible for
+  ``λ ≈ 0``) are dropped, as ``pinv`` does with its default ``rcond``, so the direction
+  is always finite and bounded by the pseudo-inverse's. For a PSD ``H`` both modes give ``(H + λI)⁻¹ rhs``.
   Reports the smallest undamped eigenvalue as ``eig_min``.
 
 Cost is ``d`` curvature-vector products, ``d²`` memory and an ``O(d³)`` factorisation:
@@ -65,15 +68,18 @@ def dense_solve(
 ) -> tuple[jax.Array, jax.Array]:
     """``(f(H) + λI)⁻¹ rhs`` for a dense symmetric ``H``; returns ``(s, smallest eigenvalue or nan)``."""
     lam = jnp.asarray(lam, matrix.dtype)
+    rcond = matrix.shape[0] * jnp.finfo(matrix.dtype).eps
     if method == "cholesky":
         eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+        lam = jnp.maximum(lam, rcond * jnp.max(jnp.abs(jnp.diagonal(matrix))))
         factor = jax.scipy.linalg.cho_factor(matrix + lam * eye, lower=True)
         return jax.scipy.linalg.cho_solve(factor, rhs), jnp.asarray(jnp.nan, matrix.dtype)
     if method == "eigh":
         evals, evecs = jnp.linalg.eigh(matrix)
         f = jnp.abs(evals) if negative == "abs" else jnp.maximum(evals, 0.0)
         den = f + lam
-        inv = jnp.where(den > 0, 1.0 / jnp.where(den > 0, den, 1.0), 0.0)
+        keep = den > rcond * jnp.max(den)
+        inv = jnp.where(keep, 1.0 / jnp.where(keep, den, 1.0), 0.0)
         return evecs @ (inv * (evecs.T @ rhs)), evals[0]
     raise ValueError(f"dense_solve: method must be 'cholesky' or 'eigh', got {method!r}")
 
