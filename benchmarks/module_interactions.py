@@ -299,9 +299,15 @@ def train_run(
         "final_val_acc": curve["val_acc"][-1],
         "train_seconds": elapsed,
         "ms_per_step": 1e3 * elapsed / max(curve["step"][-1], 1),
-        "max_update_norm": float(np.nanmax(curve["max_update_norm"])) if len(curve["step"]) > 1 else float("nan"),
+        "max_update_norm": _nanmax(curve["max_update_norm"]),
         "diverged": diverged,
     }
+
+
+def _nanmax(values: Sequence[float]) -> float:
+    """The largest finite value, ``nan`` when there is none (first-order runs record no update norm)."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return max(finite) if finite else float("nan")
 
 
 def time_to_target(curve: dict[str, list], target: float) -> float | None:
@@ -341,7 +347,7 @@ def summarize_config(runs: list[dict[str, Any]], target: float) -> dict[str, Any
         "reached": len(reached),
         "seeds": len(runs),
         "ms_per_step_median": float(np.median([r["ms_per_step"] for r in runs])),
-        "max_update_norm": float(np.nanmax([r.get("max_update_norm", np.nan) for r in runs] + [-np.inf])),
+        "max_update_norm": _nanmax([r.get("max_update_norm", np.nan) for r in runs]),
     }
 
 
@@ -459,7 +465,7 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"| {opt} | {prec} | {damp} | {s['budget'] or '–'} | {s['lr']:g} | {t_txt} | {s['reached']}/{s['seeds']} "
             f"| {100 * s['final_test_acc_mean']:.2f} ± {100 * s['final_test_acc_std']:.2f} "
-            f"| {s.get('max_update_norm', float('nan')):.3g} | {s['ms_per_step_median']:.2f} | {s['compile_s']:.1f} |"
+            f"| {_fmt_norm(s.get('max_update_norm'))} | {s['ms_per_step_median']:.2f} | {s['compile_s']:.1f} |"
         )
     lines += ["", damping_verdict(result["summary"])]
     g = result["goal"]
@@ -474,6 +480,10 @@ def render(result: dict[str, Any]) -> str:
             f"`{g['best_second_order']}` {g['best_s']:.2f} s vs Adam {_fmt_t(g['adam_s'])} s{ratio}."
         )
     return "\n".join(lines)
+
+
+def _fmt_norm(value: float | None) -> str:
+    return f"{value:.3g}" if value is not None and np.isfinite(value) else "–"
 
 
 def damping_verdict(summary: dict[str, dict[str, Any]]) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
+from somax import validate
 from somax.assembly_rules import (
     RULES,
     IncompatibleSpecsError,
@@ -121,15 +122,7 @@ def assemble(
         given, tx=tx, grad_tx=grad_tx, reject_nonfinite=reject_nonfinite, solve_dtype=solve_dtype, lam0=lam0
     )
     telemetry = telemetry or TelemetrySpec()
-    parts = _resolve(
-        curvature=curvature,
-        solver=solver,
-        precondition=precondition,
-        damping=damping,
-        estimator=estimator,
-        line_search=line_search,
-        grad_tx=grad_tx,
-    )
+    parts = _resolve(grad_tx=grad_tx, **{role: given[role] for role in _ROLES})
     for rule in RULES:
         message = rule(parts)
         if message:
@@ -197,9 +190,7 @@ def _arguments(args: dict[str, Any], *, tx, grad_tx, reject_nonfinite, solve_dty
         return solve_dtype, float(damping.lam0)
     if lam0 is None:
         return solve_dtype, 1.0
-    if isinstance(lam0, bool) or not isinstance(lam0, (int, float)) or not lam0 >= 0:
-        raise ValueError(f"assemble: lam0 must be a number >= 0, got {lam0!r}")
-    return solve_dtype, float(lam0)
+    return solve_dtype, validate.number("assemble: lam0", lam0, minimum=0.0)
 
 
 def _resolve(**given: Any) -> Parts:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from somax import validate
+
 __all__ = [
     "CurvatureSpec",
     "EstimatorSpec",
@@ -23,7 +25,7 @@ __all__ = [
 ]
 
 #: Cadence value meaning "never" (paper §3.4: ``rho_every_k = -1`` disables the probe).
-OFF = -1
+OFF = validate.OFF
 
 
 def _check_kind(spec: str, kind: Any) -> None:
@@ -41,11 +43,7 @@ def _check_kwargs(spec: str, kwargs: Any) -> None:
 
 def check_cadence(where: str, every_k: Any) -> int:
     """Validate a cadence: ``-1`` (off) or a positive integer ``k`` (fires at steps 0, k, 2k, …)."""
-    if isinstance(every_k, bool) or not isinstance(every_k, int):
-        raise TypeError(f"{where} must be an int (-1 for off, k >= 1 for every k steps), got {every_k!r}")
-    if every_k != OFF and every_k < 1:
-        raise ValueError(f"{where} must be -1 (off) or >= 1, got {every_k}")
-    return every_k
+    return validate.cadence(where, every_k)
 
 
 @dataclass(frozen=True)
@@ -112,10 +110,7 @@ class DampingSpec:
     def __post_init__(self) -> None:
         _check_kind("DampingSpec", self.kind)
         _check_kwargs("DampingSpec", self.kwargs)
-        if isinstance(self.lam0, bool) or not isinstance(self.lam0, (int, float)):
-            raise TypeError(f"DampingSpec: lam0 must be a number, got {self.lam0!r}")
-        if not self.lam0 >= 0.0:
-            raise ValueError(f"DampingSpec: lam0 must be >= 0, got {self.lam0}")
+        validate.number("DampingSpec: lam0", self.lam0, minimum=0.0)
 
 
 @dataclass(frozen=True)
@@ -164,13 +159,8 @@ class TelemetrySpec:
         for name in ("rho", "loss_after", "trace", "eig", "density", "block_eig", "norms"):
             check_cadence(f"TelemetrySpec.{name}_every_k", getattr(self, f"{name}_every_k"))
         for name in ("trace_probes", "eig_k", "eig_iters", "density_probes", "density_iters", "block_eig_iters"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TelemetrySpec.{name} must be an int >= 1, got {value!r}")
-        if self.trace_estimator not in ("hutchinson", "hutch++"):
-            raise ValueError(
-                f"TelemetrySpec.trace_estimator must be 'hutchinson' or 'hutch++', got {self.trace_estimator!r}"
-            )
+            validate.integer(f"TelemetrySpec.{name}", getattr(self, name), minimum=1)
+        validate.choice("TelemetrySpec.trace_estimator", self.trace_estimator, ("hutchinson", "hutch++"))
         if self.eig_iters < self.eig_k:
             raise ValueError(f"TelemetrySpec.eig_iters ({self.eig_iters}) must be >= eig_k ({self.eig_k})")
 

@@ -62,6 +62,7 @@ class _Carry(NamedTuple):
     stay: jax.Array  # α taken on pᵀAp ≤ 0: 1 at k = 0 from x₀ = 0, else 0
     pp: jax.Array  # ‖p‖² (tracked by recursion without a preconditioner)
     rq_max: jax.Array  # largest Rayleigh quotient pᵀAp/‖p‖² so far: the scale of A
+    flat: jax.Array  # rtol · rq_max · ‖p‖²: pᵀAp at or below it ends the solve
 
 
 #: Curvature ``pᵀAp`` below ``CURVATURE_RTOL · ε · ‖A‖ · ‖p‖²`` ends CG like negative curvature.
@@ -97,10 +98,16 @@ def conjugate_gradient(
         return (c.i < maxiter) & (c.rnorm > threshold) & (c.rnorm > 0) & ~c.neg
 
     def body(c: _Carry) -> _Carry:
+        if precond is None:
+            pp, flat = c.pp, c.flat
+        else:
+            pp = tree_vdot(c.p, c.p)
+            flat = rtol * c.rq_max * pp
         ap = matvec(c.p)
         pap = tree_vdot(c.p, ap)
-        pp = c.pp if precond is None else tree_vdot(c.p, c.p)
-        neg = ~(pap > rtol * jnp.maximum(c.rq_max * pp, pap))  # also true for pᵀAp ≤ 0 and NaN
+        # `flat` is carried, not computed here: XLA copies the scalar logic that decides α into
+        # every leaf's update kernel, so the test must stay one comparison.
+        neg = ~(pap > flat)  # also true for pᵀAp ≤ 0 and NaN (flat ≥ 0)
         rq_max = jnp.maximum(c.rq_max, pap / jnp.where(pp > 0, pp, 1.0))
         # On pᵀAp ≤ 0 the iterate stays where it is, except at k = 0 from x₀ = 0, where x = 0
         # would be no direction at all: step α = 1 along p₀ = M⁻¹b instead (bᵀM⁻¹b > 0). That
@@ -118,13 +125,15 @@ def conjugate_gradient(
         rnorm = jnp.sqrt(jnp.maximum(rz, 0)) if precond is None else tree_norm(r)
         # p_{k+1} = r_{k+1} + β p_k with r_{k+1} ⊥ p_k: ‖p_{k+1}‖² = ‖r_{k+1}‖² + β²‖p_k‖² (no extra pass)
         pp_next = (rz + beta * beta * pp).astype(pp.dtype) if precond is None else pp
-        return _Carry(jnp.where(neg, c.i, c.i + 1), x, r, p, rz, rnorm, neg, jnp.zeros_like(c.stay), pp_next, rq_max)
+        flat_next = (rtol * rq_max * pp_next).astype(pp.dtype)
+        i = jnp.where(neg, c.i, c.i + 1)
+        return _Carry(i, x, r, p, rz, rnorm, neg, jnp.zeros_like(c.stay), pp_next, rq_max, flat_next)
 
     rtol = CURVATURE_RTOL * jnp.finfo(rz.dtype).eps
     stay = jnp.asarray(1.0 if x0 is None else 0.0, rz.dtype)
     zero = jnp.zeros((), rz.dtype)
     pp0 = rz if precond is None else zero  # p₀ = r₀ without a preconditioner
-    init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool), stay, pp0, zero)
+    init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool), stay, pp0, zero, zero)
     c = jax.lax.while_loop(cond, body, init)
     # From x₀ = 0, every iterate before the first pᵀAp ≤ 0 lies in a Krylov space on which A
     # is positive definite, so bᵀx_k > ½x_kᵀAx_k > 0 for k ≥ 1, and an exit at k = 0 took
