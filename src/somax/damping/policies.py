@@ -18,6 +18,13 @@ update was not finite, whatever its cadence, and keeps that λ (``on_nonfinite =
   point: the step says nothing about the model's quality) keeps λ and the step. With
   ``reject_below`` set (default 0), a step whose rho falls below it is rejected:
   parameters and Optax state stay as they were.
+
+  On mini-batches the same-batch rho stays near 1 while the step grows in directions
+  the batch says little about, so two safeguards are on by default: every step, checked
+  or not, is bounded by ``‖u_t‖ ≤ max_rel_update · max(‖w_t‖, 1)`` (a check whose step
+  hit the bound raises λ), and λ is floored at ``curvature_floor · λ̂_max(H_t)``, with
+  ``λ̂_max`` tracked by one power-iteration product per check. ``max_rel_update=None,
+  curvature_floor=None`` is the textbook policy (measurements: ``docs/telemetry.md``).
 * ``step_norm``: keeps the update norm ``‖u_t‖`` (or ``‖u_t‖/‖w_t‖`` with
   ``relative=True``) in the band ``[low, high]``: ``λ ← λ·increase`` above it,
   ``λ ← λ·decrease`` below it. Needs no extra forward pass.
