@@ -20,6 +20,7 @@ from somax import specs as specs
 from somax.assemble import IncompatibleSpecsError, assemble
 from somax.curvature.losses import ConvexLoss
 from somax.curvature.model import Model
+from somax.info_log import InfoWriter
 from somax.interop import as_optax
 from somax.method import MethodState, SecondOrderMethod
 from somax.plan import Plan
@@ -53,7 +54,7 @@ from somax.specs import (
     TelemetrySpec,
 )
 from somax.step_info import StepInfo
-from somax.telemetry import CORE_FIELDS, InfoField, to_floats
+from somax.telemetry import CORE_FIELDS, InfoField, info_rows, to_floats
 
 __version__ = "0.1.0"
 
@@ -97,6 +98,8 @@ __all__ = [
     "StepInfo",
     "CORE_FIELDS",
     "to_floats",
+    "info_rows",
+    "InfoWriter",
     "UnknownKindError",
     "IncompatibleSpecsError",
     "specs",

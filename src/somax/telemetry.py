@@ -17,7 +17,9 @@ bool       ``False``
 Array-valued telemetry (``top_eigs``, density nodes/weights) has a fixed shape;
 ``block_top_eig`` is a dict keyed by parameter-block (layer) path. Sentinels never
 enter the method state. :func:`to_floats` turns one step's info into a flat dict of
-Python numbers with the sentinel entries dropped, for CSV, TensorBoard or any logger.
+Python floats whose keys are the same at every step (sentinels kept as their values),
+for CSV, TensorBoard or any logger; :func:`info_rows` gives one such dict per step of
+a ``lax.scan``, and :class:`somax.info_log.InfoWriter` writes them as CSV or JSON lines.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 
 from somax.step_info import STORED_IN, VECTORS, InfoLayout, StepInfo
 
-__all__ = ["InfoField", "CORE_FIELDS", "SENTINELS", "StepInfo", "fill_info", "to_floats"]
+__all__ = ["InfoField", "CORE_FIELDS", "SENTINELS", "StepInfo", "fill_info", "info_rows", "to_floats"]
 
 
 SENTINELS: Mapping[str, Any] = {"float": float("nan"), "int": -1, "bool": False}
@@ -162,36 +164,90 @@ def _pack(entries: list[tuple[str, Any]], dtype) -> Any:
     return jnp.asarray(parts[0]) if len(parts) == 1 else jnp.concatenate(parts)
 
 
-def _is_sentinel(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, float):
-        return math.isnan(value)
-    return value == -1
-
-
 def to_floats(info: Mapping[str, Any], *, max_array: int = 32) -> dict[str, float]:
-    """One step's info as a flat dict of Python numbers, dropping sentinel entries.
+    """One step's info as a flat dict of Python floats with the same keys at every step.
 
-    Bools become 0.0/1.0. Arrays with at most ``max_array`` entries become
-    ``key/i`` (``key/i/j`` …); per-block dicts become ``key/<block path>``. Larger
-    arrays (e.g. SLQ nodes) are left out: read them from ``info`` directly.
+    The keys depend only on the plan (and ``max_array``), never on which probes fired,
+    so a ``csv.DictWriter`` or a dashboard built from the first step fits every later one.
+    Sentinel entries are kept as their values: float fields ``nan``, int fields ``-1.0``;
+    bools become 0.0/1.0. Every ``nan`` is the one object :data:`math.nan`, so two rows
+    compare equal with ``==`` when their fields do.
+
+    Arrays with at most ``max_array`` entries become ``key/i`` (``key/i/j`` …); larger
+    arrays (e.g. SLQ nodes) are always left out: read them from ``info`` directly.
+    Per-block dicts (and other mappings, such as a dict ``aux``) become ``key/<block path>``.
+    Non-numeric entries are left out.
+
+    For the output of ``lax.scan`` (every field with a leading step axis) use
+    :func:`info_rows`, which returns one such dict per step; ``to_floats`` raises a
+    ``ValueError`` for a scanned info.
     """
-    if isinstance(info, StepInfo):
-        info = info.numpy()  # one host transfer per packed vector instead of one per key
-    out: dict[str, float] = {}
-    for key, value in info.items():
+    host = info.numpy() if isinstance(info, StepInfo) else info  # one host transfer per packed vector
+    lead = _lead_shape(host)
+    if lead != ():
+        raise ValueError(
+            f"to_floats: this info is stacked (its 'loss' has shape {lead}, e.g. the output of lax.scan); "
+            "use somax.info_rows(infos) for one dict per step"
+        )
+    return {key: _scalar(col) for key, col in _columns(host, (), max_array)}
+
+
+def info_rows(infos: Mapping[str, Any], *, max_array: int = 32) -> list[dict[str, float]]:
+    """One :func:`to_floats` dict per step of a scanned ``StepInfo``, with the same keys in every row.
+
+    ``infos`` is the stacked info of ``lax.scan`` over steps (every field with a leading
+    step axis ``T``): the result has ``T`` rows, row ``t`` equal to ``to_floats`` of step
+    ``t``. The info is fetched with one host transfer per packed vector and converted
+    with vectorised NumPy, so long scans are cheap. A single (unscanned) info, or a
+    mapping of plain numbers, gives a one-element list. Fields with more than one
+    leading axis (nested scans, ``vmap``) raise ``ValueError``: index or reshape first.
+    """
+    host = infos.numpy() if isinstance(infos, StepInfo) else infos
+    lead = _lead_shape(host)
+    if len(lead) > 1:
+        raise ValueError(
+            f"info_rows: 'loss' has shape {lead}; expected one step axis. Index the info, or merge the axes with "
+            "jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), infos)"
+        )
+    columns = _columns(host, lead, max_array)
+    if lead == ():
+        return [{key: _scalar(col) for key, col in columns}]
+    keys = [key for key, _ in columns]
+    matrix = np.stack([col for _, col in columns], axis=1) if columns else np.zeros(lead + (0,))
+    rows = [dict(zip(keys, values, strict=True)) for values in matrix.tolist()]
+    for t, j in zip(*np.nonzero(np.isnan(matrix)), strict=True):
+        rows[t][keys[j]] = math.nan
+    return rows
+
+
+def _lead_shape(host: Mapping[str, Any]) -> tuple[int, ...]:
+    """The leading (step) axes: the shape of the always-present scalar field ``loss``."""
+    return tuple(np.shape(host["loss"])) if "loss" in host else ()
+
+
+def _scalar(col: np.ndarray) -> float:
+    value = float(col)
+    return math.nan if math.isnan(value) else value
+
+
+def _columns(host: Mapping[str, Any], lead: tuple[int, ...], max_array: int) -> list[tuple[str, np.ndarray]]:
+    """``(key, float64 array of shape lead)`` for each loggable entry, in the info's key order."""
+    out: list[tuple[str, np.ndarray]] = []
+    for key, value in host.items():
         if isinstance(value, Mapping):
-            out.update({f"{key}/{k}": v for k, v in to_floats(value, max_array=max_array).items()})
+            out += [(f"{key}/{k}", col) for k, col in _columns(value, lead, max_array)]
             continue
         arr = np.asarray(value)
-        if arr.shape == ():
-            item = arr.item()
-            if not _is_sentinel(item):
-                out[key] = float(item)
-        elif arr.size <= max_array:
-            for idx in np.ndindex(arr.shape):
-                item = arr[idx].item()
-                if not _is_sentinel(item):
-                    out[key + "".join(f"/{i}" for i in idx)] = float(item)
+        if arr.dtype.kind not in "biuf":
+            continue
+        if arr.shape[: len(lead)] != lead:
+            raise ValueError(f"info field {key!r} has shape {arr.shape}; expected leading step axes {lead}")
+        inner = arr.shape[len(lead) :]
+        if math.prod(inner) > max_array:
+            continue
+        arr = arr.astype(np.float64)
+        if inner == ():
+            out.append((key, arr))
+        else:
+            out += [(key + "".join(f"/{i}" for i in idx), arr[(..., *idx)]) for idx in np.ndindex(inner)]
     return out
