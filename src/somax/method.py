@@ -223,6 +223,7 @@ class SecondOrderMethod:
         grad_norm = tree_norm(lin.grad)
         update_norm = tree_norm(updates)
         finite = jnp.asarray(True)
+        values["batch_valid"] = jnp.asarray(True)
         if self.reject_nonfinite:
             # ‖g‖ and ‖u‖ are finite iff every entry is (an overflow to inf also rejects). A
             # rejected update is zeroed, so w + u = w exactly and no select on params is needed.
@@ -233,8 +234,7 @@ class SecondOrderMethod:
             usable = finite if lin.valid is None else finite & lin.valid
             updates = tree_where(usable, updates, tree_zeros_like(updates))
             update_norm = jnp.where(usable, update_norm, 0)
-            if lin.valid is not None:
-                values["batch_valid"] = lin.valid
+            values["batch_valid"] = lin.valid if lin.valid is not None else jnp.asarray(True)
         cap = self.damping.max_rel_update
         if cap is not None:
             # the damping's step bound, at every step: ‖u‖ ≤ c · max(‖w‖, 1)
