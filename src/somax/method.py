@@ -222,8 +222,7 @@ class SecondOrderMethod:
         updates, tx_state = self.tx.update(direction, state.tx, params)
         grad_norm = tree_norm(lin.grad)
         update_norm = tree_norm(updates)
-        finite = jnp.asarray(True)
-        values["batch_valid"] = jnp.asarray(True)
+        finite = valid = jnp.asarray(True)
         if self.reject_nonfinite:
             # ‖g‖ and ‖u‖ are finite iff every entry is (an overflow to inf also rejects). A
             # rejected update is zeroed, so w + u = w exactly and no select on params is needed.
@@ -231,10 +230,9 @@ class SecondOrderMethod:
             # were copied into every parameter's update kernel (~60 more HLO instructions).
             checked = jnp.stack([lin.loss.astype(fdt), grad_norm.astype(fdt), update_norm.astype(fdt)])
             finite = jnp.all(jnp.isfinite(checked))
-            usable = finite if lin.valid is None else finite & lin.valid
-            updates = tree_where(usable, updates, tree_zeros_like(updates))
-            update_norm = jnp.where(usable, update_norm, 0)
-            values["batch_valid"] = lin.valid if lin.valid is not None else jnp.asarray(True)
+            valid = lin.valid if lin.valid is not None else valid
+            updates = tree_where(finite & valid, updates, tree_zeros_like(updates))
+            update_norm = jnp.where(finite & valid, update_norm, 0)
         cap = self.damping.max_rel_update
         if cap is not None:
             # the damping's step bound, at every step: ‖u‖ ≤ c · max(‖w‖, 1)
@@ -257,7 +255,7 @@ class SecondOrderMethod:
         if fire is not False:
             values["loss_after"] = jnp.where(jnp.asarray(fire), loss_after, nan)
             values["actual_decrease"] = lin.loss.astype(fdt) - values["loss_after"]
-        values.update(grad_norm=grad_norm, update_norm=update_norm)
+        values.update(grad_norm=grad_norm, update_norm=update_norm, batch_valid=valid)
         return updates, tx_state, finite
 
     def _post_update(self, lin, params, direction, updates, count, values, fdt) -> jax.Array:
@@ -300,7 +298,6 @@ class SecondOrderMethod:
             "rel_update": values.get("rel_update", nan),
             "finite": finite,
             "capped": values.get("update_capped", jnp.asarray(False)),
-            "loss": lin.loss.astype(rho.dtype),
             "lin": lin,
         }
         # On a traced cadence the policy runs in a `lax.cond`: it may do work (a curvature product).
@@ -315,8 +312,7 @@ class SecondOrderMethod:
         A step on an inadmissible batch (``info["batch_valid"]`` False) is treated like a
         non-finite one, but does not count as non-finite.
         """
-        valid = values.get("batch_valid", True)
-        usable = finite & valid
+        usable = finite & values["batch_valid"]
         step_ok = accepted & usable
         can_reject = self.damping.can_reject
         for name, comp in self.components().items():

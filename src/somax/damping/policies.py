@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from somax import validate
-from somax._tree import scalar_dtype, tree_norm, tree_scale, tree_size, tree_vdot
+from somax._tree import scalar_dtype, tree_norm, tree_scale, tree_size, tree_vdot, tree_where
 from somax.contracts import Damping
 from somax.estimators.base import rademacher_like
 from somax.registry import DAMPINGS
@@ -172,10 +172,10 @@ class TrustRegion(Damping):
         lam, top, v = new.lam, state.top, state.v
         if self.curvature_floor is not None:
             hv = signals["lin"].matvec(v)
-            top = jnp.maximum(tree_vdot(v, hv).astype(top.dtype), self.floor_decay * top)
-            top = jnp.where(jnp.isfinite(top), top, state.top)
-            v = tree_scale(1.0 / jnp.maximum(tree_norm(hv), jnp.finfo(top.dtype).tiny), hv)
-            v = jax.tree_util.tree_map(lambda a, b: jnp.where(jnp.isfinite(top), a, b), v, state.v)
+            rayleigh, hv_norm = tree_vdot(v, hv).astype(top.dtype), tree_norm(hv)
+            ok = jnp.isfinite(rayleigh) & jnp.isfinite(hv_norm)  # a non-finite step keeps the estimate
+            top = jnp.where(ok, jnp.maximum(rayleigh, self.floor_decay * top), top)
+            v = tree_where(ok, tree_scale(1.0 / jnp.maximum(hv_norm, jnp.finfo(top.dtype).tiny), hv), v)
             lam = jnp.clip(jnp.maximum(lam, self.curvature_floor * top), self.lam_min, self.lam_max).astype(lam.dtype)
         accept = jnp.asarray(True) if self.reject_below is None else ~(r < self.reject_below)
         return TrustRegionState(lam, top, v), accept, action

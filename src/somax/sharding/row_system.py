@@ -22,7 +22,7 @@ DEFAULT_ROW_BUDGET_BYTES = 2 * 1024**3
 
 
 def _row_solver(method: SecondOrderMethod) -> Any:
-    return method.solver if getattr(method.solver, "lane", None) == "row" else None
+    return method.solver if method.solver.lane == "row" else None
 
 
 def row_system_bytes(
