@@ -3,7 +3,7 @@
 from somax.presets import diag_lane, param_lane  # noqa: F401  (registers the presets)
 from somax.presets.diag_lane import adahessian, sophia_g, sophia_h, sophia_n
 from somax.presets.param_lane import newton_cg, sgn_ce, sgn_mse
-from somax.presets.registry import PRESETS, define_preset, describe, list_methods, make
+from somax.presets.registry import PRESETS, Option, define_preset, describe, list_methods, make
 from somax.presets.row_lane import (  # registers the row-lane and direct presets
     egn_ce,
     egn_ce_cg,
@@ -16,6 +16,7 @@ from somax.presets.row_lane import (  # registers the row-lane and direct preset
 
 __all__ = [
     "PRESETS",
+    "Option",
     "define_preset",
     "describe",
     "list_methods",

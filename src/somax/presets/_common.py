@@ -1,37 +1,146 @@
-"""Option tables and spec builders shared by presets."""
+"""Option tables and spec builders shared by presets.
+
+Each table maps an option name to an :class:`~somax.presets.registry.Option` (default,
+type, description); a preset's options are a union of tables, with
+``Option.replace`` for a preset's own default or wording, so every shared option is
+described once.
+"""
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from typing import Any
 
 import optax
 
-from somax.specs import DampingSpec, PrecondSpec, SolverSpec
+from somax.curvature.losses import OutputLoss
+from somax.curvature.model import Model
+from somax.presets.registry import Option
+from somax.specs import DampingSpec, PrecondSpec, SolverSpec, TelemetrySpec
 
-__all__ = ["OUTER_OPTIONS", "DAMPING_OPTIONS", "CG_OPTIONS", "outer_chain", "damping_spec", "precond_spec",
-           "cg_spec", "model_kwargs", "DIAG_OPTIONS", "diag_grad_tx", "diag_outer_chain"]  # fmt: skip
+__all__ = ["MODEL_OPTIONS", "HESSIAN_MODEL_OPTIONS", "BATCH_OPTIONS", "OUTER_OPTIONS", "DAMPING_OPTIONS",
+           "CG_OPTIONS", "DIAG_OPTIONS", "combine", "outer_chain", "damping_spec", "precond_spec", "cg_spec",
+           "model_kwargs", "require", "diag_grad_tx", "diag_outer_chain"]  # fmt: skip
 
-#: The Optax chain on the direction (every preset).
-OUTER_OPTIONS: dict[str, Any] = {
-    "learning_rate": 1.0,
-    "clip_norm": None,
-    "weight_decay": None,
-    "momentum": None,
-    "telemetry": None,
-    "curvature_kwargs": None,
-    "reject_nonfinite": True,
+# Types as the signatures show them (``typing`` spellings print without module prefixes).
+Fn = typing.Callable[..., typing.Any] | None
+Schedule = float | typing.Callable[[int], float]
+Kwargs = typing.Mapping[str, typing.Any] | None
+
+#: The model of a GGN preset.
+MODEL_OPTIONS: dict[str, Option] = {
+    "predict_fn": Option(
+        None, Fn, "the model, ``predict_fn(params, x) -> outputs`` (logits for CE); may be passed positionally."
+    ),
+    "model": Option(
+        None,
+        Model | None,
+        "a ``somax.Model`` in place of ``predict_fn``: model state, rng and aux "
+        "(``somax.adapters`` wraps Flax modules).",
+    ),
+}
+#: The model of an exact-Hessian preset: a loss of the batch, or a model with an output loss.
+HESSIAN_MODEL_OPTIONS: dict[str, Option] = {
+    "loss_fn": Option(
+        None,
+        Fn,
+        "``loss_fn(params, batch) -> scalar``, whose exact Hessian is the curvature; "
+        "may be passed positionally. Alternative to ``predict_fn`` with ``loss``.",
+    ),
+    "predict_fn": MODEL_OPTIONS["predict_fn"].replace(
+        doc="the model ``predict_fn(params, x) -> outputs``, used with ``loss`` in place of ``loss_fn``."
+    ),
+    "model": MODEL_OPTIONS["model"],
+    "loss": Option(
+        None,
+        str | OutputLoss | None,
+        'the output loss of ``predict_fn``/``model``: ``"mse"``, ``"ce"`` or an ``OutputLoss``.',
+    ),
+}
+#: Where the curvature reads its inputs, targets and weights in a mapping batch.
+BATCH_OPTIONS: dict[str, Option] = {
+    "x_key": Option("x", str, "the batch entry holding the model inputs ``x``."),
+    "y_key": Option("y", str, "the batch entry holding the targets ``y``."),
+    "weight_key": Option(
+        None,
+        str | None,
+        "the batch entry holding per-example weights (``(B,)``, or ``(B, T)`` "
+        "for sequences; a 0/1 mask is a weight): the loss becomes ``Σ w ℓ / Σ w``. None: unweighted.",
+    ),
+}
+_COMMON_TAIL: dict[str, Option] = {
+    "telemetry": Option(
+        None,
+        TelemetrySpec | None,
+        "in-step probes and their cadences (rho, loss after, trace, eigenvalues, norms); None: none.",
+    ),
+    "curvature_kwargs": Option(
+        None,
+        Kwargs,
+        "further keyword arguments of the curvature spec (``x_fn``, ``y_fn``, "
+        "``weight_fn``, or any key above); an option given both here and directly with "
+        "another value raises.",
+    ),
+    "reject_nonfinite": Option(
+        True,
+        bool,
+        "reject a step whose loss, gradient or update is not finite (the "
+        "parameters and state are kept); False compiles no guard.",
+    ),
+}
+#: The Optax chain on the direction (solver-based presets).
+OUTER_OPTIONS: dict[str, Option] = {
+    "learning_rate": Option(1.0, Schedule, "the step size ``lr`` (``w ← w − lr·s``): a float or an Optax schedule."),
+    "clip_norm": Option(None, float | None, "clip the direction to this global norm before the step; None: no clip."),
+    "weight_decay": Option(
+        None, float | None, "add ``weight_decay·w`` to the direction (before momentum); None: no decay."
+    ),
+    "momentum": Option(None, float | None, "decay of a momentum (``optax.trace``) on the direction; None: none."),
+    **_COMMON_TAIL,
 }
 #: Damping (solver-based presets).
-DAMPING_OPTIONS: dict[str, Any] = {"lam0": 1.0, "damping": "constant", "tr_every_k": 1}
-#: Parameter-space CG.
-CG_OPTIONS: dict[str, Any] = {
-    "maxiter": 10,
-    "tol": 1e-5,
-    "warm_start": True,
-    "stabilise_every": 0,
-    "precondition": None,
+DAMPING_OPTIONS: dict[str, Option] = {
+    "lam0": Option(
+        1.0, float, "the damping ``λ`` of ``(H + λI) s = g``: constant, or the initial value of an adaptive policy."
+    ),
+    "damping": Option(
+        "constant",
+        str | DampingSpec,
+        'the damping policy: ``"constant"``, ``"trust_region"``, ``"step_norm"``, or a ``DampingSpec``.',
+    ),
+    "tr_every_k": Option(1, int, 'with ``damping="trust_region"``: update λ every this many steps.'),
 }
+#: Parameter-space CG.
+CG_OPTIONS: dict[str, Option] = {
+    "maxiter": Option(10, int, "maximum CG iterations per step."),
+    "tol": Option(1e-5, float, "CG stops when the relative residual ``‖As − g‖ ≤ tol·‖g‖``."),
+    "warm_start": Option(True, bool, "start CG from the previous step's direction."),
+    "stabilise_every": Option(
+        0, int, "replace CG's recursive residual by the true one every this many iterations; 0: never."
+    ),
+    "precondition": Option(
+        None,
+        str | PrecondSpec | None,
+        "a diagonal preconditioner for PCG, by kind "
+        '(``"diag_ema"``, ``"diag_direct"``) or as a ``PrecondSpec``; None: plain CG.',
+    ),
+}
+
+
+def combine(*tables: Mapping[str, Option], **changes: Any) -> dict[str, Option]:
+    """The union of option tables, in order; ``changes`` set a default (a value) or replace an entry (an ``Option``)."""
+    out: dict[str, Option] = {}
+    for table in tables:
+        out.update(table)
+    for key, change in changes.items():
+        if isinstance(change, Option):
+            out[key] = change
+        elif key in out:
+            out[key] = out[key].replace(default=change)
+        else:
+            raise KeyError(f"combine: {key!r} is in none of the tables; give an Option to add it")
+    return out
 
 
 def outer_chain(o: Mapping[str, Any]) -> optax.GradientTransformation:
@@ -71,18 +180,40 @@ def cg_spec(o: Mapping[str, Any]) -> SolverSpec:
 def model_kwargs(
     preset: str, o: Mapping[str, Any], names: tuple[str, ...], extra: Mapping[str, Any] | None = None
 ) -> dict:
-    """Curvature kwargs from the model options ``names`` plus ``curvature_kwargs``; duplicates raise.
+    """Curvature kwargs: the model options ``names``, the batch keys and ``curvature_kwargs``.
 
-    A ``model=`` option (a :class:`somax.Model`) is taken wherever ``predict_fn`` is.
+    A ``model=`` option (a :class:`somax.Model`) is taken wherever ``predict_fn`` is. A model
+    option given both directly and in ``curvature_kwargs`` raises; a batch key
+    (``x_key``, ``y_key``, ``weight_key``) may be given both ways only with the same value.
+    A batch key is passed on when the caller gave it (``o.given`` of
+    :class:`~somax.presets.registry.Options`; for a plain dict, when it is not the default).
     """
     if "predict_fn" in names and "model" not in names:
         names = (*names, "model")
     out = {k: o[k] for k in names if o.get(k) is not None}
     out.update(extra or {})
+    given = getattr(o, "given", None)
+    batch = {
+        key: o[key]
+        for key, opt in BATCH_OPTIONS.items()
+        if key in o and (key in given if given is not None else o[key] != opt.default)
+    }
+    if batch and o.get("loss_fn") is not None:
+        raise TypeError(
+            f"{preset}: {', '.join(batch)} name(s) batch entries read for predict_fn/model with loss; "
+            "loss_fn(params, batch) reads the batch itself"
+        )
     for key, value in (o["curvature_kwargs"] or {}).items():
-        if key in out:
+        if key in batch:
+            if value != batch[key]:
+                raise TypeError(
+                    f"{preset}: {key}={batch[key]!r} given directly but {key}={value!r} in curvature_kwargs; "
+                    f"give {key} once"
+                )
+        elif key in out:
             raise TypeError(f"{preset}: {key!r} given both directly and in curvature_kwargs")
         out[key] = value
+    out.update(batch)
     return out
 
 
@@ -99,17 +230,22 @@ def require(preset: str, kwargs: Mapping[str, Any], *alternatives: tuple[str, ..
 
 #: Diagonal-lane presets (AdaHessian, Sophia-*): gradient momentum → ``D⁻¹`` → Optax chain.
 #: Every preset overrides the defaults with its paper's values (see ``presets/diag_lane.py``).
-DIAG_OPTIONS: dict[str, Any] = {
-    "learning_rate": 3e-4,
-    "b1": 0.96,
-    "b2": 0.99,
-    "eps": 1e-12,
-    "weight_decay": 0.0,
-    "eval_every_k": 10,
-    "grad_clip_norm": None,
-    "telemetry": None,
-    "curvature_kwargs": None,
-    "reject_nonfinite": True,
+DIAG_OPTIONS: dict[str, Option] = {
+    "learning_rate": OUTER_OPTIONS["learning_rate"].replace(default=3e-4),
+    "b1": Option(0.96, float, "EMA decay of the gradient momentum ``m``."),
+    "b2": Option(0.99, float, "EMA decay of the diagonal curvature estimate."),
+    "eps": Option(1e-12, float, "the ε of the update's denominator (see the update above)."),
+    "weight_decay": Option(0.0, float, "decoupled weight decay, ``w ← w − lr·weight_decay·w`` (AdamW-style); 0: none."),
+    "eval_every_k": Option(
+        10,
+        int,
+        "refresh the diagonal curvature estimate every this many steps (steps 0, k, "
+        "2k, …); the estimate is kept in between.",
+    ),
+    "grad_clip_norm": Option(
+        None, float | None, "clip the gradient to this global norm before the momentum; None: no clip."
+    ),
+    **_COMMON_TAIL,
 }
 
 

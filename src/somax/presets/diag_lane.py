@@ -17,13 +17,24 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from somax.assemble import assemble
 from somax.curvature.losses import OutputLoss
 from somax.method import SecondOrderMethod
-from somax.presets._common import DIAG_OPTIONS, diag_grad_tx, diag_outer_chain, model_kwargs, require
-from somax.presets.registry import define_preset
+from somax.presets._common import (
+    BATCH_OPTIONS,
+    DIAG_OPTIONS,
+    HESSIAN_MODEL_OPTIONS,
+    MODEL_OPTIONS,
+    combine,
+    diag_grad_tx,
+    diag_outer_chain,
+    model_kwargs,
+    require,
+)
+from somax.presets.registry import Option, define_preset
 from somax.specs import CurvatureSpec, DampingSpec, EstimatorSpec, PrecondSpec, SolverSpec
 
 __all__ = ["adahessian", "sophia_h", "sophia_g", "sophia_n"]
@@ -36,13 +47,13 @@ def _positive(preset: str, name: str, value: Any, *, upper: float | None = None)
         raise ValueError(f"{preset}: {name} must be <= {upper}, got {value!r}")
 
 
-def _hessian_curvature(preset: str, o: dict[str, Any]) -> CurvatureSpec:
+def _hessian_curvature(preset: str, o: Mapping[str, Any]) -> CurvatureSpec:
     kwargs = model_kwargs(preset, o, ("loss_fn", "predict_fn", "loss"))
     require(preset, kwargs, ("loss_fn",), ("predict_fn", "loss"))
     return CurvatureSpec("hessian", kwargs=kwargs)
 
 
-def _ggn_curvature(preset: str, o: dict[str, Any]) -> CurvatureSpec:
+def _ggn_curvature(preset: str, o: Mapping[str, Any]) -> CurvatureSpec:
     loss = o["loss"]
     if isinstance(loss, OutputLoss):
         kind, extra = "ggn", {"loss": loss}
@@ -58,7 +69,7 @@ def _ggn_curvature(preset: str, o: dict[str, Any]) -> CurvatureSpec:
 def _sophia(preset: str, curvature, estimator: str, count_key: str):
     """Sophia (Alg. 3 of Liu et al.) from specs; ``curvature``/``estimator`` pick H, G or N."""
 
-    def build(o: dict[str, Any]) -> SecondOrderMethod:
+    def build(o: Mapping[str, Any]) -> SecondOrderMethod:
         _positive(preset, "gamma", o["gamma"])
         _positive(preset, "rho", o["rho"])
         _positive(preset, "eps", o["eps"])
@@ -80,16 +91,24 @@ def _sophia(preset: str, curvature, estimator: str, count_key: str):
     return build
 
 
-_SOPHIA_OPTIONS = {
-    **DIAG_OPTIONS,
-    "learning_rate": 3e-4,
-    "b1": 0.96,
-    "b2": 0.99,
-    "eps": 1e-12,
-    "rho": 1.0,
-    "weight_decay": 0.2,
-    "eval_every_k": 10,
-}
+_SOPHIA_OPTIONS = combine(
+    DIAG_OPTIONS,
+    learning_rate=3e-4,
+    b1=0.96,
+    b2=0.99,
+    eps=DIAG_OPTIONS["eps"].replace(default=1e-12, doc="floor ε of the denominator ``max(γ·h, ε)``."),
+    rho=Option(1.0, float, "clip threshold: each coordinate of ``m / max(γ·h, ε)`` is clipped to ``±rho``."),
+    weight_decay=0.2,
+    eval_every_k=10,
+)
+_GAMMA = Option(0.05, float, "scale γ of the curvature estimate in the denominator ``max(γ·h, ε)``.")
+_N_PROBES = Option(1, int, "Rademacher probes per refresh of the Hutchinson estimate.")
+_N_SAMPLES = Option(1, int, "label samples per refresh of the Gauss-Newton-Bartlett estimate.")
+_GGN_LOSS = Option(
+    "ce",
+    str | OutputLoss,
+    'the output loss whose GGN is the curvature: ``"ce"`` (logits), ``"mse"`` or an ``OutputLoss``.',
+)
 
 _SOPHIA_DOC = """Sophia-{variant} [Liu et al. 2023{extra_ref}], diagonal lane: {what}.
 
@@ -133,13 +152,11 @@ sophia_h = define_preset(
     _sophia("sophia_h", _hessian_curvature, "hutchinson", "n_probes"),
     positional="loss_fn",
     options={
-        "loss_fn": None,
-        "predict_fn": None,
-        "model": None,
-        "loss": None,
+        **HESSIAN_MODEL_OPTIONS,
+        **BATCH_OPTIONS,
         **_SOPHIA_OPTIONS,
-        "gamma": 0.01,
-        "n_probes": 1,
+        "gamma": _GAMMA.replace(default=0.01),
+        "n_probes": _N_PROBES,
     },
     doc=_SOPHIA_DOC.format(
         variant="H",
@@ -160,7 +177,14 @@ sophia_g = define_preset(
     "sophia_g",
     _sophia("sophia_g", _ggn_curvature, "gnb", "n_samples"),
     positional="predict_fn",
-    options={"predict_fn": None, "model": None, "loss": "ce", **_SOPHIA_OPTIONS, "gamma": 0.05, "n_samples": 1},
+    options={
+        **MODEL_OPTIONS,
+        "loss": _GGN_LOSS,
+        **BATCH_OPTIONS,
+        **_SOPHIA_OPTIONS,
+        "gamma": _GAMMA,
+        "n_samples": _N_SAMPLES,
+    },
     doc=_SOPHIA_DOC.format(
         variant="G",
         extra_ref="",
@@ -180,7 +204,14 @@ sophia_n = define_preset(
     "sophia_n",
     _sophia("sophia_n", _ggn_curvature, "hutchinson", "n_probes"),
     positional="predict_fn",
-    options={"predict_fn": None, "model": None, "loss": "ce", **_SOPHIA_OPTIONS, "gamma": 0.05, "n_probes": 1},
+    options={
+        **MODEL_OPTIONS,
+        "loss": _GGN_LOSS,
+        **BATCH_OPTIONS,
+        **_SOPHIA_OPTIONS,
+        "gamma": _GAMMA,
+        "n_probes": _N_PROBES,
+    },
     doc=_SOPHIA_DOC.format(
         variant="N",
         extra_ref="; Somax paper §4.4",
@@ -197,7 +228,7 @@ sophia_n = define_preset(
 )
 
 
-def _adahessian(o: dict[str, Any]) -> SecondOrderMethod:
+def _adahessian(o: Mapping[str, Any]) -> SecondOrderMethod:
     preset = "adahessian"
     _positive(preset, "hessian_power", o["hessian_power"], upper=1.0)
     if isinstance(o["eps"], bool) or not isinstance(o["eps"], (int, float)) or o["eps"] < 0:
@@ -229,19 +260,24 @@ adahessian = define_preset(
     _adahessian,
     positional="loss_fn",
     options={
-        "loss_fn": None,
-        "predict_fn": None, "model": None,
-        "loss": None,
-        **DIAG_OPTIONS,
-        "learning_rate": 0.15,
-        "b1": 0.9,
-        "b2": 0.999,
-        "eps": 1e-4,
-        "weight_decay": 0.0,
-        "eval_every_k": 1,
-        "hessian_power": 1.0,
-        "spatial_average": True,
-        "n_probes": 1,
+        **HESSIAN_MODEL_OPTIONS,
+        **BATCH_OPTIONS,
+        **combine(
+            DIAG_OPTIONS,
+            learning_rate=0.15,
+            b1=0.9,
+            b2=0.999,
+            eps=DIAG_OPTIONS["eps"].replace(
+                default=1e-4, doc="additive ε of the denominator ``v̂^{k/2} + ε`` (the constant damping λ)."
+            ),
+            weight_decay=0.0,
+            eval_every_k=1,
+        ),
+        "hessian_power": Option(1.0, float, "the power ``k`` (``0 < k ≤ 1``) of the denominator ``v̂^{k/2}``."),
+        "spatial_average": Option(
+            True, bool, "average each 4-D convolution kernel's estimate over its spatial axes (§3.3)."
+        ),
+        "n_probes": _N_PROBES,
     },
     doc="""AdaHessian [Yao et al. 2021], diagonal lane: Adam with the squared gradient
     replaced by the squared (spatially averaged) Hutchinson Hessian diagonal.

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from somax.assemble import assemble
 from somax.method import SecondOrderMethod
 from somax.presets._common import (
+    BATCH_OPTIONS,
     CG_OPTIONS,
     DAMPING_OPTIONS,
+    HESSIAN_MODEL_OPTIONS,
+    MODEL_OPTIONS,
     OUTER_OPTIONS,
     cg_spec,
+    combine,
     damping_spec,
     model_kwargs,
     outer_chain,
@@ -22,11 +27,11 @@ from somax.specs import CurvatureSpec
 
 __all__ = ["sgn_mse", "sgn_ce", "newton_cg"]
 
-_OPTIONS = {**DAMPING_OPTIONS, **CG_OPTIONS, **OUTER_OPTIONS}
+_OPTIONS = combine(BATCH_OPTIONS, DAMPING_OPTIONS, CG_OPTIONS, OUTER_OPTIONS)
 
 
 def _param_lane(curvature_kind: str, model_names: tuple[str, ...], preset: str):
-    def build(o: dict[str, Any]) -> SecondOrderMethod:
+    def build(o: Mapping[str, Any]) -> SecondOrderMethod:
         kwargs = model_kwargs(preset, o, model_names)
         if curvature_kind == "hessian":
             require(preset, kwargs, ("loss_fn",), ("predict_fn", "loss"))
@@ -54,8 +59,8 @@ _SGN_DOC = """Stochastic Gauss-Newton (SGN) for {what} [Gargiani et al. 2020], p
     ``tr_every_k`` steps). ``precondition`` may name a diagonal preconditioner
     (e.g. ``"diag_ema"`` on squared gradients) for PCG.
     Model: ``predict_fn(params, x)`` or ``model=somax.Model(...)`` (state, rng, aux; see
-    ``somax.adapters`` for Flax); batch ``{{"x", "y"}}`` (keys, functions or weights via
-    ``curvature_kwargs``: ``x_key``, ``y_key``, ``weight_key``, ``x_fn``, ``y_fn``, ``weight_fn``).
+    ``somax.adapters`` for Flax); batch ``{{"x", "y"}}`` (other keys: ``x_key``, ``y_key``,
+    ``weight_key``; functions of the batch via ``curvature_kwargs``: ``x_fn``, ``y_fn``, ``weight_fn``).
     Loss: {loss}.
     """
 
@@ -63,7 +68,7 @@ sgn_mse = define_preset(
     "sgn_mse",
     _param_lane("ggn_mse", ("predict_fn",), "sgn_mse"),
     positional="predict_fn",
-    options={"predict_fn": None, "model": None, **_OPTIONS},
+    options={**MODEL_OPTIONS, **_OPTIONS},
     doc=_SGN_DOC.format(what="mean squared error", loss="``1/(2b) Σ_i ‖f(x_i) − y_i‖²``"),
 )
 
@@ -71,17 +76,15 @@ sgn_ce = define_preset(
     "sgn_ce",
     _param_lane("ggn_ce", ("predict_fn",), "sgn_ce"),
     positional="predict_fn",
-    options={"predict_fn": None, "model": None, **_OPTIONS},
-    doc=_SGN_DOC.format(
-        what="softmax cross-entropy", loss="mean softmax cross-entropy, integer or one-hot labels"
-    ),
+    options={**MODEL_OPTIONS, **_OPTIONS},
+    doc=_SGN_DOC.format(what="softmax cross-entropy", loss="mean softmax cross-entropy, integer or one-hot labels"),
 )
 
 newton_cg = define_preset(
     "newton_cg",
     _param_lane("hessian", ("loss_fn", "predict_fn", "loss"), "newton_cg"),
     positional="loss_fn",
-    options={"loss_fn": None, "predict_fn": None, "model": None, "loss": None, **_OPTIONS},
+    options={**HESSIAN_MODEL_OPTIONS, **_OPTIONS},
     doc="""Newton-CG / Hessian-free [Martens 2010], parameter lane.
 
     Solves ``(∇²L + λI) s = g`` with CG on exact Hessian-vector products from one

@@ -16,31 +16,59 @@ from typing import Any
 from somax.assemble import assemble
 from somax.method import SecondOrderMethod
 from somax.presets._common import (
+    BATCH_OPTIONS,
     CG_OPTIONS,
     DAMPING_OPTIONS,
+    HESSIAN_MODEL_OPTIONS,
+    MODEL_OPTIONS,
     OUTER_OPTIONS,
     damping_spec,
     model_kwargs,
     outer_chain,
     require,
 )
-from somax.presets.registry import define_preset
+from somax.presets.registry import Option, define_preset
 from somax.specs import CurvatureSpec, SolverSpec
 
 __all__ = ["egn_mse", "egn_ce", "egn_mse_cg", "egn_ce_cg", "ggn_direct_mse", "ggn_direct_ce", "newton_direct"]
 
 #: Row-space CG: the parameter-lane CG options without a preconditioner (row CG takes none).
-ROW_CG_OPTIONS: dict[str, Any] = {k: v for k, v in CG_OPTIONS.items() if k != "precondition"}
+ROW_CG_OPTIONS: dict[str, Option] = {
+    **{k: v for k, v in CG_OPTIONS.items() if k != "precondition"},
+    "warm_start": CG_OPTIONS["warm_start"].replace(
+        doc="start row CG from the previous direction mapped into this batch's rows."
+    ),
+}
+_SOLVE_DTYPE = Option(
+    None,
+    str | None,
+    'dtype of the factorisation: None (the model\'s, at least float32), ``"float32"`` or ``"float64"`` (needs x64).',
+)
 #: Row-Cholesky.
-ROW_CHOLESKY_OPTIONS: dict[str, Any] = {"solve_dtype": None, "gram": "auto"}
+ROW_CHOLESKY_OPTIONS: dict[str, Option] = {
+    "solve_dtype": _SOLVE_DTYPE,
+    "gram": Option(
+        "auto",
+        str,
+        'how the row Gram is formed: ``"auto"`` (structured for dense kernels where '
+        'cheaper), ``"structured"`` or ``"per_example"`` (per-example Jacobians of every leaf).',
+    ),
+}
 #: Dense parameter-space solves.
-DENSE_OPTIONS: dict[str, Any] = {"solve_dtype": None, "max_params": 20_000}
+DENSE_OPTIONS: dict[str, Option] = {
+    "solve_dtype": _SOLVE_DTYPE,
+    "max_params": Option(
+        20_000, int, "refuse models with more parameters than this (the curvature is a dense ``d×d`` matrix)."
+    ),
+}
+_NEGATIVE = Option(
+    "abs",
+    str,
+    'how eigenvalues below zero enter: ``"abs"`` (``|Λ|``, saddle-free Newton) or ``"clip"`` (``max(Λ, 0)``).',
+)
 
-_GGN_MODEL = {"predict_fn": None, "model": None}
-_HESSIAN_MODEL = {"loss_fn": None, "predict_fn": None, "model": None, "loss": None}
 
-
-def _solver(kind: str, table: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], SolverSpec]:
+def _solver(kind: str, table: Mapping[str, Option]) -> Callable[[Mapping[str, Any]], SolverSpec]:
     return lambda o: SolverSpec(kind, kwargs={k: o[k] for k in table})
 
 
@@ -48,13 +76,13 @@ def _define(
     name: str,
     curvature_kind: str,
     solver_kind: str,
-    solver_options: Mapping[str, Any],
+    solver_options: Mapping[str, Option],
     doc: str,
 ) -> Callable[..., SecondOrderMethod]:
-    model = _HESSIAN_MODEL if curvature_kind == "hessian" else _GGN_MODEL
+    model = HESSIAN_MODEL_OPTIONS if curvature_kind == "hessian" else MODEL_OPTIONS
     make_solver = _solver(solver_kind, solver_options)
 
-    def build(o: dict[str, Any]) -> SecondOrderMethod:
+    def build(o: Mapping[str, Any]) -> SecondOrderMethod:
         kwargs = model_kwargs(name, o, tuple(model))
         if curvature_kind == "hessian":
             require(name, kwargs, ("loss_fn",), ("predict_fn", "loss"))
@@ -73,7 +101,7 @@ def _define(
         name,
         build,
         positional="loss_fn" if curvature_kind == "hessian" else "predict_fn",
-        options={**model, **solver_options, **DAMPING_OPTIONS, **OUTER_OPTIONS},
+        options={**model, **BATCH_OPTIONS, **solver_options, **DAMPING_OPTIONS, **OUTER_OPTIONS},
         doc=doc,
     )
 
@@ -87,7 +115,7 @@ _EGN_DOC = """Exact Gauss-Newton (EGN) for {what} [Korbit et al. 2025], row-spac
     through the Optax chain (optional ``clip_norm``, ``weight_decay``, direction ``momentum``).
     Damping is ``constant`` (``λ = lam0``) or ``trust_region`` (every ``tr_every_k`` steps).
     {solver_doc}
-    Model: ``predict_fn(params, x)``; batch ``{{"x", "y"}}`` (keys via ``curvature_kwargs``).
+    Model: ``predict_fn(params, x)``; batch ``{{"x", "y"}}`` (other keys: ``x_key``, ``y_key``, ``weight_key``).
     """
 _CHOLESKY_DOC = (
     "Row-Cholesky: the dense ``m×m`` Gram is formed on single examples (vmap), structured for\n"
@@ -140,7 +168,7 @@ newton_direct = _define(
     "newton_direct",
     "hessian",
     "dense_eigh",
-    {**DENSE_OPTIONS, "negative": "abs"},
+    {**DENSE_OPTIONS, "negative": _NEGATIVE},
     """Newton's method with a dense eigendecomposition, parameter lane (small models).
 
     Materialises the exact Hessian ``∇²L`` (``d`` Hessian-vector products) and returns
