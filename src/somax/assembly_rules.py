@@ -33,6 +33,8 @@ class Part:
 
 @dataclass(frozen=True)
 class Parts:
+    """Every resolved component of one method, the input of each assembly rule."""
+
     curvature: Part
     solver: Part
     precond: Part

@@ -73,7 +73,9 @@ __all__ = [
 DIAGONAL = "diagonal"
 #: statistic: the squared mini-batch gradient ``g_t ⊙ g_t``
 SQUARED_GRADIENT = "squared_gradient"
+#: The solver lanes: parameter space, row space (``m`` batch rows), diagonal scaling.
 LANES: tuple[str, ...] = ("param", "row", "diag")
+#: What a component's state does after a rejected or non-finite step: keep it or restore it.
 POLICIES: tuple[str, ...] = ("keep", "rollback")
 
 

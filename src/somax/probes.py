@@ -42,6 +42,7 @@ def spectral_fields(t: TelemetrySpec) -> dict[str, InfoField]:
 
 
 def spectral_requests(t: TelemetrySpec) -> list[tuple[str, int]]:
+    """``(probe, every_k)`` for every spectral probe, with its cadence from ``t`` (``-1``: off)."""
     return [(probe, getattr(t, attr)) for probe, attr in SPECTRAL_PROBES.items()]
 
 

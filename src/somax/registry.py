@@ -86,11 +86,17 @@ class Registry:
         return name in self._factories
 
 
+#: Curvature kinds (``CurvatureSpec``): name → factory of a :class:`Curvature`.
 CURVATURES = Registry("curvature", Curvature)
+#: Solver kinds (``SolverSpec``): name → factory of a :class:`Solver`.
 SOLVERS = Registry("solver", Solver)
+#: Preconditioner kinds (``PrecondSpec``): name → factory of a :class:`Preconditioner`.
 PRECONDITIONERS = Registry("preconditioner", Preconditioner)
+#: Damping kinds (``DampingSpec``): name → factory of a :class:`Damping`.
 DAMPINGS = Registry("damping", Damping)
+#: Estimator kinds (``EstimatorSpec``): name → factory of an :class:`Estimator`.
 ESTIMATORS = Registry("estimator", Estimator)
+#: Line-search kinds (``LineSearchSpec``): name → factory of a :class:`LineSearch`.
 LINE_SEARCHES = Registry("line search", LineSearch)
 
 _BY_KIND: Mapping[str, Registry] = {

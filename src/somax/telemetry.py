@@ -38,6 +38,7 @@ from somax.step_info import STORED_IN, VECTORS, InfoLayout, StepInfo
 __all__ = ["InfoField", "CORE_FIELDS", "SENTINELS", "StepInfo", "fill_info", "info_rows", "to_floats"]
 
 
+#: The value a field holds when it is disabled or not computed at a step, by field kind.
 SENTINELS: Mapping[str, Any] = {"float": float("nan"), "int": -1, "bool": False}
 
 
@@ -76,6 +77,7 @@ def _as(value: Any, dtype, shape: tuple[int, ...]) -> Any:
     return value if value.shape == shape else value.reshape(shape)
 
 
+#: The ``StepInfo`` fields every method reports, in order: key → :class:`InfoField`.
 CORE_FIELDS: Mapping[str, InfoField] = {
     "step": InfoField("int", "index t of this step (the method's counter before the step)"),
     "loss": InfoField("float", "mini-batch loss L_B(w_t) at the step's linearization"),

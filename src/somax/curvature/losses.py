@@ -276,6 +276,7 @@ class ConvexLoss(OutputLoss):
         return Pointwise(per, jax.vmap(grad_fn)(z, y), hvp)
 
 
+#: The output losses by name, as accepted by ``CurvatureSpec("ggn", kwargs={"loss": name})``.
 OUTPUT_LOSSES: dict[str, OutputLoss] = {
     "mse": MSELoss(),
     "ce": SoftmaxCELoss(),

@@ -65,6 +65,7 @@ class EstimatorState(NamedTuple):
 
 
 def init_state() -> EstimatorState:
+    """A fresh estimator state: no refreshes made yet."""
     return EstimatorState(jnp.zeros((), jnp.int32))
 
 

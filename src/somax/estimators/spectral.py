@@ -38,6 +38,7 @@ FlatMatvec = Callable[[jax.Array], jax.Array]
 
 
 def rademacher(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Independent Rademacher (±1) entries of ``shape`` in ``dtype``, drawn as int8."""
     return jax.random.rademacher(key, shape, dtype=jnp.int8).astype(dtype)
 
 
