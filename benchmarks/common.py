@@ -229,7 +229,8 @@ def study_parser(
     if smoke is not None:
         mode.add_argument("--smoke", action="store_true", help=smoke)
     if out is not None:
-        ap.add_argument("--out", type=Path, default=out, help=f"{out_help} (default {out})")
+        shown = out.relative_to(RESULTS_DIR.parent.parent) if out.is_relative_to(RESULTS_DIR.parent.parent) else out
+        ap.add_argument("--out", type=Path, default=out, help=f"{out_help} (default {shown})")
     return ap
 
 

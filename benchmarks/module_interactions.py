@@ -565,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="2 seeds, 2 rates per configuration, 4 epochs (minutes)")
     mode.add_argument("--tiny", "--smoke", action="store_true", help="seconds; what the test suite runs")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder (default benchmarks/results)")
     ap.add_argument("--dataset", default="mnist1d", choices=("mnist1d", "digits", "fashion_mnist"))
     ap.add_argument("--download", action="store_true", help="fashion_mnist: download into the cache if missing")
     ap.add_argument("--configs", nargs="+", choices=CONFIG_NAMES, help="subset of configurations (default all)")

@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller model and batches (< 1 minute)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 timed steps (wins over --quick)")
-    ap.add_argument("--out", type=Path, default=None, help=f"JSON output path (default {DEFAULT_OUT}; "
-                    "the quick and smoke profiles write .quick.json / .smoke.json)")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=None, help="JSON output path (default "
+                    "benchmarks/results/sharding_memory.json; the quick and smoke profiles write "
+                    ".quick.json / .smoke.json)")  # fmt: skip
     args = ap.parse_args(argv)
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
     if jax.device_count() < 8:
