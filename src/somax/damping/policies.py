@@ -132,7 +132,7 @@ class TrustRegion(Damping):
     rho_clip: float = 5.0
     reject_below: float | None = 0.0
     max_rel_update: float | None = 0.03
-    curvature_floor: float | None = 0.3
+    curvature_floor: float | None = 0.15
     floor_decay: float = 0.9
 
     needs_rho = True
