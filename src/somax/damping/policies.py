@@ -64,6 +64,8 @@ KEEP, INCREASED, DECREASED = 0, 1, 2
 
 
 class DampingState(NamedTuple):
+    """``lam``: the damping ``λ_t`` of (2.4), a scalar in the parameters' dtype."""
+
     lam: jax.Array
 
 
