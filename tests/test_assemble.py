@@ -198,3 +198,10 @@ def test_preset_outer_chain_options():
     p2, _, _ = wd.step(params, batch, wd.init(params), None)
     w = lambda p: np.asarray(p["layer0"]["w"])
     np.testing.assert_allclose(w(p2), w(p0) - 0.1 * 0.5 * w(params), rtol=1e-10)
+
+
+@pytest.mark.parametrize("option", [{"x_key": "image"}, {"y_key": "label"}, {"x_fn": lambda b: b}])
+def test_hessian_refuses_batch_options_it_would_ignore_with_loss_fn(option):
+    spec = CurvatureSpec("hessian", kwargs={"loss_fn": lambda p, b: 0.0, **option})
+    with pytest.raises(TypeError, match=f"{next(iter(option))} would be ignored"):
+        somax.assemble(curvature=spec, solver=SolverSpec("cg"))

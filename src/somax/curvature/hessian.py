@@ -61,18 +61,29 @@ def hessian(
     predict_fn: Callable[[Any, Any], jax.Array] | None = None,
     model: Model | None = None,
     loss: str | OutputLoss | None = None,
-    x_key: str = "x",
-    y_key: str = "y",
+    x_key: str | None = None,
+    y_key: str | None = None,
     weight_key: str | None = None,
     x_fn: Callable | None = None,
     y_fn: Callable | None = None,
     weight_fn: Callable | None = None,
 ) -> HessianCurvature:
-    """Exact Hessian of ``loss_fn(params, batch)``, or of ``loss(model(params, x), y)``."""
+    """Exact Hessian of ``loss_fn(params, batch)``, or of ``loss(model(params, x), y)``.
+
+    The batch options (``x_key="x"``, ``y_key="y"``, ``weight_key``, ``x_fn``, ``y_fn``,
+    ``weight_fn``) say where the composed form reads inputs, targets and weights; ``loss_fn``
+    reads the batch itself, so they are refused with it.
+    """
     where = "CurvatureSpec('hessian')"
+    readers = {"x_key": x_key, "y_key": y_key, "weight_key": weight_key, "x_fn": x_fn, "y_fn": y_fn,
+               "weight_fn": weight_fn}  # fmt: skip
     if loss_fn is not None:
         if predict_fn is not None or model is not None or loss is not None:
             raise TypeError(f"{where}: pass either loss_fn, or predict_fn/model with loss — not both")
+        given = [k for k, v in readers.items() if v is not None]
+        if given:
+            raise TypeError(f"{where}: loss_fn(params, batch) reads the batch itself, so {', '.join(given)} "
+                            "would be ignored; drop them, or use predict_fn/model with loss")  # fmt: skip
         if not callable(loss_fn):
             raise TypeError(f"{where}: loss_fn must be callable, got {loss_fn!r}")
         fn = loss_fn
@@ -84,7 +95,7 @@ def hessian(
         )
     out_loss = get_output_loss(loss)
     mdl = as_model(predict_fn=predict_fn, model=model, where=where)
-    reader = BatchReader(x_key, y_key, weight_key, x_fn, y_fn, weight_fn, where=where)
+    reader = BatchReader(x_key or "x", y_key or "y", weight_key, x_fn, y_fn, weight_fn, where=where)
 
     def composed(params: Any, batch: Any, model_state: Any, rng: Any) -> tuple[jax.Array, tuple[Any, Any]]:
         z, new_state, aux = mdl.apply(params, model_state, reader.inputs(batch), rng)
