@@ -58,6 +58,16 @@ from somax.telemetry import CORE_FIELDS, InfoField, info_rows, to_floats
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # somax.flax_train (a Flax TrainState) is imported on first use, so Flax stays optional
+    if name == "flax_train":
+        import importlib
+
+        return importlib.import_module("somax.flax_train")
+    raise AttributeError(f"module 'somax' has no attribute {name!r}")
+
+
 __all__ = [
     "Model",
     "ConvexLoss",

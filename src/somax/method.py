@@ -15,6 +15,7 @@ at trace time, from the static plan; the traced step has no compatibility logic.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -135,15 +136,38 @@ class SecondOrderMethod:
         return jax.tree_util.tree_map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
     def step(
-        self, params: PyTree, batch: Any, state: MethodState, rng: jax.Array | None = None
+        self,
+        params: PyTree,
+        batch: Any,
+        state: MethodState,
+        rng: jax.Array | None = None,
+        *,
+        grad: PyTree | None = None,
     ) -> tuple[PyTree, MethodState, StepInfo]:
-        """One optimization step; returns ``(new_params, new_state, info)``."""
+        """One optimization step; returns ``(new_params, new_state, info)``.
+
+        Args:
+          params: the parameters ``w_t``.
+          batch: the mini-batch; the loss, the curvature and the model state come from it.
+          state: the :class:`MethodState` from :meth:`init` or the previous step.
+          rng: a PRNG key; needed when the plan draws random numbers (``plan.needs_rng``).
+          grad: an externally supplied gradient ``g`` (a pytree like ``params``), used
+            instead of the batch gradient ``∇L_B(w_t)`` everywhere the step reads the
+            gradient: the right-hand side of ``(H + λI) s = g`` (after ``grad_tx``), the
+            estimators' statistics (e.g. the squared gradient), ``grad_norm``,
+            ``g_dot_s``, the predicted decrease ``−(gᵀu + ½uᵀHu)`` behind rho, and the
+            line search's slope. The loss, the curvature ``H`` and the model state still
+            come from ``batch``, so rho compares the batch loss's actual decrease with
+            the decrease the quadratic model built on this ``g`` predicts. ``None`` (the
+            default) uses the batch gradient. A solver that solves for the batch gradient
+            itself (``needs_gradient_rhs``: the row lane) refuses it with a ``ValueError``.
+        """
         self._check_inputs(params, state, rng)
         check_batch(batch)
         user_params, params = params, self._working(params)
         fdt = scalar_dtype(params)
         count = state.count
-        lin = self._linearize(params, batch, state, rng)
+        lin = self._linearize(params, batch, state, rng, grad)
         values: dict[str, Any] = {}
         if any(self.plan.enabled(p) for p in ("trace", "eig", "density", "block_eig")):
             gate = lambda p: self.plan.gate(p, count)  # noqa: E731
@@ -188,17 +212,27 @@ class SecondOrderMethod:
         check_params(params)
         check_state(self.init, params, state)
 
-    def _linearize(self, params: PyTree, batch: Any, state: MethodState, rng: Any):
+    def _linearize(self, params: PyTree, batch: Any, state: MethodState, rng: Any, grad: PyTree | None = None):
+        """The step's one linearization; with ``grad`` given, it replaces the batch gradient ``lin.grad``."""
+        if grad is not None and self.solver.needs_gradient_rhs:
+            raise ValueError(
+                f"step: grad= was given, but the solver {type(self.solver).__name__} (lane {self.solver.lane!r}) "
+                "solves in example space from the residuals and cannot take an external gradient; "
+                "use a parameter-lane or diagonal-lane method, or leave grad=None"
+            )
+        if grad is not None:
+            grad = _external_grad(grad, params)  # checked before the model runs
         model_rng = None
         if self.curvature.uses_rng:
             model_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), state.count)  # fresh every step
         try:
-            return self.curvature.linearize(params, batch, state.model_state, model_rng)
+            lin = self.curvature.linearize(params, batch, state.model_state, model_rng)
         except (TypeError, ValueError) as e:
             if type(e) not in (TypeError, ValueError):
                 raise
             msg = f"step: evaluating the model and loss on the batch failed; batch: {describe_batch(batch)}. {e}"
             raise type(e)(msg) from e
+        return lin if grad is None else dataclasses.replace(lin, grad=grad)
 
     def _precondition(self, lin, rng: Any, state: MethodState) -> tuple[PyTree, PyTree, Any]:
         """Statistic (estimator cadence) → ``update`` → ``refresh`` (own cadence) → ``M⁻¹`` for this λ."""
@@ -356,3 +390,22 @@ def _gated(fire: bool | jax.Array, compute, sentinel: Any) -> Any:
     if fire is True:
         return compute()
     return jax.lax.cond(fire, compute, lambda: sentinel)
+
+
+def _external_grad(grad: PyTree, like: PyTree) -> PyTree:
+    """``grad`` in the (working) parameters' tree structure and dtypes, checked leaf by leaf.
+
+    Wrapper nodes may differ (a gradient of plain arrays for parameters held in
+    ``nnx.Param`` variables): the leaves must have the same keys and shapes.
+    """
+    got = jax.tree_util.tree_flatten_with_path(grad)[0]
+    ref, ref_def = jax.tree_util.tree_flatten_with_path(like)
+    keys = lambda path: tuple(k for k in path if not isinstance(k, jax.tree_util.GetAttrKey))  # noqa: E731
+    if len(got) != len(ref) or any(keys(a) != keys(b) for (a, _), (b, _) in zip(got, ref)):
+        names = lambda leaves: [jax.tree_util.keystr(keys(p)) for p, _ in leaves]  # noqa: E731
+        raise ValueError(f"step: grad= must have the structure of params: got {names(got)}, params have {names(ref)}")
+    for (path, g), (_, r) in zip(got, ref):
+        if jnp.shape(g) != jnp.shape(r):
+            where = jax.tree_util.keystr(keys(path))
+            raise ValueError(f"step: grad{where} has shape {jnp.shape(g)}, but params{where} has {jnp.shape(r)}")
+    return jax.tree_util.tree_unflatten(ref_def, [jnp.asarray(g).astype(r.dtype) for (_, g), (_, r) in zip(got, ref)])
