@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -41,3 +42,43 @@ def test_resnet_example_model_is_resnet20_by_default():
     variables = example.ResNet20().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
     n = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables["params"]))
     assert 0.26e6 < n < 0.28e6  # ResNet-20 has about 0.27M parameters
+
+
+def test_flax_linen_cnn_example_trains_with_the_train_state():
+    pytest.importorskip("flax")
+    pytest.importorskip("sklearn")
+    example = _load("flax_linen_cnn")
+    out = example.main(["--steps", "2", "--batch-size", "16", "--width", "2", "--method", "sophia_g"])
+    (last,) = out["history"]
+    assert last["step"] == 2 and math.isfinite(last["loss"]) and 0.0 <= last["test_acc"] <= 1.0
+    assert int(out["state"].step) == 2 and "BatchNorm_0" in out["state"].batch_stats
+
+
+def test_flax_nnx_example_trains_with_nnx_optimizer():
+    pytest.importorskip("flax")
+    pytest.importorskip("sklearn")
+    example = _load("flax_nnx")
+    out = example.main(["--steps", "2", "--batch-size", "16", "--width", "2", "--method", "sophia_g", "--clip", "1.0"])
+    (last,) = out["history"]
+    assert last["step"] == 2 and math.isfinite(last["loss"]) and 0.0 <= last["test_acc"] <= 1.0
+    assert int(out["optimizer"].step[...]) == 2
+
+
+def test_scan_csv_logging_example_writes_one_row_per_step(tmp_path):
+    import csv
+
+    example = _load("scan_csv_logging")
+    path = tmp_path / "run.csv"
+    out = example.main(["--steps", "4", "--chunk", "2", "--batch-size", "16", "--hidden", "4", "--out", str(path)])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert out["rows"] == len(rows) == 4
+    assert [float(r["step"]) for r in rows] == [0.0, 1.0, 2.0, 3.0]
+    assert all(math.isfinite(float(r["loss"])) for r in rows) and "rho" in rows[0]
+
+
+def test_multi_device_example_runs_on_the_devices_there_are():
+    # one CPU device in the suite; tests/test_sharding.py checks 1-8 devices against the plain step
+    example = _load("multi_device")
+    out = example.main(["--steps", "2", "--batch-size", "8", "--hidden", "4", "--mode", "fsdp"])
+    assert out["devices"] == len(jax.devices()) and out["trace_count"] == 1 and math.isfinite(out["loss"])
