@@ -215,11 +215,15 @@ def test_the_step_counter_wraps_at_a_multiple_of_every_cadence():
                         telemetry=somax.TelemetrySpec(norms_every_k=4))  # fmt: skip
     period = method.plan.count_period
     assert period % 12 == 0 and period <= 2**31 - 1 and period > 2**31 - 13
+    step = jax.jit(method.step)
     state = method.init(params)._replace(count=jnp.asarray(period - 1, jnp.int32))
-    _, state, info = jax.jit(method.step)(params, batch, state)
+    _, state, info = step(params, batch, state)
     assert int(state.count) == 0 and int(info["step"]) == period - 1
-    _, _, info = jax.jit(method.step)(params, batch, state)
+    _, _, info = step(params, batch, state)
     assert int(info["tr_action"]) != -1 and not np.isnan(float(info["rel_update"]))  # both fire at 0 again
+    # a restored count at the int32 limit (beyond the period) wraps to 0 instead of overflowing
+    _, wrapped, _ = step(params, batch, state._replace(count=jnp.asarray(2**31 - 1, jnp.int32)))
+    assert int(wrapped.count) == 0
 
 
 def test_sgd_style_tx_still_works():

@@ -366,9 +366,9 @@ class SecondOrderMethod:
             values.update(reported)
         values.update(step_accepted=step_ok, finite=finite)
         nonfinite = state.nonfinite_count + jnp.where(finite, 0, 1).astype(jnp.int32)
-        # The counter wraps to 0 at a multiple of every cadence, never past int32.
-        count = state.count + 1
-        count = jnp.where(count >= self.plan.count_period, 0, count).astype(count.dtype)
+        # The counter wraps to 0 at a multiple of every cadence; compared before adding, so a
+        # restored or hand-made count at the int32 limit wraps too instead of overflowing.
+        count = jnp.where(state.count >= self.plan.count_period - 1, 0, state.count + 1).astype(state.count.dtype)
         return MethodState(count=count, nonfinite_count=nonfinite, **new)
 
 
