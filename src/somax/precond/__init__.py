@@ -1,4 +1,4 @@
-"""Diagonal preconditioners for the diagonal lane and for PCG."""
+"""Preconditioners for the diagonal lane and for PCG: diagonal, and Kronecker-factored (Shampoo, SOAP, K-FAC)."""
 
 from somax.precond.diag import (
     DiagDirect,
@@ -10,6 +10,7 @@ from somax.precond.diag import (
     identity,
     spatial_average_tree,
 )
+from somax.precond.shampoo import Shampoo, ShampooState, shampoo
 
 __all__ = [
     "DiagDirect",
@@ -20,4 +21,7 @@ __all__ = [
     "diag_ema",
     "identity",
     "spatial_average_tree",
+    "Shampoo",
+    "ShampooState",
+    "shampoo",
 ]

@@ -1,0 +1,161 @@
+"""Statistics of the Kronecker-factored preconditioners (Shampoo, SOAP, K-FAC).
+
+* ``"gradient"`` (:class:`GradientStatistic`): the step's mini-batch gradient ``g_t`` itself,
+  statistic :data:`GRADIENT`. Shampoo and SOAP fold it into their factors
+  ``L ← β L + G Gᵀ``, ``R ← β R + Gᵀ G`` (``G`` the leaf's gradient as a matrix); the
+  outer products are formed by the preconditioner because their layout (how a tensor
+  is merged into a matrix, which sides are diagonal) is the preconditioner's choice.
+* ``"kfac_factors"`` (:class:`KFACFactors`): per dense/conv layer the K-FAC factors
+
+      A = 1/(nT) Σ_{i,t} ā_{i,t} ā_{i,t}ᵀ,        S = 1/n Σ_{i,c,t} δ_{i,c,t} δ_{i,c,t}ᵀ,
+
+  with ``ā`` the layer's input with a trailing 1 when it has a bias, ``δ_{i,c,t}`` the
+  gradient at the layer's output of the ``c``-th row of the GGN square-root factor
+  (``H_z = RᵀR / n``, so ``Ĵ = R J`` and ``G = Ĵᵀ Ĵ / n``; see
+  :func:`somax.curvature.layer_inputs_and_output_grads`), ``n`` the loss normaliser and
+  ``T`` the positions per example (1 for an MLP; output pixels of a convolution: KFC
+  [Grosse & Martens 2016]; tokens of a per-token dense layer: K-FAC-expand
+  [Eschenhagen et al. 2023]). ``A ⊗ S`` approximates the layer's diagonal block of the
+  GGN ``G = Jᵀ H_z J`` [Martens & Grosse 2015]; with one example and one position it is
+  that block exactly. Every other leaf gets ``n · g ⊙ g`` (a diagonal, empirical-Fisher
+  scale estimate) as a fallback statistic. With ``fisher="empirical"`` the rows are the
+  per-example loss gradients instead (``δ = ∂ℓ_i/∂y``, empirical Fisher).
+
+References:
+  Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
+  Curvature", ICML 2015. Grosse & Martens, "A Kronecker-factored approximate Fisher
+  matrix for convolution layers", ICML 2016. Eschenhagen et al., "Kronecker-Factored
+  Approximate Curvature for Modern Neural Network Architectures", NeurIPS 2023.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from somax import validate
+from somax.contracts import Estimator
+from somax.curvature.base import Linearization
+from somax.registry import ESTIMATORS
+
+PyTree = Any
+
+__all__ = ["GRADIENT", "KFAC_FACTORS", "GradientStatistic", "KFACFactors", "LayerFactors", "kfac_statistics"]
+
+#: statistic: the mini-batch gradient ``g_t`` itself (Shampoo and SOAP form their factors from it)
+GRADIENT = "gradient"
+#: statistic: per-layer K-FAC factors ``(A, S)`` and a diagonal fallback ``n · g ⊙ g`` for other leaves
+KFAC_FACTORS = "kfac_factors"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradientStatistic(Estimator):
+    """The step's gradient ``g_t`` as the statistic ``"gradient"``, every ``eval_every_k`` steps.
+
+    No work and no random numbers: the preconditioner forms what it needs from ``g_t``
+    (Shampoo: ``G Gᵀ`` and ``Gᵀ G`` [Gupta et al. 2018]; SOAP: the same and the rotated
+    ``Q_Lᵀ G Q_R`` for its second moment [Vyas et al. 2024]).
+    """
+
+    eval_every_k: int = 1
+
+    produces = GRADIENT
+    uses_rng = False
+
+    def __post_init__(self) -> None:
+        validate.cadence("EstimatorSpec('gradient'): eval_every_k", self.eval_every_k)
+
+    @property
+    def every_k(self) -> int:  # type: ignore[override]
+        return self.eval_every_k
+
+    def estimate(self, lin: Linearization, rng: jax.Array | None, state: PyTree) -> tuple[PyTree, PyTree]:
+        return lin.grad, state
+
+
+class LayerFactors(NamedTuple):
+    """The K-FAC factors of one layer: ``A`` ``(d_in, d_in)`` (inputs, bias column last) and
+    ``S`` ``(d_out, d_out)`` (output gradients), so that ``A ⊗ S`` approximates the GGN block
+    of the layer's ``(d_in, d_out)`` matrix ``[kernel_matrix(W); b]`` in row-major order."""
+
+    A: jax.Array
+    S: jax.Array
+
+
+def kfac_statistics(lin: Linearization, layers: Any, fisher: str = "ggn") -> dict[str, LayerFactors]:
+    """``{kernel path: LayerFactors(A, S)}`` for the dense/conv ``layers`` at the step's linearization.
+
+    ``A = 1/(nT) Σ ā āᵀ`` and ``S = 1/n Σ δ δᵀ`` as in the module docstring. ``fisher="ggn"``:
+    the ``δ`` are the layer-output gradients of the rows of the GGN square-root factor
+    ``R`` (``H_z = RᵀR/n``); ``"empirical"``: of the per-example loss gradients ``n ∂L/∂z_i``.
+    Needs a GGN linearization (``lin.output_loss``, ``lin.extras``).
+    """
+    from somax.curvature.layer_signals import layer_inputs_and_output_grads, row_cotangents
+
+    if lin.output_loss is None or "predict_fn" not in lin.extras:
+        raise TypeError("K-FAC factors need a GGN curvature (ggn, ggn_ce, ggn_mse): the model's layers are read")
+    x, predict, params = lin.extras["inputs"], lin.extras["predict_fn"], lin.extras["params"]
+    factor = lin.output_loss.row_factor(lin.outputs, lin.targets, lin.weights)
+    dtype = lin.outputs.dtype
+    if fisher == "ggn":
+        cot = row_cotangents(factor, lin.outputs.shape[1:], dtype)  # (b, rows, *out)
+    else:
+        cot = factor.apply_t(factor.residual)[:, None]  # Rᵀ r = n ∇_z L: per-example loss gradients
+    signals = layer_inputs_and_output_grads(predict, params, x, cot, layers)
+    n = jnp.asarray(factor.n, dtype)
+    out = {}
+    for name, (a, delta) in signals.items():
+        positions = a.shape[1]
+        A = jnp.einsum("ntk,ntl->kl", a, a) / (a.shape[0] * positions)
+        S = jnp.einsum("nctk,nctl->kl", delta, delta) / n
+        out[name] = LayerFactors(A, S)
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class KFACFactors(Estimator):
+    """K-FAC factors ``(A, S)`` per dense/conv layer and ``n · g ⊙ g`` for the other leaves.
+
+    Statistic ``"kfac_factors"``: a dict with ``"layers"`` (``{kernel path: LayerFactors}``,
+    see :func:`kfac_statistics`) and ``"diagonal"`` (``n · g ⊙ g``, params-shaped). The
+    layers are discovered from the model at trace time (:func:`somax.curvature.discover_layers`).
+    One batched pass over the model per evaluation, vmapped over the ``m/b`` rows of the
+    GGN factor per example (``C − 1`` for softmax cross-entropy, ``C`` for MSE).
+
+    Args:
+      eval_every_k: evaluate on steps ``0, k, 2k, …``.
+      fisher: ``"ggn"`` (the GGN square-root rows; the default) or ``"empirical"``
+        (the per-example loss gradients: empirical Fisher, one row per example).
+    """
+
+    eval_every_k: int = 1
+    fisher: str = "ggn"
+
+    produces = KFAC_FACTORS
+    uses_rng = False
+    needs_model_outputs = True
+
+    def __post_init__(self) -> None:
+        validate.cadence("EstimatorSpec('kfac_factors'): eval_every_k", self.eval_every_k)
+        validate.choice("EstimatorSpec('kfac_factors'): fisher", self.fisher, ("ggn", "empirical"))
+
+    @property
+    def every_k(self) -> int:  # type: ignore[override]
+        return self.eval_every_k
+
+    def estimate(self, lin: Linearization, rng: jax.Array | None, state: PyTree) -> tuple[PyTree, PyTree]:
+        from somax.curvature.layers import discover_layers
+
+        layers = discover_layers(lin.extras["predict_fn"], lin.extras["params"], lin.extras["inputs"])
+        chosen = [name for name, layer in layers.items() if layer.kind in ("dense", "conv") and layer.direct]
+        stats = kfac_statistics(lin, chosen, self.fisher) if chosen else {}
+        factor_n = lin.output_loss.row_factor(lin.outputs, lin.targets, lin.weights).n
+        diag = jax.tree_util.tree_map(lambda g: (jnp.asarray(factor_n, g.dtype) * g * g), lin.grad)
+        return {"layers": stats, "diagonal": diag}, state
+
+
+ESTIMATORS.register("gradient", GradientStatistic)
+ESTIMATORS.register("kfac_factors", KFACFactors)

@@ -1,0 +1,300 @@
+"""Shampoo [Gupta, Koren & Singer 2018]: Kronecker-factored AdaGrad with inverse fourth roots.
+
+Each parameter leaf is viewed as a matrix ``G ∈ ℝ^{m×n}`` by :func:`leaf_layout`
+(the *merging rule*): unit axes are dropped; a leaf with fewer than two remaining axes
+(a bias, a scale, a scalar) takes the diagonal rule; otherwise all axes but the last
+are merged into the rows and the last axis is the columns,
+``(d₀, …, d_{k−1}) → (d₀·…·d_{k−2}, d_{k−1})`` — for a Flax dense kernel ``(in, out)``
+that is the kernel itself, for a convolution kernel ``(H, W, C_in, C_out)`` the
+im2col matrix ``(H·W·C_in, C_out)``. From the gradient statistic ``G_t`` (estimator
+``"gradient"``) every update folds in
+
+    L_t = β L_{t−1} + G_t G_tᵀ        (m × m),
+    R_t = β R_{t−1} + G_tᵀ G_t        (n × n),
+
+and every refresh (the preconditioner's ``refresh_every_k`` cadence) caches the
+eigendecompositions ``L = Q_L Λ_L Q_Lᵀ``, ``R = Q_R Λ_R Q_Rᵀ`` (``eigh`` in float32 or,
+``eigh_dtype="float64"``, in float64 when ``jax_enable_x64`` is on; negative rounding
+eigenvalues are clipped to 0). At every step, for the current damping ``λ``,
+
+    M⁻¹ V = (L + (ε+λ) I)^{−1/4} V (R + (ε+λ) I)^{−1/4}
+          = Q_L [ (Λ_L + ε + λ)^{−1/4} ⊙ (Q_Lᵀ V Q_R) ⊙ (Λ_R + ε + λ)^{−1/4} ] Q_Rᵀ,
+
+with the outer product of the two scalings (no matrix root is ever formed, and λ can
+change between refreshes). The roots are stale between refreshes: the state's ``Q, Λ``
+change only on refresh steps. A side longer than ``max_dim`` keeps only the diagonal
+of its factor (``diag(L) = β diag(L) + Σ_j G_ij²``) and is scaled by
+``(diag(L) + ε + λ)^{−1/4}`` without a rotation. Vectors and scalars use the diagonal
+(AdaGrad) rule ``h = β h + g ⊙ g``, ``M⁻¹ v = v / (h + ε + λ)^{1/2}``.
+
+Grafting (``graft="adam"`` or ``"rmsprop"``, Anil et al. 2020; Shi et al. 2023): a
+second moment ``ν = β₂ ν + (1−β₂) g ⊙ g`` is kept beside the factors and each leaf's
+direction is rescaled to the Frobenius norm of the diagonal method's direction on the
+same input, ``s ← s · ‖v / (√ν̂ + ε_g)‖ / ‖s‖``, with ``ν̂ = ν / (1 − β₂^t)`` for
+``"adam"`` and ``ν̂ = ν`` for ``"rmsprop"``; the first moment (Adam's ``m``) is the
+gradient-side ``grad_tx``, so the input ``v`` is already ``m``. Grafting makes ``M⁻¹``
+positively homogeneous but not linear: use it in the diagonal lane (``SolverSpec("diagonal")``,
+``s = M⁻¹ g̃``), not as a PCG preconditioner (``graft=None`` is linear and symmetric
+positive definite, and can precondition CG).
+
+Cost per step: per matrix leaf four products ``O(m²n + mn²)`` for ``M⁻¹`` and two for
+the update (``G Gᵀ``, ``Gᵀ G``); per refresh one ``eigh`` of each side, ``O(m³ + n³)``.
+Memory: ``2(m² + n²)`` per matrix leaf.
+
+References:
+  Gupta, Koren & Singer, "Shampoo: Preconditioned Stochastic Tensor Optimization", ICML 2018.
+  Anil, Gupta, Koren, Regan & Singer, "Scalable Second Order Optimization for Deep
+  Learning", arXiv:2002.09018 (grafting, inverse-root cadence).
+  Shi et al., "A Distributed Data-Parallel PyTorch Implementation of the Distributed
+  Shampoo Optimizer for Training Neural Networks At-Scale", arXiv:2309.06497.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from somax import validate
+from somax.contracts import Preconditioner
+from somax.estimators.kronecker import GRADIENT
+from somax.registry import PRECONDITIONERS
+
+PyTree = Any
+
+__all__ = ["LeafLayout", "leaf_layout", "Shampoo", "ShampooState", "shampoo", "eig_factor", "stat_dtype"]
+
+
+@dataclass(frozen=True)
+class LeafLayout:
+    """How a leaf of ``shape`` is preconditioned: as an ``(rows, cols)`` matrix or by the diagonal rule.
+
+    ``rows == cols == 0`` means the diagonal rule (fewer than two non-unit axes).
+    ``left_full`` / ``right_full``: that side keeps its full factor (its size is at most
+    ``max_dim``); otherwise only its diagonal.
+    """
+
+    shape: tuple[int, ...]
+    rows: int
+    cols: int
+    left_full: bool
+    right_full: bool
+
+    @property
+    def matrix(self) -> bool:
+        """The leaf is preconditioned as a matrix (two factors)."""
+        return self.rows > 0
+
+    def describe(self) -> str:
+        """A short description, e.g. ``"matrix 576x128 (L full, R full)"`` or ``"diagonal"``."""
+        if not self.matrix:
+            return "diagonal"
+        sides = f"L {'full' if self.left_full else 'diag'}, R {'full' if self.right_full else 'diag'}"
+        return f"matrix {self.rows}x{self.cols} ({sides})"
+
+
+def leaf_layout(shape: tuple[int, ...], max_dim: int) -> LeafLayout:
+    """The merging rule: drop unit axes; ``< 2`` axes → diagonal; else ``(Π shape[:-1], shape[-1])``.
+
+    A side longer than ``max_dim`` keeps only the diagonal of its factor.
+    """
+    dims = [d for d in shape if d != 1]
+    if len(dims) < 2:
+        return LeafLayout(tuple(shape), 0, 0, False, False)
+    rows, cols = math.prod(dims[:-1]), dims[-1]
+    return LeafLayout(tuple(shape), rows, cols, rows <= max_dim, cols <= max_dim)
+
+
+def stat_dtype(dtype: Any) -> Any:
+    """The dtype statistics are kept in: the leaf's dtype promoted to at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def eig_factor(mat: jax.Array, dtype: str, descending: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``(Q, Λ)`` of the symmetric part of ``mat`` by ``eigh`` in ``dtype``, ``Λ ≥ 0``, cast back.
+
+    ``descending``: eigenvalues (and eigenvector columns) in decreasing order.
+    """
+    work = mat.astype(jnp.float64 if dtype == "float64" else jnp.float32)
+    work = 0.5 * (work + work.T)
+    lam, q = jnp.linalg.eigh(work)
+    if descending:
+        lam, q = lam[::-1], q[:, ::-1]
+    return q.astype(mat.dtype), jnp.maximum(lam, 0.0).astype(mat.dtype)
+
+
+class ShampooState(NamedTuple):
+    """``stats``: per leaf (in ``tree_leaves`` order) a dict of its factors (``"L"``, ``"R"``,
+    or ``"h"`` for the diagonal rule); ``roots``: per leaf the eigendecompositions cached at
+    the last refresh (``"QL"``, ``"lamL"``, ``"QR"``, ``"lamR"``; a diagonal side or leaf
+    caches its diagonal as ``"lamL"``/``"lamR"``/``"h"``); ``graft``: the grafting second
+    moment ``ν`` (params-shaped, or ``()``); ``count``: updates folded in."""
+
+    stats: list
+    roots: list
+    graft: PyTree
+    count: jax.Array
+
+
+def _apply_kron(x: jax.Array, roots: dict, lay: LeafLayout, shift: jax.Array, power: float) -> jax.Array:
+    """``Q_L [(Λ_L + shift)^{−p} ⊙ (Q_Lᵀ X Q_R) ⊙ (Λ_R + shift)^{−p}] Q_Rᵀ`` on the leaf as a matrix."""
+    mat = x.reshape(lay.rows, lay.cols).astype(roots["lamL"].dtype)
+    if lay.left_full:
+        mat = roots["QL"].T @ mat
+    if lay.right_full:
+        mat = mat @ roots["QR"]
+    mat = mat * ((roots["lamL"] + shift) ** -power)[:, None] * ((roots["lamR"] + shift) ** -power)[None, :]
+    if lay.left_full:
+        mat = roots["QL"] @ mat
+    if lay.right_full:
+        mat = mat @ roots["QR"].T
+    return mat.reshape(x.shape).astype(x.dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shampoo(Preconditioner):
+    """Shampoo: ``M⁻¹ V = (L + εI)^{−1/4} V (R + εI)^{−1/4}`` per leaf, with cached ``eigh`` roots.
+
+    ``L = β L + G Gᵀ``, ``R = β R + Gᵀ G`` from the ``"gradient"`` statistic (see the module
+    docstring for the merging rule, the diagonal fallback and grafting); the damping ``λ``
+    adds to ``ε`` at every step without a refresh [Gupta et al. 2018].
+
+    Args:
+      beta: factor decay ``β`` (1: the original sum; ``< 1``: exponential forgetting).
+      eps: ``ε`` added to every eigenvalue (and to the diagonal factors).
+      max_dim: a side longer than this keeps only the diagonal of its factor.
+      refresh_every_k: recompute the eigendecompositions on steps ``0, k, 2k, …``.
+      eigh_dtype: ``"float32"`` or ``"float64"`` (needs ``jax_enable_x64``).
+      graft: ``None``, ``"adam"`` or ``"rmsprop"``: per-leaf norm of the diagonal method's direction.
+      graft_beta: ``β₂`` of the grafting second moment.
+      graft_eps: ``ε_g`` of the grafting direction ``v / (√ν̂ + ε_g)``.
+    """
+
+    beta: float = 1.0
+    eps: float = 1e-6
+    max_dim: int = 2048
+    refresh_every_k: int = 1
+    eigh_dtype: str = "float32"
+    graft: str | None = None
+    graft_beta: float = 0.999
+    graft_eps: float = 1e-8
+
+    consumes = (GRADIENT,)
+    default_estimator = "gradient"
+    state_sharding = "replicated"
+
+    def __post_init__(self) -> None:
+        where = "PrecondSpec('shampoo')"
+        validate.number(f"{where}: beta", self.beta, minimum=0.0, maximum=1.0)
+        validate.number(f"{where}: eps", self.eps, minimum=0.0)
+        validate.integer(f"{where}: max_dim", self.max_dim, minimum=1)
+        validate.cadence(f"{where}: refresh_every_k", self.refresh_every_k)
+        validate.choice(f"{where}: eigh_dtype", self.eigh_dtype, ("float32", "float64"))
+        validate.choice(f"{where}: graft", self.graft, (None, "adam", "rmsprop"))
+        validate.number(f"{where}: graft_beta", self.graft_beta, minimum=0.0, maximum=1.0, exclusive_maximum=True)
+        validate.number(f"{where}: graft_eps", self.graft_eps, minimum=0.0)
+
+    def layouts(self, params: PyTree) -> list[LeafLayout]:
+        """The :class:`LeafLayout` of every leaf of ``params`` (``tree_leaves`` order)."""
+        return [leaf_layout(tuple(x.shape), self.max_dim) for x in jax.tree_util.tree_leaves(params)]
+
+    def describe(self, params: PyTree) -> str:
+        """One line per leaf: its path and how it is preconditioned."""
+        paths = jax.tree_util.tree_flatten_with_path(params)[0]
+        return "\n".join(
+            f"{jax.tree_util.keystr(p)}  {lay.describe()}" for (p, _), lay in zip(paths, self.layouts(params))
+        )
+
+    def init(self, params: PyTree) -> ShampooState:
+        stats, roots = [], []
+        for x, lay in zip(jax.tree_util.tree_leaves(params), self.layouts(params)):
+            dt = stat_dtype(x.dtype)
+            if not lay.matrix:
+                stats.append({"h": jnp.zeros(x.shape, dt)})
+                roots.append({"h": jnp.zeros(x.shape, dt)})
+                continue
+            st, rt = {}, {}
+            for side, size, full in (("L", lay.rows, lay.left_full), ("R", lay.cols, lay.right_full)):
+                st[side] = jnp.zeros((size, size) if full else (size,), dt)
+                rt["lam" + side] = jnp.zeros((size,), dt)
+                if full:
+                    rt["Q" + side] = jnp.eye(size, dtype=dt)
+            stats.append(st)
+            roots.append(rt)
+        graft = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, stat_dtype(x.dtype)), params) if self.graft else ()
+        return ShampooState(stats, roots, graft, jnp.zeros((), jnp.int32))
+
+    def update(self, state: ShampooState, statistic: PyTree, lin: Any = None) -> ShampooState:
+        grads = jax.tree_util.tree_leaves(statistic)
+        stats = []
+        for g, st, lay in zip(grads, state.stats, self.layouts(statistic)):
+            if not lay.matrix:
+                stats.append({"h": self.beta * st["h"] + jnp.square(g.astype(st["h"].dtype))})
+                continue
+            mat = g.reshape(lay.rows, lay.cols).astype(st["L"].dtype)
+            new = {}
+            new["L"] = self.beta * st["L"] + (mat @ mat.T if lay.left_full else jnp.sum(mat * mat, axis=1))
+            new["R"] = self.beta * st["R"] + (mat.T @ mat if lay.right_full else jnp.sum(mat * mat, axis=0))
+            stats.append(new)
+        graft = state.graft
+        if self.graft:
+            b2 = self.graft_beta
+            graft = jax.tree_util.tree_map(
+                lambda nu, g: b2 * nu + (1.0 - b2) * jnp.square(g.astype(nu.dtype)), state.graft, statistic
+            )
+        return ShampooState(stats, state.roots, graft, state.count + 1)
+
+    def refresh(self, state: ShampooState) -> ShampooState:
+        roots = []
+        for st in state.stats:
+            if "h" in st:
+                roots.append({"h": st["h"]})
+                continue
+            rt = {}
+            for side in ("L", "R"):
+                if st[side].ndim == 2:
+                    rt["Q" + side], rt["lam" + side] = eig_factor(st[side], self.eigh_dtype)
+                else:
+                    rt["lam" + side] = st[side]
+            roots.append(rt)
+        return ShampooState(state.stats, roots, state.graft, state.count)
+
+    def _graft_scale(self, state: ShampooState) -> list | None:
+        if not self.graft:
+            return None
+        nus = jax.tree_util.tree_leaves(state.graft)
+        if self.graft == "adam":
+            t = jnp.maximum(state.count, 1)
+            nus = [nu / (1.0 - jnp.asarray(self.graft_beta, nu.dtype) ** t.astype(nu.dtype)) for nu in nus]
+        return [jnp.sqrt(nu) + self.graft_eps for nu in nus]
+
+    def inverse(self, state: ShampooState, lam: jax.Array):
+        denoms = self._graft_scale(state)
+
+        def apply(v: PyTree) -> PyTree:
+            leaves, treedef = jax.tree_util.tree_flatten(v)
+            out = []
+            for i, (x, rt, lay) in enumerate(zip(leaves, state.roots, self.layouts(v))):
+                dt = stat_dtype(x.dtype)
+                shift = jnp.asarray(self.eps, dt) + lam.astype(dt)
+                if lay.matrix:
+                    s = _apply_kron(x, rt, lay, shift, 0.25)
+                else:
+                    s = (x.astype(dt) / jnp.sqrt(rt["h"] + shift)).astype(x.dtype)
+                if denoms is not None:
+                    target = jnp.linalg.norm((x.astype(dt) / denoms[i]).ravel())
+                    norm = jnp.linalg.norm(s.astype(dt).ravel())
+                    s = (s * jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1.0), 0.0)).astype(x.dtype)
+                out.append(s)
+            return jax.tree_util.tree_unflatten(treedef, out)
+
+        return apply
+
+
+#: the registered factory of ``"shampoo"`` (keyword options as :class:`Shampoo`'s fields)
+shampoo = Shampoo
+
+PRECONDITIONERS.register("shampoo", Shampoo)
