@@ -45,6 +45,9 @@ STUDIES: dict[str, Study] = {
     "step_overhead": Study("step_overhead", "somax step vs hand-written jitted step (goal: <= 1.03x the floor)"),
     "diag_vs_adam": Study("diag_vs_adam", "diagonal-lane presets vs Adam, per-step cost"),
     "sharding_memory": Study("sharding_memory", "per-device memory and step time on 1-8 forced host devices"),
+    "real_sizes": Study(
+        "real_sizes", "presets on MLP, 28x28 CNN, ResNet-20, transformer: time, memory, CG loop overhead"
+    ),
 }
 
 

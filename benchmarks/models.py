@@ -241,3 +241,144 @@ def optax_step(loss_fn: Callable[[Any, Any], Any], tx: optax.GradientTransformat
 def adam_step(loss_fn: Callable[[Any, Any], Any], lr: float) -> tuple[Callable, Callable]:
     """:func:`optax_step` with ``optax.adam(lr)``."""
     return optax_step(loss_fn, optax.adam(lr))
+
+
+# --------------------------------------------------------------------------- real model sizes (real_sizes study)
+
+
+def _he(rs: np.random.Generator, shape: Sequence[int], fan_in: int) -> np.ndarray:
+    return (rs.standard_normal(tuple(shape)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+def _conv(h: Any, w: Any, stride: int = 1) -> Any:
+    return jax.lax.conv_general_dilated(h, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def flax_mnist_cnn_init(seed: int = 0, *, image_size: int = 28, in_channels: int = 1, num_classes: int = 10) -> dict:
+    """Flax's MNIST example CNN (NumPy, float32): conv 3×3 32 → ReLU → avg-pool 2×2 → conv 3×3 64 →
+    ReLU → avg-pool 2×2 → dense 256 → ReLU → dense ``num_classes`` (He-initialised)."""
+    rs = np.random.default_rng(seed)
+    flat = (image_size // 4) ** 2 * 64
+    return {
+        "conv0": {"w": _he(rs, (3, 3, in_channels, 32), 9 * in_channels), "b": np.zeros(32, np.float32)},
+        "conv1": {"w": _he(rs, (3, 3, 32, 64), 9 * 32), "b": np.zeros(64, np.float32)},
+        "dense0": {"w": _he(rs, (flat, 256), flat), "b": np.zeros(256, np.float32)},
+        "dense1": {"w": _he(rs, (256, num_classes), 256), "b": np.zeros(num_classes, np.float32)},
+    }
+
+
+def flax_mnist_cnn_apply(params: dict, x: Any) -> Any:
+    """Forward pass of :func:`flax_mnist_cnn_init`'s network (NHWC input); returns logits."""
+    h = x
+    for name in ("conv0", "conv1"):
+        h = jax.nn.relu(_conv(h, params[name]["w"]) + params[name]["b"])
+        h = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") * 0.25
+    h = h.reshape(h.shape[0], -1)
+    h = jax.nn.relu(h @ params["dense0"]["w"] + params["dense0"]["b"])
+    return h @ params["dense1"]["w"] + params["dense1"]["b"]
+
+
+def resnet20_init(seed: int = 0, *, width: int = 16, blocks: int = 3, num_classes: int = 10) -> dict:
+    """CIFAR ResNet-20 (He et al. 2016; ``examples/resnet20_cifar10.py`` as pure functions), NumPy float32.
+
+    3×3 stem (``width``), three stages of ``blocks`` basic blocks (``width``, 2×, 4×; stride 2 at
+    the first block of stages 2 and 3, 1×1 projection shortcuts), global average pool, dense.
+    Each convolution is followed by a normalisation over the batch (train-mode BatchNorm
+    without running statistics, so the model is a pure function of ``(params, x)``) with a
+    learned scale and shift.
+    """
+    rs = np.random.default_rng(seed)
+
+    def conv_bn(k: int, c_in: int, c_out: int) -> dict:
+        return {"w": _he(rs, (k, k, c_in, c_out), k * k * c_in), "scale": np.ones(c_out, np.float32),
+                "shift": np.zeros(c_out, np.float32)}  # fmt: skip
+
+    params: dict[str, Any] = {"stem": conv_bn(3, 3, width)}
+    c_in = width
+    for s, c in enumerate((width, 2 * width, 4 * width)):
+        for j in range(blocks):
+            stride = 2 if (s > 0 and j == 0) else 1
+            blk = {"a": conv_bn(3, c_in, c), "b": conv_bn(3, c, c)}
+            if stride != 1 or c_in != c:
+                blk["proj"] = conv_bn(1, c_in, c)
+            params[f"s{s}b{j}"] = blk
+            c_in = c
+    params["head"] = {"w": _he(rs, (c_in, num_classes), c_in), "b": np.zeros(num_classes, np.float32)}
+    return params
+
+
+def _conv_bn(layer: dict, h: Any, stride: int = 1) -> Any:
+    y = _conv(h, layer["w"], stride)
+    mean = jnp.mean(y, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
+    return (y - mean) * jax.lax.rsqrt(var + 1e-5) * layer["scale"] + layer["shift"]
+
+
+def resnet20_apply(params: dict, x: Any) -> Any:
+    """Forward pass of :func:`resnet20_init`'s network (NHWC 32×32×3 input); returns logits."""
+    h = jax.nn.relu(_conv_bn(params["stem"], x))
+    names = sorted(k for k in params if k.startswith("s") and k != "stem")
+    for name in names:
+        blk = params[name]
+        stride = 2 if ("proj" in blk and name[1] != "0") else 1
+        y = jax.nn.relu(_conv_bn(blk["a"], h, stride))
+        y = _conv_bn(blk["b"], y)
+        short = _conv_bn(blk["proj"], h, stride) if "proj" in blk else h
+        h = jax.nn.relu(short + y)
+    h = jnp.mean(h, axis=(1, 2))
+    return h @ params["head"]["w"] + params["head"]["b"]
+
+
+def char_transformer_init(
+    seed: int = 0, *, vocab: int = 65, width: int = 128, layers: int = 2, heads: int = 4, context: int = 128
+) -> dict:
+    """A small causal (GPT-style, pre-LayerNorm) character transformer, NumPy float32: token and
+    position embeddings, ``layers`` blocks of multi-head attention (``heads``) and a 4× MLP, a
+    final LayerNorm and an untied output projection to ``vocab`` logits."""
+    rs = np.random.default_rng(seed)
+    d = width
+
+    def dense(n_in: int, n_out: int, scale: float = 1.0) -> dict:
+        return {"w": (rs.standard_normal((n_in, n_out)) * scale / np.sqrt(n_in)).astype(np.float32),
+                "b": np.zeros(n_out, np.float32)}  # fmt: skip
+
+    def ln() -> dict:
+        return {"g": np.ones(d, np.float32), "b": np.zeros(d, np.float32)}
+
+    params: dict[str, Any] = {
+        "tok": (rs.standard_normal((vocab, d)) * 0.02).astype(np.float32),
+        "pos": (rs.standard_normal((context, d)) * 0.02).astype(np.float32),
+    }
+    for i in range(layers):
+        params[f"block{i}"] = {"ln1": ln(), "qkv": dense(d, 3 * d), "proj": dense(d, d, 0.5), "ln2": ln(),
+                               "fc": dense(d, 4 * d), "out": dense(4 * d, d, 0.5)}  # fmt: skip
+    params["ln_f"] = ln()
+    params["head"] = dense(d, vocab)
+    return params
+
+
+def _layer_norm(p: dict, h: Any) -> Any:
+    mean = jnp.mean(h, -1, keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), -1, keepdims=True)
+    return (h - mean) * jax.lax.rsqrt(var + 1e-5) * p["g"] + p["b"]
+
+
+def char_transformer_apply(params: dict, tokens: Any, *, heads: int = 4) -> Any:
+    """Logits ``(B, T, vocab)`` of :func:`char_transformer_init`'s network for integer ``tokens (B, T)``."""
+    b, t = tokens.shape
+    h = params["tok"][tokens] + params["pos"][:t]
+    d = h.shape[-1]
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    blocks = sorted(k for k in params if k.startswith("block"))
+    for name in blocks:
+        p = params[name]
+        qkv = _layer_norm(p["ln1"], h) @ p["qkv"]["w"] + p["qkv"]["b"]
+        q, k, v = (a.reshape(b, t, heads, d // heads) for a in jnp.split(qkv, 3, axis=-1))
+        att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // heads)
+        att = jax.nn.softmax(jnp.where(mask, att, -1e9), axis=-1)
+        y = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, d)
+        h = h + y @ p["proj"]["w"] + p["proj"]["b"]
+        y = jax.nn.gelu(_layer_norm(p["ln2"], h) @ p["fc"]["w"] + p["fc"]["b"])
+        h = h + y @ p["out"]["w"] + p["out"]["b"]
+    h = _layer_norm(params["ln_f"], h)
+    return h @ params["head"]["w"] + params["head"]["b"]

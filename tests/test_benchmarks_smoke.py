@@ -38,3 +38,21 @@ def test_step_overhead_pair_smoke(tmp_path):
     assert data["benchmark"] == "step_overhead_pair" and pair["lane"] == "sgn" and pair["repeats"] == 3
     assert set(pair["stats"]) == {"somax_sgn", "hand_sgn"}
     assert set(pair["ratio"]) == {"median", "p90", "paired_median"} and pair["ratio"]["median"] > 0
+
+
+def test_real_sizes_tiny_smoke(tmp_path):
+    from benchmarks import real_sizes
+
+    out = tmp_path / "real_sizes.json"
+    real_sizes.main(["--tiny", "--out", str(out), "--tag", "t"])
+    data = json.loads((tmp_path / "real_sizes.t.json").read_text())
+    assert data["benchmark"] == "real_sizes" and data["config"]["profile"] == "tiny"
+    (point,) = data["points"]
+    cells = point["cells"]
+    assert set(cells) >= {"adam", "sgn_ce_light", "grad", "ggnvp"}
+    for cell in cells.values():
+        assert cell["median_ms"] > 0 and cell["p90_ms"] >= cell["median_ms"] and cell["compile_s"] > 0
+    light = cells["sgn_ce_light"]
+    assert set(light["ratio_to_adam"]) >= {"median", "p90", "paired_median"}
+    assert light["peak_memory_ratio"] > 0 and light["loop_overhead"] > 0 and light["cg_iters"] <= 3
+    assert (tmp_path / "real_sizes.t.md").exists()

@@ -1,0 +1,350 @@
+"""Second-order presets at real model sizes: step time, compile time, memory and CG loop overhead.
+
+    python -m benchmarks real_sizes            # every model, 10 rounds (a few minutes on 2 cores)
+    python -m benchmarks real_sizes --quick    # smaller batches on the conv nets, 4 rounds
+    python -m benchmarks real_sizes --tiny     # a tiny MLP, seconds (the smoke test)
+
+Models (float32, synthetic data of the right shapes; ``benchmarks/models.py``):
+
+* ``mlp``: the MNIST-1D MLP ``40 → 256 → 256 → 10``;
+* ``cnn28``: Flax's MNIST example CNN on 28×28×1 (conv 32 – avg-pool – conv 64 – avg-pool –
+  dense 256 – dense 10);
+* ``resnet20``: CIFAR ResNet-20 on 32×32×3 (normalisation over the batch, no running statistics);
+* ``transformer``: a causal character transformer, 2 layers, width 128, context 128, vocabulary 65.
+
+Methods: ``adam`` (``optax.adam``), ``sgdm`` (``optax.sgd`` with momentum 0.9), ``sgn_ce_light``
+(``sgn_ce`` with ``maxiter=3``), ``sgn_ce_heavy`` (``maxiter=10``), ``egn_ce_cg`` (row CG, its
+defaults), ``adahessian``, ``sophia_g``, ``sophia_h`` (the estimator every 10 steps, AdaHessian
+included). Two standalone pieces run in the same rounds: ``grad`` (a jitted
+``value_and_grad`` of the loss) and ``ggnvp`` (one GGN-vector product ``Jᵀ H_z J v`` from a
+linearisation passed in as an argument, so it is not recomputed).
+
+Every candidate is compiled ahead of time (``compile_s``: lower + XLA compile) and advances
+its own parameters and optimiser state, one jitted step per call, in interleaved rounds
+(:func:`benchmarks.harness.interleaved`; rounds are whole multiples of the 10-step estimator
+cycle where the profile allows). Per cell: ``median_ms``, ``p90_ms``, ``mean_ms``,
+``ratio_to_adam`` (``median``, ``p90``, ``mean`` and the paired per-round ``paired_median``),
+``compile_s``, the compiled step's temporary memory (``temp_bytes``, from XLA's
+``memory_analysis()``) and ``peak_memory_ratio`` (temporary bytes over Adam's), and for the
+inner-loop methods ``loop_overhead``: step time over ``grad + k·ggnvp`` in the same round
+(median of the per-round ratios), with ``k`` the curvature products the step made (CG
+iterations, plus one for the warm start's initial residual; plus two for row CG's warm
+start and back-projection). ``--compare-unroll`` adds each CG method with
+``unroll=False`` (``@while``: the ``lax.while_loop``) and ``unroll=True`` (``@unroll``) as
+separate candidates beside the default (``unroll="auto"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import somax
+from benchmarks import models as M
+from benchmarks.common import RESULTS_DIR, machine_info, save_figure, summarize, write_result
+from benchmarks.harness import first_call, interleaved, ratio
+from somax.specs import SolverSpec
+
+__all__ = ["main", "PROFILES", "METHODS", "GOALS", "MODELS"]
+
+DEFAULT_OUT = RESULTS_DIR / "real_sizes.json"
+METHODS = ("adam", "sgdm", "sgn_ce_light", "sgn_ce_heavy", "egn_ce_cg", "adahessian", "sophia_g", "sophia_h")
+CG_METHODS = ("sgn_ce_light", "sgn_ce_heavy", "egn_ce_cg")
+DIAG_METHODS = ("adahessian", "sophia_g", "sophia_h")
+PIECES = ("grad", "ggnvp")
+MODELS = ("mlp", "cnn28", "resnet20", "transformer")
+#: the study's goals (see docs/benchmarks.md, "Real model sizes")
+GOALS = {
+    "loop_overhead": 1.2,  # every CG method, every model
+    "sgn_ce_light_to_adam": 6.0,
+    "diag_to_adam": 1.5,  # on cnn28 and resnet20, estimator every 10 steps (amortised: mean)
+    "peak_memory_ratio": 3.0,  # parameter-lane and diagonal presets
+}
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": dict(models=MODELS, batch={"mlp": 128, "cnn28": 64, "resnet20": 64, "transformer": 16},
+                 rounds=20, warmup=2, max_seconds=90.0, methods=METHODS),  # fmt: skip
+    "quick": dict(models=MODELS, batch={"mlp": 128, "cnn28": 64, "resnet20": 32, "transformer": 8},
+                  rounds=10, warmup=1, max_seconds=40.0, methods=METHODS),  # fmt: skip
+    "tiny": dict(models=("tiny_mlp",), batch={"tiny_mlp": 8}, rounds=2, warmup=1, max_seconds=None,
+                 methods=("adam", "sgn_ce_light")),  # fmt: skip
+}
+
+
+def model_and_batch(name: str, batch: int, seed: int = 0) -> tuple[dict, Callable, dict]:
+    """``(params, predict, batch)`` of one model, as jax arrays (synthetic inputs, random labels)."""
+    rs = np.random.default_rng(seed + 1)
+    if name in ("mlp", "tiny_mlp"):
+        sizes = (40, 256, 256, 10) if name == "mlp" else (40, 16, 10)
+        params, predict = M.he_mlp(np.random.default_rng(seed), sizes), M.mlp_apply
+        x = rs.standard_normal((batch, 40)).astype(np.float32)
+        y = rs.integers(0, 10, batch).astype(np.int32)
+    elif name == "cnn28":
+        params, predict = M.flax_mnist_cnn_init(seed), M.flax_mnist_cnn_apply
+        x = rs.standard_normal((batch, 28, 28, 1)).astype(np.float32)
+        y = rs.integers(0, 10, batch).astype(np.int32)
+    elif name == "resnet20":
+        params, predict = M.resnet20_init(seed), M.resnet20_apply
+        x = rs.standard_normal((batch, 32, 32, 3)).astype(np.float32)
+        y = rs.integers(0, 10, batch).astype(np.int32)
+    elif name == "transformer":
+        params, predict = M.char_transformer_init(seed), M.char_transformer_apply
+        tokens = rs.integers(0, 65, (batch, 129)).astype(np.int32)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+    else:
+        raise ValueError(f"unknown model {name!r}; known: {MODELS + ('tiny_mlp',)}")
+    return M.to_device(params), predict, {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+
+
+def ce(logits: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _optax(predict: Callable, tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
+    def step(params, batch, state, rng):
+        loss, g = jax.value_and_grad(lambda p: ce(predict(p, batch["x"]), batch["y"]))(params)
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state, {"loss": loss}
+
+    return tx.init, step
+
+
+def make_method(name: str, predict: Callable, unroll: Any = None) -> tuple[Callable, Callable]:
+    """``(init, step)`` with ``step(params, batch, state, rng) -> (params, state, info)``.
+
+    ``unroll`` (CG methods only): replace the preset's solver by one with this ``unroll``.
+    """
+    if name == "adam":
+        return _optax(predict, optax.adam(1e-3))
+    if name == "sgdm":
+        return _optax(predict, optax.sgd(1e-2, momentum=0.9))
+    if name in ("sgn_ce_light", "sgn_ce_heavy"):
+        maxiter = 3 if name == "sgn_ce_light" else 10
+        method = somax.make("sgn_ce", predict_fn=predict, maxiter=maxiter, learning_rate=0.1)
+    elif name == "egn_ce_cg":
+        method = somax.make("egn_ce_cg", predict_fn=predict, learning_rate=0.1)
+    elif name in DIAG_METHODS:
+        method = somax.make(name, predict_fn=predict, loss="ce", eval_every_k=10)
+    else:
+        raise ValueError(f"unknown method {name!r}; known: {METHODS}")
+    if unroll is not None:
+        spec = method.assembly["solver"]
+        method = method.replace(solver=SolverSpec(spec.kind, kwargs={**spec.kwargs, "unroll": unroll}))
+    return method.init, method.step
+
+
+def _pieces(predict: Callable, params: dict, batch: dict) -> dict[str, tuple[Callable, tuple]]:
+    """The standalone ``grad`` and ``ggnvp`` as ``(compiled-able fn, args)``."""
+
+    def grad(p, b):
+        return jax.value_and_grad(lambda q: ce(predict(q, b["x"]), b["y"]))(p)
+
+    @jax.jit
+    def linearise(p, x):
+        return jax.vjp(lambda q: predict(q, x), p)
+
+    z, vjp_fn = linearise(params, batch["x"])
+
+    def ggnvp(vjp_fn, z, v):
+        (jv,) = jax.linear_transpose(vjp_fn, z)((v,))
+        prob = jax.nn.softmax(z, axis=-1)
+        n = np.prod(z.shape[:-1])
+        hjv = (prob * jv - prob * jnp.sum(prob * jv, -1, keepdims=True)) / n
+        return vjp_fn(hjv)[0]
+
+    v = jax.tree_util.tree_map(lambda a: jnp.full_like(a, 0.01), params)
+    return {"grad": (grad, (params, batch)), "ggnvp": (ggnvp, (vjp_fn, z, v))}
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+    mem = compiled.memory_analysis()
+    keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes")
+    return {k.replace("_size_in", ""): int(getattr(mem, k, 0) or 0) for k in keys}
+
+
+def _products(name: str, iters: float) -> float:
+    """Curvature products of one step of a CG method that ran ``iters`` CG iterations (warm start on)."""
+    return iters + (2.0 if name.startswith("egn_ce_cg") else 1.0)
+
+
+def bench_model(model: str, cfg: dict[str, Any], compare_unroll: bool = False) -> dict[str, Any]:
+    """Compile and time every method and piece on one model (interleaved rounds)."""
+    b = cfg["batch"][model]
+    params, predict, batch = model_and_batch(model, b)
+    key = jax.random.PRNGKey(0)
+    variants: dict[str, tuple[str, Any]] = {m: (m, None) for m in cfg["methods"]}
+    if compare_unroll:
+        for m in (m for m in cfg["methods"] if m in CG_METHODS):
+            variants.update({f"{m}@while": (m, False), f"{m}@unroll": (m, True)})
+    calls: dict[str, Callable[[int], Any]] = {}
+    cells: dict[str, dict[str, Any]] = {}
+    live: dict[str, list] = {}
+    for name, (method, unroll) in variants.items():
+        init, step = make_method(method, predict, unroll)
+        state = init(params)
+        rng = jax.random.fold_in(key, 0)
+        _, ms, _, compiled = first_call(step, (params, batch, state, rng), run=False)
+        cells[name] = {"compile_s": (ms["lower"] + ms["compile"]) / 1e3, "memory": _memory(compiled)}
+        live[name] = [params, state, None]
+
+        def call(i: int, name=name, compiled=compiled):
+            p, s, _ = live[name]
+            out = compiled(p, batch, s, jax.random.fold_in(key, i))
+            live[name] = list(out)
+            return out
+
+        calls[name] = call
+    for name, (fn, args) in _pieces(predict, params, batch).items():
+        _, ms, _, compiled = first_call(fn, args, run=False)
+        cells[name] = {"compile_s": (ms["lower"] + ms["compile"]) / 1e3, "memory": _memory(compiled)}
+        calls[name] = lambda i, c=compiled, a=args: c(*a)
+    timing = interleaved(calls, rounds=cfg["rounds"], warmup=cfg["warmup"], min_rounds=min(cfg["rounds"], 2),
+                         max_seconds=cfg["max_seconds"], stop_every=1)  # fmt: skip
+    wall = timing.wall_ms
+    adam_temp = max(cells["adam"]["memory"]["temp_bytes"], 1) if "adam" in cells else None
+    for name, cell in cells.items():
+        cell.update({k: v for k, v in summarize(wall[name]).items() if k in ("median_ms", "p90_ms", "mean_ms")})
+        if name in PIECES:
+            continue
+        if "adam" in wall and name != "adam":
+            r = ratio(wall[name], wall["adam"], keys=("median", "p90", "mean", "paired_median", "paired_p90"))
+            cell["ratio_to_adam"] = r
+        if adam_temp is not None:
+            cell["peak_memory_ratio"] = cell["memory"]["temp_bytes"] / adam_temp
+        info = live[name][2]
+        method = variants[name][0]
+        if method in CG_METHODS and info is not None:
+            iters = float(info["cg_iters"])
+            k = _products(method, iters)
+            cell["cg_iters"], cell["products"] = iters, k
+            t, g, h = (np.asarray(wall[n], np.float64) for n in (name, "grad", "ggnvp"))
+            n = min(t.size, g.size, h.size)
+            per_round = t[:n] / (g[:n] + k * h[:n])
+            cell["loop_overhead"] = float(np.median(per_round))
+            cell["loop_overhead_p90"] = float(np.percentile(per_round, 90))
+    return {"model": model, "batch": b, "n_params": M.n_params(params), "rounds": timing.rounds, "cells": cells,
+            "samples_ms": wall}  # fmt: skip
+
+
+def verdicts(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each goal, met or not, with the figures it was judged on (ratios: medians of per-round ratios,
+    the diagonal presets' ratio to Adam: the mean over rounds, as their estimator fires every 10 steps)."""
+    out: dict[str, Any] = {}
+    for p in points:
+        c = p["cells"]
+        for m in CG_METHODS:
+            if m in c and "loop_overhead" in c[m]:
+                v = c[m]["loop_overhead"]
+                out[f"loop_overhead/{p['model']}/{m}"] = {"value": v, "goal": GOALS["loop_overhead"],
+                                                          "met": v <= GOALS["loop_overhead"]}  # fmt: skip
+        if "sgn_ce_light" in c and "ratio_to_adam" in c["sgn_ce_light"]:
+            v = c["sgn_ce_light"]["ratio_to_adam"]["paired_median"]
+            goal = GOALS["sgn_ce_light_to_adam"]
+            out[f"sgn_ce_light_to_adam/{p['model']}"] = {"value": v, "goal": goal, "met": v <= goal}
+        for m in DIAG_METHODS:
+            if m in c and "ratio_to_adam" in c[m] and p["model"] in ("cnn28", "resnet20"):
+                v = c[m]["ratio_to_adam"]["mean"]
+                out[f"diag_to_adam/{p['model']}/{m}"] = {"value": v, "goal": GOALS["diag_to_adam"],
+                                                         "met": v <= GOALS["diag_to_adam"]}  # fmt: skip
+        for m in ("sgn_ce_light", "sgn_ce_heavy", *DIAG_METHODS):
+            if m in c and "peak_memory_ratio" in c[m]:
+                v = c[m]["peak_memory_ratio"]
+                out[f"peak_memory_ratio/{p['model']}/{m}"] = {"value": v, "goal": GOALS["peak_memory_ratio"],
+                                                              "met": v <= GOALS["peak_memory_ratio"]}  # fmt: skip
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    """Markdown: one row per (model, method)."""
+    lines = [
+        "| model | method | median / p90 ms | × Adam med / p90 / paired / mean | compile s | temp MiB | "
+        "× Adam temp | CG iters | loop overhead |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for p in result["points"]:
+        for name, c in p["cells"].items():
+            r = c.get("ratio_to_adam")
+            rr = "—" if r is None else (f"{r['median']:.2f} / {r['p90']:.2f} / {r['paired_median']:.2f} / "
+                                        f"{r['mean']:.2f}")  # fmt: skip
+            mem = c["memory"]["temp_bytes"] / 2**20
+            pm = f"{c['peak_memory_ratio']:.2f}" if "peak_memory_ratio" in c else "—"
+            it = f"{c['cg_iters']:.0f}" if "cg_iters" in c else "—"
+            lo = f"{c['loop_overhead']:.2f}" if "loop_overhead" in c else "—"
+            lines.append(f"| {p['model']} | {name} | {c['median_ms']:.1f} / {c['p90_ms']:.1f} | {rr} | "
+                         f"{c['compile_s']:.1f} | {mem:.1f} | {pm} | {it} | {lo} |")  # fmt: skip
+    lines += ["", "| goal | value | bound | met |", "|---|---:|---:|---|"]
+    for k, v in result["verdicts"].items():
+        lines.append(f"| {k} | {v['value']:.2f} | ≤ {v['goal']} | {'yes' if v['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def _plot(result: dict[str, Any], path: Any) -> None:
+    points = result["points"]
+
+    def draw(fig, axes):
+        axes = np.atleast_1d(axes)
+        for ax, p in zip(axes, points, strict=False):
+            names = [n for n, c in p["cells"].items() if "ratio_to_adam" in c]
+            vals = [p["cells"][n]["ratio_to_adam"]["paired_median"] for n in names]
+            ax.barh(names, vals, color=["C3" if "@while" in n else "C0" for n in names])
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_title(f"{p['model']} (batch {p['batch']})")
+            ax.set_xlabel("step time / Adam step (paired median)")
+
+    save_figure(path, draw, 1, len(points), figsize=(4.2 * len(points), 3.6))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smaller conv-net batches, fewer rounds")
+    mode.add_argument("--tiny", "--smoke", dest="tiny", action="store_true", help="a tiny MLP, seconds")
+    ap.add_argument("--out", type=str, default=str(DEFAULT_OUT), help="JSON output path (PNG and .md beside it)")
+    ap.add_argument("--tag", default=None, help="suffix of the output files (real_sizes.<tag>.json)")
+    ap.add_argument("--models", nargs="+", choices=MODELS, help="override the profile's models")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, help="override the profile's methods")
+    ap.add_argument("--rounds", type=int, help="override the profile's rounds")
+    ap.add_argument("--compare-unroll", action="store_true", help="also time each CG method with unroll=False and True")
+    args = ap.parse_args(argv)
+    profile = "tiny" if args.tiny else "quick" if args.quick else "full"
+    cfg = dict(PROFILES[profile])
+    if args.models:
+        cfg["models"] = tuple(args.models)
+    if args.methods:
+        cfg["methods"] = tuple(dict.fromkeys(("adam", *args.methods)))
+    if args.rounds:
+        cfg["rounds"] = args.rounds
+    from pathlib import Path
+
+    out = Path(args.out)
+    if args.tag:
+        out = out.with_name(f"{out.stem}.{args.tag}{out.suffix}")
+    points = [bench_model(m, cfg, args.compare_unroll) for m in cfg["models"]]
+    result = {
+        "benchmark": "real_sizes",
+        "machine": machine_info(),
+        "config": {"profile": profile, "tag": args.tag, "compare_unroll": args.compare_unroll,
+                   **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}},  # fmt: skip
+        "goals": GOALS,
+        "points": points,
+    }
+    result["verdicts"] = verdicts(points)
+    write_result(result, out, quiet=True)
+    table = render(result)
+    out.with_suffix(".md").write_text(table + "\n")
+    if profile != "tiny":
+        _plot(result, out.with_suffix(".png"))
+    print(table)
+    print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
