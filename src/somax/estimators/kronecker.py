@@ -30,11 +30,13 @@ References:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from somax import validate
 from somax.contracts import Estimator
@@ -115,6 +117,35 @@ def kfac_statistics(lin: Linearization, layers: Any, fisher: str = "ggn") -> dic
     return out
 
 
+def _row_permutation(layer: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``perm`` with ``kernel_matrix(W)[r] = W.reshape(Π shape[:-1], shape[-1])[perm[r]]``, or ``None``
+    when the layer's matrix is not a row permutation of the leaf's plain reshape."""
+    if len(shape) < 2:
+        return None
+    n_in, n_out = math.prod(shape[:-1]), shape[-1]
+    if (layer.n_in, layer.n_out) != (n_in, n_out):
+        return None
+    idx = np.arange(n_in * n_out).reshape(shape)
+    km = np.transpose(idx, layer.kernel_perm).reshape(n_in, n_out)  # kernel_matrix, in NumPy (static)
+    if km.shape != (n_in, n_out) or not np.array_equal(km % n_out, np.broadcast_to(np.arange(n_out), km.shape)):
+        return None
+    perm = km[:, 0] // n_out
+    if not np.array_equal(km, perm[:, None] * n_out + np.arange(n_out)[None, :]):
+        return None
+    return perm
+
+
+def _to_leaf_order(f: LayerFactors, perm: np.ndarray) -> LayerFactors:
+    """``A`` with its kernel rows/columns in the leaf's own row-major order (the bias row stays last)."""
+    n_in = perm.shape[0]
+    if np.array_equal(perm, np.arange(n_in)):
+        return f
+    order = np.empty(n_in, np.int64)
+    order[perm] = np.arange(n_in)  # leaf row j is kernel_matrix row order[j]
+    full = np.concatenate([order, np.arange(n_in, f.A.shape[0])])
+    return LayerFactors(f.A[np.ix_(full, full)], f.S)
+
+
 @dataclass(frozen=True, kw_only=True)
 class KFACFactors(Estimator):
     """K-FAC factors ``(A, S)`` per dense/conv layer and ``n · g ⊙ g`` for the other leaves.
@@ -149,9 +180,17 @@ class KFACFactors(Estimator):
     def estimate(self, lin: Linearization, rng: jax.Array | None, state: PyTree) -> tuple[PyTree, PyTree]:
         from somax.curvature.layers import discover_layers
 
-        layers = discover_layers(lin.extras["predict_fn"], lin.extras["params"], lin.extras["inputs"])
-        chosen = [name for name, layer in layers.items() if layer.kind in ("dense", "conv") and layer.direct]
-        stats = kfac_statistics(lin, chosen, self.fisher) if chosen else {}
+        params = lin.extras["params"]
+        layers = discover_layers(lin.extras["predict_fn"], params, lin.extras["inputs"])
+        leaves = jax.tree_util.tree_leaves(params)
+        perms = {}
+        for name, layer in layers.items():
+            if layer.kind in ("dense", "conv") and layer.direct:
+                perm = _row_permutation(layer, tuple(leaves[layer.leaf].shape))
+                if perm is not None:
+                    perms[name] = perm
+        stats = kfac_statistics(lin, list(perms), self.fisher) if perms else {}
+        stats = {name: _to_leaf_order(f, perms[name]) for name, f in stats.items()}
         factor_n = lin.output_loss.row_factor(lin.outputs, lin.targets, lin.weights).n
         diag = jax.tree_util.tree_map(lambda g: (jnp.asarray(factor_n, g.dtype) * g * g), lin.grad)
         return {"layers": stats, "diagonal": diag}, state

@@ -10,7 +10,9 @@ from somax.precond.diag import (
     identity,
     spatial_average_tree,
 )
+from somax.precond.kfac import KFAC, KFACState, kfac
 from somax.precond.shampoo import Shampoo, ShampooState, shampoo
+from somax.precond.soap import SOAP, SOAPState, soap
 
 __all__ = [
     "DiagDirect",
@@ -24,4 +26,10 @@ __all__ = [
     "Shampoo",
     "ShampooState",
     "shampoo",
+    "SOAP",
+    "SOAPState",
+    "soap",
+    "KFAC",
+    "KFACState",
+    "kfac",
 ]
