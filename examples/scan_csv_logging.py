@@ -12,7 +12,8 @@ What it shows:
   step); the batch of each step is drawn inside the scan from the step's key.
 * ``lax.scan`` stacks the per-step ``StepInfo``: every field gains a leading step axis,
   and the keys are fixed by the method's plan, so a CSV header fits every row, including
-  rows where a probe (here the rho bundle of the trust-region damping) did not fire.
+  rows where a probe did not fire (here ``rel_update`` and ``g_dot_s``, every 5th step;
+  ``nan`` in between). The trust-region damping's ``rho`` and ``lam`` are in every row.
 * ``somax.InfoWriter`` writes a stacked info as one row per step (CSV, or JSON lines for
   a ``.jsonl`` path) with one device-to-host transfer per chunk; ``somax.info_rows``
   gives the same rows as a list of dicts (here: the last row, for the progress bar).
@@ -53,6 +54,7 @@ def progress(iterable, total):
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--method", default="sgn_mse", help="a somax preset for MSE (sgn_mse, ggn_direct_mse, ...)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--chunk", type=int, default=50, help="steps per lax.scan (one compiled program)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -66,11 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     x, y = make_data(seed=args.seed)
     params = mlp_init(jax.random.PRNGKey(args.seed), [x.shape[1], args.hidden, args.hidden, 1])
     method = somax.make(
-        "sgn_mse",
+        args.method,
         predict_fn=mlp_apply,
-        damping="trust_region",  # λ from the gain ratio rho, on the rho bundle's cadence
-        maxiter=10,
-        telemetry=somax.TelemetrySpec(norms_every_k=5),  # rel_update and g_dot_s every 5th step
+        damping="trust_region",  # λ from the gain ratio rho, computed at every step
+        telemetry=somax.TelemetrySpec(norms_every_k=5),  # rel_update and g_dot_s every 5th step, nan between
     )
     state = method.init(params)
 

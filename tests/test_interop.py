@@ -111,7 +111,7 @@ def test_linen_train_state_with_batchnorm_and_dropout():
     variables = jax.jit(lambda k: cnn.init(k, batch["x"][:1], train=False))(jax.random.key(0))
     params, model_state = somax.adapters.split_linen_variables(variables)
     model = somax.adapters.linen_model(cnn, variables, rng_collections=("dropout",), apply_kwargs={"train": True})
-    method = somax.make("sgn_ce", model=model, learning_rate=0.5, maxiter=3)
+    method = somax.make("ggn_direct_ce", model=model, learning_rate=0.5)  # a dense solve: the cheapest compile
     TrainState = somax.flax_train.TrainState
     state = TrainState.create(apply_fn=cnn.apply, params=params, method=method, model_state=model_state)
 
@@ -171,7 +171,7 @@ def test_nnx_optimizer_with_batchnorm_and_dropout():
 
     module = CNN(nnx.Rngs(0, dropout=1))
     graphdef, _, rest = nnx.split(module, nnx.Param, ...)
-    method = somax.make("sgn_ce", model=somax.adapters.nnx_model(graphdef), learning_rate=0.5, maxiter=3)
+    method = somax.make("sophia_g", model=somax.adapters.nnx_model(graphdef))  # the diagonal lane takes g too
     optimizer = nnx.Optimizer(module, somax.as_optax(method, model_state=rest), wrt=nnx.Param)
     batch = _image_batch()
 
