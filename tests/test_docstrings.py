@@ -36,7 +36,6 @@ API_DOCS = Path(__file__).resolve().parents[1] / "docs" / "api"
 #: name where it is defined (``module.name``); the set is meant to be emptied, and a
 #: name that gained its documentation only triggers a warning here until it is removed.
 PENDING = {
-    "somax.interop.OptaxState",  # NamedTuple without a docstring
     "somax.presets.registry.PRESETS",  # the preset table, no #: comment
 }
 
