@@ -33,7 +33,9 @@ Preconditioners consume a named *statistic* made by an :class:`Estimator` on the
 estimator's cadence (``update``), and rebuild what they invert on their own
 ``refresh_every_k`` cadence (``refresh``); ``inverse(state, λ)`` applies the current
 ``λ`` at every step without a refresh. Statistic names in use: ``"diagonal"`` (an
-estimate of ``diag(H)``), ``"squared_gradient"`` (``g ⊙ g``).
+estimate of ``diag(H)``), ``"squared_gradient"`` (``g ⊙ g``), ``"gradient"`` (``g``
+itself, for preconditioners that form their own statistics, as Shampoo and SOAP do) and
+``"kfac_factors"`` (per-layer Kronecker factors ``A``, ``S``).
 """
 
 from __future__ import annotations
