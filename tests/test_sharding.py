@@ -1,4 +1,5 @@
-"""``somax.sharding``: the same step on 1, 2, 4 and 8 devices (data parallel and FSDP).
+"""``somax.sharding``: the same step on 2 and 8 devices for every lane, and on 1 and 4 for one
+method each (data parallel and FSDP).
 
 The multi-device checks run in subprocesses (``tests/sharding_check.py``), because the 8
 host devices must be requested before JAX initialises and this process has already
@@ -63,14 +64,15 @@ def multi_device():
 
 
 def test_sharded_step_equals_single_device_step(multi_device):
-    """Every method family and lane on 1/2/4/8 devices: same params, state and StepInfo; shardings kept;
-    20 sharded steps trace and compile once."""
+    """Every method family and lane on 2 and 8 devices (one also on 1, one on 4): same params, state
+    and StepInfo; shardings kept; 20 sharded steps trace and compile once."""
     assert multi_device["devices"] == 8
     assert not multi_device["errors"], "\n".join(multi_device["errors"])
     results = multi_device["results"]
     seen = {(r["case"], r["devices"]) for r in results}
     for case in ("sgn_mse", "newton_cg", "egn_mse", "egn_mse_cg", "sophia_h"):
-        assert {(case, n) for n in (1, 2, 4, 8)} <= seen, case
+        assert {(case, n) for n in (2, 8)} <= seen, case
+    assert {1, 2, 4, 8} <= {n for _, n in seen}
     assert any(r["params_mode"] == "fsdp" and r["devices"] == 8 for r in results)
     assert any(r["explicit_mesh"] for r in results)
     bad = []
