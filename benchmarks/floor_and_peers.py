@@ -374,8 +374,14 @@ class PeerWorker:
     def __init__(self, python: str) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
         self.proc = subprocess.Popen(
-            [python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, bufsize=1, cwd=str(BENCH_DIR), env=env,
+            [python, str(WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            cwd=str(BENCH_DIR),
+            env=env,
         )
 
     def ask(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -502,6 +508,7 @@ def format_table(result: dict[str, Any]) -> str:
         "| preset | params | somax | hand | adam | python-somax | somax/hand | somax/adam | somax/peer |",
         "|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
+
     def cell(st: dict, v: str) -> str:
         return f"{st[v]['median_ms']:.2f} / {st[v]['p90_ms']:.2f}" if v in st else "—"
 

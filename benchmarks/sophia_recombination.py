@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     runs = []
     order = list(args.methods)
-    todo = [(seed, order[i % len(order):] + order[: i % len(order)]) for i, seed in enumerate(cfg["seeds"])]
+    todo = [(seed, order[i % len(order) :] + order[: i % len(order)]) for i, seed in enumerate(cfg["seeds"])]
     jobs = [(seed, m) for seed, ms in todo for m in ms]  # methods rotated per seed
     for seed, m in progress(jobs, desc="sophia_recombination"):
         runs.append(run_one(m, model, split, lrs[m], cfg, seed))

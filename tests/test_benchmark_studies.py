@@ -153,4 +153,3 @@ def test_harness_self_timed_and_ratios():
     assert run.stats()["peer"]["median_ms"] == pytest.approx(4.0)
     r = harness.ratio([2.0, 4.0, 8.0], [1.0, 2.0, 2.0], keys=("median", "mean", "paired_median", "paired_p90"))
     assert r == pytest.approx({"median": 2.0, "mean": 14 / 5, "paired_median": 2.0, "paired_p90": 3.6})
-

@@ -227,4 +227,3 @@ def test_estimator_spec_errors_name_the_argument():
     # a valid Hessian + Hutchinson assembly, and GNB with its alias
     somax.assemble(curvature=hess, estimator=EstimatorSpec("hutchinson"), damping=DampingSpec(lam0=0.0), **diag)
     somax.assemble(curvature=cs, estimator=EstimatorSpec("gauss_newton_bartlett"), **diag)
-

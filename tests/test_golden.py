@@ -24,7 +24,7 @@ _FIXTURE = np.load(pathlib.Path(__file__).parent / "golden" / "trajectories.npz"
 
 def _recorded(name: str) -> dict[str, np.ndarray]:
     prefix = f"{name}::"
-    return {k[len(prefix):]: _FIXTURE[k] for k in _FIXTURE.files if k.startswith(prefix)}
+    return {k[len(prefix) :]: _FIXTURE[k] for k in _FIXTURE.files if k.startswith(prefix)}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -332,6 +332,7 @@ def test_malformed_params_rng_state_and_batch_dtypes_name_the_entry():
     # inputs with the wrong feature count: the message names the batch entries and their shapes
     with pytest.raises(TypeError, match=r"batch: \['x'\]: float64\[8, 4\], \['y'\]: float64\[8, 2\]"):
         method.step(params, {"x": jnp.ones((8, 4)), "y": jnp.ones((8, 2))}, state, None)
+
     # a plan that draws random numbers needs a PRNG key
     def mse(p, b):
         return 0.5 * jnp.mean(jnp.sum((predict(p, b["x"]) - b["y"]) ** 2, -1))

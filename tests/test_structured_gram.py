@@ -132,9 +132,7 @@ def _case(name):
         return "mse", _positions_pooled, _positions_params(2), batch, structured, auto
     if name == "linen_mlp_ce":
         predict, params = _linen_mlp()
-        kinds = {
-            f"['Dense_{i}']['{k}']": kind for i in (0, 1) for k, kind in (("kernel", "dense"), ("bias", "bias"))
-        }
+        kinds = {f"['Dense_{i}']['{k}']": kind for i in (0, 1) for k, kind in (("kernel", "dense"), ("bias", "bias"))}
         return "ce", predict, params, classification_batch(c=4), kinds, kinds
     raise ValueError(name)
 

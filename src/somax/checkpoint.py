@@ -93,7 +93,8 @@ def check_fingerprint(method: Any, stored: dict[str, Any] | None, *, where: str 
             diffs.append(f"{key}: {a!r} in the {where}, {b!r} now")
     if diffs:
         raise MethodMismatchError(
-            f"restore: the {where} was written by a different method: " + "; ".join(diffs[:8])
+            f"restore: the {where} was written by a different method: "
+            + "; ".join(diffs[:8])
             + (f"; … ({len(diffs)} differences)" if len(diffs) > 8 else "")
             + ". Pass allow_method_mismatch=True to load it anyway"
         )
@@ -135,8 +136,9 @@ def save(path: str | os.PathLike, tree: Any, *, method: Any = None) -> None:
             pass
         if isinstance(err, OSError):
             raise OSError(
-                err.errno, f"save: writing checkpoint {path!r} failed ({err.strerror}); the file at that path, if "
-                f"any, is unchanged"
+                err.errno,
+                f"save: writing checkpoint {path!r} failed ({err.strerror}); the file at that path, if "
+                f"any, is unchanged",
             ) from err
         raise
     try:  # make the rename itself durable; not every platform can open a folder
@@ -151,9 +153,7 @@ def save(path: str | os.PathLike, tree: Any, *, method: Any = None) -> None:
         os.close(dir_fd)
 
 
-def restore(
-    path: str | os.PathLike, like: Any, *, method: Any = None, allow_method_mismatch: bool = False
-) -> Any:
+def restore(path: str | os.PathLike, like: Any, *, method: Any = None, allow_method_mismatch: bool = False) -> Any:
     """Read ``path`` into a pytree with the structure, shapes and dtypes of ``like``.
 
     Args:

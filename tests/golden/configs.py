@@ -80,13 +80,17 @@ def _builders():
         "sgn_ce_trust_region": (
             "ce",
             lambda: somax.make(
-                "sgn_ce", **P, damping=DampingSpec("trust_region", lam0=1.0, kwargs={"every_k": 2, **PAPER_TR}),
-                maxiter=3, tol=1e-3,
+                "sgn_ce",
+                **P,
+                damping=DampingSpec("trust_region", lam0=1.0, kwargs={"every_k": 2, **PAPER_TR}),
+                maxiter=3,
+                tol=1e-3,
                 telemetry=TelemetrySpec(rho_every_k=3, norms_every_k=2),
             ),
         ),
         "sgn_mse_pcg_squared_gradient": (
-            "mse", lambda: somax.make("sgn_mse", **P, lam0=0.1, precondition="diag_ema", momentum=0.5),
+            "mse",
+            lambda: somax.make("sgn_mse", **P, lam0=0.1, precondition="diag_ema", momentum=0.5),
         ),
         "cg_hutchinson_step_norm_grid": (
             "mse",
@@ -95,8 +99,9 @@ def _builders():
                 solver=SolverSpec("cg", kwargs={"maxiter": 4, "warm_start": True, "stabilise_every": 2}),
                 precondition=PrecondSpec("diag_direct", kwargs={"eps": 1e-3}),
                 estimator=EstimatorSpec("hutchinson", kwargs={"eval_every_k": 3, "n_probes": 2}),
-                damping=DampingSpec("step_norm", lam0=0.3, kwargs={"low": 0.01, "high": 0.2, "every_k": 2,
-                                                                  "max_rel_update": None}),
+                damping=DampingSpec(
+                    "step_norm", lam0=0.3, kwargs={"low": 0.01, "high": 0.2, "every_k": 2, "max_rel_update": None}
+                ),
                 line_search=LineSearchSpec("grid"),
                 telemetry=TelemetrySpec(trace_every_k=4, eig_every_k=5, eig_k=2, eig_iters=6, loss_after_every_k=2),
                 tx=optax.chain(optax.clip_by_global_norm(2.0), optax.scale(-0.5)),
@@ -106,10 +111,15 @@ def _builders():
         "egn_mse_cg_trust_region": (
             "mse",
             lambda: somax.make(
-                "egn_mse_cg", **P, lam0=1.0, damping=DampingSpec("trust_region", lam0=1.0, kwargs=PAPER_TR), maxiter=3,
+                "egn_mse_cg",
+                **P,
+                lam0=1.0,
+                damping=DampingSpec("trust_region", lam0=1.0, kwargs=PAPER_TR),
+                maxiter=3,
                 warm_start=True,
-                telemetry=TelemetrySpec(density_every_k=6, density_probes=2, density_iters=4, block_eig_every_k=7,
-                                        block_eig_iters=4),
+                telemetry=TelemetrySpec(
+                    density_every_k=6, density_probes=2, density_iters=4, block_eig_every_k=7, block_eig_iters=4
+                ),
             ),
         ),
     }

@@ -38,7 +38,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True)
 class MSELoss(OutputLoss):
     """Mean squared error ``L(z, y) = 1/(2b) Σ_i ‖z_i − y_i‖²``, so ``H_z = I / b``.
