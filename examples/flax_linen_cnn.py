@@ -24,7 +24,6 @@ bar when ``tqdm`` is installed.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import kernel_init, load_digits, progress
 
 import somax
 
@@ -39,16 +39,6 @@ try:
     import flax.linen as nn
 except ImportError:  # pragma: no cover
     sys.exit('This example needs Flax: pip install "somax[flax]"')
-
-
-def kernel_init(key, shape, dtype=jnp.float32):
-    """LeCun normal, ``std = 1/sqrt(fan_in)``, drawn as one flat vector and reshaped.
-
-    On XLA:CPU a 4-D (truncated) normal draw, as in Flax's default initialiser, takes
-    seconds to compile per kernel shape; the flat draw takes milliseconds.
-    """
-    fan_in = math.prod(shape[:-1])
-    return (jax.random.normal(key, (math.prod(shape),), dtype) / math.sqrt(fan_in)).reshape(shape)
 
 
 class CNN(nn.Module):
@@ -65,29 +55,6 @@ class CNN(nn.Module):
         x = x.reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(10, kernel_init=kernel_init)(x)
-
-
-def load_digits(test_size: int = 297, seed: int = 0):
-    """The 1797 8×8 digit images in [0, 1], NHWC, split into train and test (fixed permutation)."""
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-    except ImportError:  # pragma: no cover
-        sys.exit('This example needs scikit-learn: pip install "somax[examples]"')
-    digits = sk_digits()
-    x = (digits.images / 16.0).astype(np.float32)[..., None]
-    y = digits.target.astype(np.int32)
-    perm = np.random.default_rng(seed).permutation(len(y))
-    x, y = x[perm], y[perm]
-    return (x[test_size:], y[test_size:]), (x[:test_size], y[:test_size])
-
-
-def progress(iterable, total):
-    """``(iterable, write)``: a ``tqdm`` bar and its ``write`` when tqdm is installed, else plain ``print``."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable, print
-    return tqdm(iterable, total=total), tqdm.write
 
 
 def make_train_step(cnn: CNN, clip: float | None):
@@ -143,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rng = np.random.default_rng(args.seed)
     history, start, order = [], time.time(), np.array([], dtype=int)
-    steps, write = progress(range(1, args.steps + 1), total=args.steps)
+    steps = progress(range(1, args.steps + 1), total=args.steps)
     for t in steps:
         if len(order) < args.batch_size:  # reshuffle once an epoch is used up
             order = np.concatenate([order, rng.permutation(len(y_train))])
@@ -155,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"step": t, "loss": float(info["loss"]), "lam": float(info["lam"]), "test_acc": acc}
             row["seconds"] = time.time() - start
             history.append(row)
-            write(f"step {t:4d}  loss {row['loss']:.4f}  λ {row['lam']:.3g}  test acc {acc:.3f}")
+            steps.write(f"step {t:4d}  loss {row['loss']:.4f}  λ {row['lam']:.3g}  test acc {acc:.3f}")
     return {"method": args.method, "history": history, "state": state}
 
 

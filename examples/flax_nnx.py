@@ -29,7 +29,6 @@ bar when ``tqdm`` is installed.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import kernel_init, load_digits, progress
 
 import somax
 
@@ -44,16 +44,6 @@ try:
     from flax import nnx
 except ImportError:  # pragma: no cover
     sys.exit('This example needs Flax: pip install "somax[flax]"')
-
-
-def kernel_init(key, shape, dtype=jnp.float32):
-    """LeCun normal, ``std = 1/sqrt(fan_in)``, drawn as one flat vector and reshaped.
-
-    On XLA:CPU a 4-D (truncated) normal draw, as in Flax's default initialiser, takes
-    seconds to compile per kernel shape; the flat draw takes milliseconds.
-    """
-    fan_in = math.prod(shape[:-1])
-    return (jax.random.normal(key, (math.prod(shape),), dtype) / math.sqrt(fan_in)).reshape(shape)
 
 
 class CNN(nnx.Module):
@@ -71,29 +61,6 @@ class CNN(nnx.Module):
         x = nnx.relu(self.bn1(self.conv1(x)))
         x = nnx.relu(self.bn2(self.conv2(x)))
         return self.out(self.drop(x.reshape(x.shape[0], -1)))
-
-
-def load_digits(test_size: int = 297, seed: int = 0):
-    """The 1797 8×8 digit images in [0, 1], NHWC, split into train and test (fixed permutation)."""
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-    except ImportError:  # pragma: no cover
-        sys.exit('This example needs scikit-learn: pip install "somax[examples]"')
-    digits = sk_digits()
-    x = (digits.images / 16.0).astype(np.float32)[..., None]
-    y = digits.target.astype(np.int32)
-    perm = np.random.default_rng(seed).permutation(len(y))
-    x, y = x[perm], y[perm]
-    return (x[test_size:], y[test_size:]), (x[:test_size], y[:test_size])
-
-
-def progress(iterable, total):
-    """``(iterable, write)``: a ``tqdm`` bar and its ``write`` when tqdm is installed, else plain ``print``."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable, print
-    return tqdm(iterable, total=total), tqdm.write
 
 
 def somax_state(opt_state) -> somax.interop.OptaxState:
@@ -142,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     key = jax.random.PRNGKey(args.seed)
     rng = np.random.default_rng(args.seed)
     history, start, order = [], time.time(), np.array([], dtype=int)
-    steps, write = progress(range(1, args.steps + 1), total=args.steps)
+    steps = progress(range(1, args.steps + 1), total=args.steps)
     for t in steps:
         if len(order) < args.batch_size:  # reshuffle once an epoch is used up
             order = np.concatenate([order, rng.permutation(len(y_train))])
@@ -157,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"step": t, "loss": float(loss), "lam": float(info["lam"]), "test_acc": acc}
             row["seconds"] = time.time() - start
             history.append(row)
-            write(f"step {t:4d}  loss {row['loss']:.4f}  λ {row['lam']:.3g}  test acc {acc:.3f}")
+            steps.write(f"step {t:4d}  loss {row['loss']:.4f}  λ {row['lam']:.3g}  test acc {acc:.3f}")
     return {"method": args.method, "history": history, "model": model, "optimizer": optimizer}
 
 

@@ -31,28 +31,11 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import progress, regression_data
 
 import somax
 from somax import sharding as sh
 from somax.models import mlp_apply, mlp_init
-
-
-def make_data(n: int = 4096, d: int = 16, seed: int = 0):
-    """A smooth regression target: ``y = tanh(x w) + 0.1 sin(3 x_0)`` plus noise."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    w = rng.normal(size=(d, 1)).astype(np.float32) / np.sqrt(d)
-    y = np.tanh(x @ w) + 0.1 * np.sin(3 * x[:, :1]) + 0.01 * rng.normal(size=(n, 1)).astype(np.float32)
-    return x, y
-
-
-def progress(iterable, total):
-    """``(iterable, write)``: a ``tqdm`` bar and its ``write`` when tqdm is installed, else plain ``print``."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable, print
-    return tqdm(iterable, total=total), tqdm.write
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch_size = -(-args.batch_size // n_dev) * n_dev  # the batch must split evenly over the devices
     print(f"{n_dev} device(s) ({jax.devices()[0].platform}), mode {args.mode}, global batch {batch_size}")
 
-    x, y = make_data(seed=args.seed)
+    x, y = regression_data(seed=args.seed)
     params = mlp_init(jax.random.PRNGKey(args.seed), [x.shape[1], args.hidden, args.hidden, 1])
     method = somax.make(args.method, predict_fn=mlp_apply)
     example_batch = {"x": x[:batch_size], "y": y[:batch_size]}  # only its shapes are read
@@ -86,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     key = jax.random.PRNGKey(args.seed + 1)
     rng = np.random.default_rng(args.seed)
     max_diff = None
-    steps, write = progress(range(args.steps), total=args.steps)
+    steps = progress(range(args.steps), total=args.steps)
     for t in steps:
         idx = rng.integers(0, len(x), batch_size)
         host_batch = {"x": x[idx], "y": y[idx]}
@@ -98,9 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.check and t == 0:
             diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params, ref_params)
             max_diff = max(jax.tree_util.tree_leaves(diffs))
-            write(f"first step vs single device: max |Δparams| = {max_diff:.2e}, loss {float(ref_info['loss']):.6f}")
+            ref_loss = float(ref_info["loss"])
+            steps.write(f"first step vs single device: max |Δparams| = {max_diff:.2e}, loss {ref_loss:.6f}")
         if t % 10 == 0 or t == args.steps - 1:
-            write(f"step {t:4d}  loss {float(info['loss']):.5f}  λ {float(info['lam']):.3g}")
+            steps.write(f"step {t:4d}  loss {float(info['loss']):.5f}  λ {float(info['lam']):.3g}")
     print(f"compiled {sm.trace_count} time(s); parameters still sharded as {params['layer1']['w'].sharding.spec}")
     return {"devices": n_dev, "loss": float(info["loss"]), "trace_count": sm.trace_count, "max_diff": max_diff}
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import progress
 
 import somax
 
@@ -116,15 +117,6 @@ def synthetic_cifar(n_train=2048, n_test=512, seed=0):
     return (*make(n_train), *make(n_test))
 
 
-def progress(iterable, total):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(iterable, total=total)
-    except ImportError:
-        return iterable
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", choices=["sophia_n", "sgdm"], default="sophia_n")
@@ -188,8 +180,7 @@ def main(argv=None) -> dict:
         idx = rng.integers(0, len(x_tr), args.batch_size)
         batch = {"x": jnp.asarray(x_tr[idx]), "y": jnp.asarray(y_tr[idx])}
         params, state, info = step(params, batch, state, jax.random.fold_in(key, t))
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{float(info['loss']):.3f}")
+        bar.set_postfix(loss=f"{float(info['loss']):.3f}")
         if (t + 1) % args.eval_every == 0 or t + 1 == args.steps:
             acc = float(accuracy(params, stats_of(state), jnp.asarray(x_te[:2000]), jnp.asarray(y_te[:2000])))
             history.append({"step": t + 1, "seconds": time.perf_counter() - start, "test_acc": acc})

@@ -27,29 +27,10 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from _common import progress, regression_data
 
 import somax
 from somax.models import mlp_apply, mlp_init
-
-
-def make_data(n: int = 4096, d: int = 16, seed: int = 0):
-    """A smooth regression target: ``y = tanh(x w) + 0.1 sin(3 x_0)`` plus noise."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    w = rng.normal(size=(d, 1)).astype(np.float32) / np.sqrt(d)
-    y = np.tanh(x @ w) + 0.1 * np.sin(3 * x[:, :1]) + 0.01 * rng.normal(size=(n, 1)).astype(np.float32)
-    return jnp.asarray(x), jnp.asarray(y)
-
-
-def progress(iterable, total):
-    """``(iterable, set_postfix)``: a ``tqdm`` bar when tqdm is installed, else the iterable and a no-op."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable, lambda **kw: None
-    bar = tqdm(iterable, total=total)
-    return bar, bar.set_postfix
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps % args.chunk:
         p.error("--steps must be a multiple of --chunk")
 
-    x, y = make_data(seed=args.seed)
+    x, y = map(jnp.asarray, regression_data(seed=args.seed))
     params = mlp_init(jax.random.PRNGKey(args.seed), [x.shape[1], args.hidden, args.hidden, 1])
     method = somax.make(
         args.method,
@@ -90,13 +71,13 @@ def main(argv: list[str] | None = None) -> dict:
     n_chunks = args.steps // args.chunk
     last: dict[str, float] = {}
     with somax.InfoWriter(args.out) as log:
-        chunks, show = progress(range(n_chunks), total=n_chunks)
+        chunks = progress(range(n_chunks), total=n_chunks)
         for c in chunks:
             keys = jax.random.split(jax.random.fold_in(key, c), args.chunk)
             params, state, infos = chunk(params, state, keys)
             log.write(infos)  # one row per step of the chunk
             last = somax.info_rows(infos)[-1]
-            show(loss=f"{last['loss']:.4f}", lam=f"{last['lam']:.3g}", rho=f"{last['rho']:.2f}")
+            chunks.set_postfix(loss=f"{last['loss']:.4f}", lam=f"{last['lam']:.3g}", rho=f"{last['rho']:.2f}")
         rows = log.rows_written
     print(f"wrote {rows} rows to {args.out}; last step: loss {last['loss']:.5f}, λ {last['lam']:.3g}")
     return {"path": args.out, "rows": rows, "last": last, "params": params}
