@@ -72,3 +72,14 @@ def progress(iterable: Iterable, total: int):
     except ImportError:
         return _Plain(iterable)
     return tqdm(iterable, total=total)
+
+
+def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, steps: int, seed: int = 0):
+    """``(t, {"x", "y"})`` for ``t = 1 … steps``: batches drawn without replacement, reshuffled each epoch."""
+    rng = np.random.default_rng(seed)
+    order = np.array([], dtype=int)
+    for t in range(1, steps + 1):
+        if len(order) < batch_size:  # reshuffle once an epoch is used up
+            order = np.concatenate([order, rng.permutation(len(y))])
+        idx, order = order[:batch_size], order[batch_size:]
+        yield t, {"x": jnp.asarray(x[idx]), "y": jnp.asarray(y[idx])}

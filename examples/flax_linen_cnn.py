@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import kernel_init, load_digits, progress
+from _common import epoch_batches, kernel_init, load_digits, progress
 
 import somax
 
@@ -108,14 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_step = make_train_step(cnn, args.clip)
     evaluate = jax.jit(lambda variables, x: jnp.argmax(cnn.apply(variables, x, train=False), -1))
 
-    rng = np.random.default_rng(args.seed)
-    history, start, order = [], time.time(), np.array([], dtype=int)
-    steps = progress(range(1, args.steps + 1), total=args.steps)
-    for t in steps:
-        if len(order) < args.batch_size:  # reshuffle once an epoch is used up
-            order = np.concatenate([order, rng.permutation(len(y_train))])
-        idx, order = order[: args.batch_size], order[args.batch_size :]
-        batch = {"x": jnp.asarray(x_train[idx]), "y": jnp.asarray(y_train[idx])}
+    history, start = [], time.time()
+    steps = progress(epoch_batches(x_train, y_train, args.batch_size, args.steps, args.seed), total=args.steps)
+    for t, batch in steps:
         state, info = train_step(state, batch, jax.random.fold_in(key, t))
         if t % args.eval_every == 0 or t == args.steps:
             acc = float(np.mean(np.asarray(evaluate(state.variables, jnp.asarray(x_test))) == y_test))

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import kernel_init, load_digits, progress
+from _common import epoch_batches, kernel_init, load_digits, progress
 
 import somax
 
@@ -107,14 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     key = jax.random.PRNGKey(args.seed)
-    rng = np.random.default_rng(args.seed)
-    history, start, order = [], time.time(), np.array([], dtype=int)
-    steps = progress(range(1, args.steps + 1), total=args.steps)
-    for t in steps:
-        if len(order) < args.batch_size:  # reshuffle once an epoch is used up
-            order = np.concatenate([order, rng.permutation(len(y_train))])
-        idx, order = order[: args.batch_size], order[args.batch_size :]
-        batch = {"x": jnp.asarray(x_train[idx]), "y": jnp.asarray(y_train[idx])}
+    history, start = [], time.time()
+    steps = progress(epoch_batches(x_train, y_train, args.batch_size, args.steps, args.seed), total=args.steps)
+    for t, batch in steps:
         loss = train_step(model, optimizer, batch, jax.random.fold_in(key, t))
         if t % args.eval_every == 0 or t == args.steps:
             info = somax_state(optimizer.opt_state).info
