@@ -121,9 +121,8 @@ def test_fisher_kinds_run_in_the_parameter_lane_with_cg_and_refuse_row_solvers()
     assert not np.allclose(ravel_pytree(new)[0], ravel_pytree(params)[0])
     for kind in ("fisher", "empirical_fisher"):
         with pytest.raises(somax.IncompatibleSpecsError, match="row"):
-            somax.assemble(
-                curvature=CurvatureSpec(kind, kwargs={"predict_fn": mlp}), solver=SolverSpec("row_cholesky")
-            )
-    assert "the model (dropout)" in somax.assemble(
-        curvature=CurvatureSpec("fisher", kwargs={"predict_fn": mlp})
-    ).plan.needs_rng
+            somax.assemble(curvature=CurvatureSpec(kind, kwargs={"predict_fn": mlp}), solver=SolverSpec("row_cholesky"))
+    assert (
+        "the model (dropout)"
+        in somax.assemble(curvature=CurvatureSpec("fisher", kwargs={"predict_fn": mlp})).plan.needs_rng
+    )

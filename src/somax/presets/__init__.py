@@ -3,6 +3,7 @@
 from somax.presets import diag_lane, param_lane  # noqa: F401  (registers the presets)
 from somax.presets.diag_lane import adahessian, sophia_g, sophia_h, sophia_n
 from somax.presets.kronecker import kfac, kfac_cg, shampoo, soap
+from somax.presets.lbfgs import lbfgs
 from somax.presets.param_lane import newton_cg, sgn_ce, sgn_mse
 from somax.presets.registry import PRESETS, Option, define_preset, describe, list_methods, make
 from somax.presets.row_lane import (  # registers the row-lane and direct presets
@@ -40,4 +41,5 @@ __all__ = [
     "soap",
     "kfac",
     "kfac_cg",
+    "lbfgs",
 ]
