@@ -117,3 +117,140 @@ def test_negative_curvature_at_first_iteration_returns_preconditioned_gradient(p
     expected = d * b if preconditioned else b
     assert bool(res.negative_curvature) and int(res.iters) == 0
     np.testing.assert_allclose(np.asarray(res.x), np.asarray(expected), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- unrolled (masked) loop = while_loop
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from somax import validate  # noqa: E402
+from somax.solvers.cg import AUTO_UNROLL_MAXITER, CGOptions, has_convolution, resolve_unroll  # noqa: E402
+
+
+def _both(matvec, b, **kw):
+    """The ``lax.while_loop`` and the unrolled solve of the same system, each jitted."""
+    loop = jax.jit(lambda b: conjugate_gradient(matvec, b, unroll=False, **kw))(b)
+    flat = jax.jit(lambda b: conjugate_gradient(matvec, b, unroll=True, **kw))(b)
+    return loop, flat
+
+
+def _assert_same(loop, flat):
+    assert int(loop.iters) == int(flat.iters)
+    assert bool(loop.converged) == bool(flat.converged)
+    assert bool(loop.negative_curvature) == bool(flat.negative_curvature)
+    for a, b in zip(jax.tree_util.tree_leaves(loop.x), jax.tree_util.tree_leaves(flat.x), strict=True):
+        assert a.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(float(flat.residual), float(loop.residual), rtol=1e-10, atol=1e-15)
+
+
+def _indefinite(n, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return (q * np.linspace(-1.0, 3.0, n)) @ q.T
+
+
+def _singular(n, rank, seed=0):
+    rng = np.random.default_rng(seed)
+    j = rng.normal(size=(rank, n))
+    return j.T @ j / n
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["early_convergence", "maxiter_cap", "negative_curvature", "negative_first", "negligible_curvature",
+     "preconditioned", "warm_start", "stabilised", "zero_rhs"],  # fmt: skip
+)
+def test_unrolled_loop_matches_while_loop(case):
+    n = 12
+    b = jnp.asarray(np.random.default_rng(3).normal(size=n))
+    kw = {"tol": 1e-8, "maxiter": 30}
+    a = _spd(n, 10.0)
+    if case == "maxiter_cap":
+        a, kw = _spd(n, 1e4), {"tol": 0.0, "maxiter": 5}
+    elif case == "negative_curvature":
+        a = _indefinite(n) + 0.8 * np.eye(n)  # indefinite, positive along g: exits after k > 0
+    elif case == "negative_first":
+        a = -_spd(n, 10.0)
+    elif case == "negligible_curvature":
+        a, kw = _singular(n, 4), {"tol": 0.0, "maxiter": 20}
+    elif case == "preconditioned":
+        a = _spd(n, 1e3)
+        d = jnp.asarray(1.0 / np.diag(a))
+        kw["precond"] = lambda v: d * v
+    elif case == "warm_start":
+        kw["x0"] = 0.1 * b
+    elif case == "stabilised":
+        a, kw = _spd(n, 1e3), {"tol": 1e-10, "maxiter": 30, "stabilise_every": 3}
+    elif case == "zero_rhs":
+        b = jnp.zeros(n)
+    loop, flat = _both(_mv(a), b, **kw)
+    _assert_same(loop, flat)
+    if case == "early_convergence":
+        assert bool(loop.converged) and int(loop.iters) < kw["maxiter"]
+    if case in ("negative_curvature", "negligible_curvature"):
+        assert bool(loop.negative_curvature) and 0 < int(loop.iters) < kw["maxiter"]
+    if case == "negative_first":
+        assert bool(loop.negative_curvature) and int(loop.iters) == 0
+
+
+def test_unrolled_loop_on_pytrees():
+    a = _spd(7, 50.0)
+    mv = _mv(a)
+
+    def tree_mv(v):
+        y = mv(jnp.concatenate([v["w"].ravel(), v["b"]]))
+        return {"w": y[:6].reshape(2, 3), "b": y[6:]}
+
+    b = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(1)}
+    _assert_same(*_both(tree_mv, b, tol=1e-9, maxiter=10))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 8),
+    shift=st.floats(-1.5, 2.0),
+    tol=st.sampled_from([0.0, 1e-12, 1e-6, 1e-2, 0.5]),
+    maxiter=st.integers(1, 12),
+    warm=st.booleans(),
+)
+def test_unrolled_loop_matches_while_loop_for_any_system(seed, n, shift, tol, maxiter, warm):
+    """For every small symmetric system (definite, indefinite or singular) and every stopping
+    rule, the unrolled loop returns the while_loop's iterate, iteration count and flags."""
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(n, n))
+    a = g @ g.T / n + shift * np.eye(n)
+    b = jnp.asarray(rng.normal(size=n))
+    x0 = jnp.asarray(rng.normal(size=n)) if warm else None
+    _assert_same(*_both(_mv(a), b, tol=tol, maxiter=maxiter, x0=x0))
+
+
+def test_unroll_option_is_validated():
+    assert CGOptions().unroll == "auto"
+    for ok in (True, False, "auto"):
+        assert CGOptions(unroll=ok).unroll == ok
+    for bad in ("yes", 1, 0, None, "Auto"):
+        with pytest.raises(validate.InvalidOptionError, match="unroll must be True, False or 'auto'"):
+            CGOptions(unroll=bad)
+
+
+def test_auto_unroll_detects_convolutions():
+    w = jnp.ones((3, 3, 2, 4))
+    x = jnp.ones((1, 6, 6, 2))
+
+    def conv(k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def conv_mv(v):  # a weight-gradient-like product, as in a CNN's GGN product
+        return jax.vjp(conv, v)[1](conv(v))[0]
+
+    def dense_mv(v):
+        return 2.0 * v
+
+    assert has_convolution(conv_mv, w) and not has_convolution(dense_mv, w)
+    assert has_convolution(lambda v: jax.lax.cond(True, conv_mv, dense_mv, v), w)  # inside a sub-jaxpr
+    assert resolve_unroll("auto", 10, conv_mv, w) and not resolve_unroll("auto", 10, dense_mv, w)
+    assert not resolve_unroll("auto", AUTO_UNROLL_MAXITER + 1, conv_mv, w)
+    assert resolve_unroll(True, 100, dense_mv, w) and not resolve_unroll(False, 3, conv_mv, w)

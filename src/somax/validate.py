@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-__all__ = ["InvalidOptionError", "integer", "number", "boolean", "choice", "cadence", "OFF"]
+__all__ = ["InvalidOptionError", "integer", "number", "boolean", "bool_or_auto", "choice", "cadence", "OFF"]
 
 #: Cadence value meaning "never" (``every_k = -1`` compiles nothing).
 OFF = -1
@@ -72,6 +72,13 @@ def boolean(where: str, value: Any) -> bool:
     """``True`` or ``False`` (not a truthy string or 0/1)."""
     if not isinstance(value, bool):
         raise InvalidOptionError(f"{where} must be True or False, got {value!r}")
+    return value
+
+
+def bool_or_auto(where: str, value: Any) -> bool | str:
+    """``True``, ``False`` or the string ``"auto"`` (the component decides; not a truthy value or 0/1)."""
+    if not (isinstance(value, bool) or value == "auto"):
+        raise InvalidOptionError(f"{where} must be True, False or 'auto', got {value!r}")
     return value
 
 

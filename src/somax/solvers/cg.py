@@ -20,6 +20,18 @@ iterations. Two details that existing implementations get wrong:
 * **Residual refresh.** Every ``stabilise_every`` iterations the recursive residual
   is replaced by the true ``g − A s`` *without* resetting the search direction, so
   rounding drift is removed and convergence is not destroyed (a restart would be).
+
+**Unrolled loop.** ``unroll=True`` writes the ``maxiter`` iterations out as straight-line
+code instead of a ``lax.while_loop``: every iteration is computed, and once the stopping
+rule holds (converged, negative or negligible curvature) a select keeps the iterate and
+the rest of the state unchanged, so the result and the iteration count are those of the
+``while_loop`` (the same operations on the same values; only XLA's fusion may round
+differently), without the early exit's saving. It exists because XLA:CPU (jax 0.10)
+runs a convolution's weight gradient inside any loop or conditional body in a slow
+generic kernel, 40× slower than the same product outside (``benchmarks/conv_loop_repro.py``;
+jax-ml/jax#12868), so a CG loop over a CNN's curvature products costs tens of times
+its products. ``"auto"`` (the default of :class:`CGOptions`) unrolls when the product
+contains a convolution and ``maxiter ≤ AUTO_UNROLL_MAXITER``.
 """
 
 from __future__ import annotations
@@ -38,7 +50,17 @@ from somax.registry import SOLVERS
 
 PyTree = Any
 
-__all__ = ["CGResult", "conjugate_gradient", "CGOptions", "CGSolver", "cg", "CURVATURE_RTOL"]
+__all__ = [
+    "CGResult",
+    "conjugate_gradient",
+    "CGOptions",
+    "CGSolver",
+    "cg",
+    "CURVATURE_RTOL",
+    "AUTO_UNROLL_MAXITER",
+    "has_convolution",
+    "resolve_unroll",
+]
 
 
 class CGResult(NamedTuple):
@@ -68,6 +90,35 @@ class _Carry(NamedTuple):
 #: Curvature ``pᵀAp`` below ``CURVATURE_RTOL · ε · ‖A‖ · ‖p‖²`` ends CG like negative curvature.
 CURVATURE_RTOL = 100.0
 
+#: ``unroll="auto"`` unrolls a CG loop whose product contains a convolution up to this ``maxiter``
+#: (compile time grows with every unrolled product; beyond it the ``while_loop`` is kept)
+AUTO_UNROLL_MAXITER = 32
+
+
+def _jaxpr_has(jaxpr: Any, names: frozenset[str]) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in names:
+            return True
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns") and _jaxpr_has(inner, names):
+                    return True
+    return False
+
+
+def has_convolution(fn: Callable[..., Any], *args: Any) -> bool:
+    """Whether ``fn(*args)`` traces to a convolution (at any depth); one trace, no computation."""
+    return _jaxpr_has(jax.make_jaxpr(fn)(*args).jaxpr, frozenset({"conv_general_dilated"}))
+
+
+def resolve_unroll(unroll: bool | str, maxiter: int, matvec: Callable[[PyTree], PyTree], b: PyTree) -> bool:
+    """``unroll`` as a bool: ``"auto"`` is True iff ``matvec(b)`` has a convolution and
+    ``maxiter ≤ AUTO_UNROLL_MAXITER`` (see the module docstring)."""
+    if unroll != "auto":
+        return bool(unroll)
+    return maxiter <= AUTO_UNROLL_MAXITER and has_convolution(matvec, b)
+
 
 def conjugate_gradient(
     matvec: Callable[[PyTree], PyTree],
@@ -78,8 +129,13 @@ def conjugate_gradient(
     maxiter: int = 10,
     stabilise_every: int = 0,
     precond: Callable[[PyTree], PyTree] | None = None,
+    unroll: bool = False,
 ) -> CGResult:
-    """(P)CG for ``matvec(x) = b`` on pytrees; see the module docstring for the exits."""
+    """(P)CG for ``matvec(x) = b`` on pytrees; see the module docstring for the exits.
+
+    ``unroll=True``: ``maxiter`` masked iterations as straight-line code instead of a
+    ``lax.while_loop`` (same result and iteration count; see the module docstring).
+    """
     # Every reduction here is a pass over the parameters (and HLO to compile): with no
     # preconditioner ‖r‖² = rᵀz, and from x₀ = 0 the initial residual is b itself.
     bb = tree_vdot(b, b)
@@ -97,7 +153,8 @@ def conjugate_gradient(
     def cond(c: _Carry) -> jax.Array:
         return (c.i < maxiter) & (c.rnorm > threshold) & (c.rnorm > 0) & ~c.neg
 
-    def body(c: _Carry) -> _Carry:
+    def body(c: _Carry, k: int | None = None) -> _Carry:
+        # k: the iteration's index when the loop is unrolled (then c.i == k while it runs)
         if precond is None:
             pp, flat = c.pp, c.flat
         else:
@@ -116,7 +173,10 @@ def conjugate_gradient(
         alpha = jnp.where(neg, c.stay, c.rz / jnp.where(neg, 1.0, pap)).astype(c.rz.dtype)
         x = tree_axpy(alpha, c.p, c.x)
         r = tree_axpy(-alpha, ap, c.r)
-        if stabilise_every > 0:
+        if stabilise_every > 0 and k is not None:
+            if (k + 1) % stabilise_every == 0:  # unrolled: a static refresh (a masked iteration discards it)
+                r = tree_sub(b, matvec(x))
+        elif stabilise_every > 0:
             r = jax.lax.cond((c.i + 1) % stabilise_every == 0, lambda: tree_sub(b, matvec(x)), lambda: r)
         z = apply_m(r)
         rz = tree_vdot(r, z)
@@ -134,7 +194,14 @@ def conjugate_gradient(
     zero = jnp.zeros((), rz.dtype)
     pp0 = rz if precond is None else zero  # p₀ = r₀ without a preconditioner
     init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool), stay, pp0, zero, zero)
-    c = jax.lax.while_loop(cond, body, init)
+    if unroll:
+        # No loop body for XLA to compile apart (see the module docstring): every iteration runs,
+        # and after the stopping rule holds the select keeps the whole state as it was.
+        c = init
+        for k in range(maxiter):
+            c = tree_where(cond(c), body(c, k), c)
+    else:
+        c = jax.lax.while_loop(cond, body, init)
     # From x₀ = 0, every iterate before the first pᵀAp ≤ 0 lies in a Krylov space on which A
     # is positive definite, so bᵀx_k > ½x_kᵀAx_k > 0 for k ≥ 1, and an exit at k = 0 took
     # x = M⁻¹b inside the loop: the result is a descent direction with no check compiled.
@@ -155,12 +222,19 @@ class CGOptions:
       tol: relative residual tolerance ``τ`` of (2.5).
       warm_start: start from the previous step's solution (kept in solver state).
       stabilise_every: refresh the true residual every k iterations (0 = never).
+      unroll: ``True``: the ``maxiter`` iterations as straight-line code with a masked
+        early exit (same result and iteration count as the loop, but every iteration is
+        computed); ``False``: a ``lax.while_loop`` that stops at the exit; ``"auto"``:
+        unroll when the curvature product contains a convolution (XLA:CPU runs a
+        convolution's gradient inside a loop body tens of times slower) and
+        ``maxiter ≤ AUTO_UNROLL_MAXITER``.
     """
 
     maxiter: int = 10
     tol: float = 1e-5
     warm_start: bool = False
     stabilise_every: int = 0
+    unroll: bool | str = "auto"
 
     kind: ClassVar[str] = "cg"
 
@@ -170,6 +244,7 @@ class CGOptions:
         validate.number(f"{where}: tol", self.tol, minimum=0.0)
         validate.boolean(f"{where}: warm_start", self.warm_start)
         validate.integer(f"{where}: stabilise_every", self.stabilise_every, minimum=0)
+        validate.bool_or_auto(f"{where}: unroll", self.unroll)
 
     def init(self, params: PyTree) -> PyTree:
         return tree_zeros_like(params) if self.warm_start else ()
@@ -199,6 +274,7 @@ class CGSolver(CGOptions, Solver):
             maxiter=self.maxiter,
             stabilise_every=self.stabilise_every,
             precond=precond,
+            unroll=resolve_unroll(self.unroll, self.maxiter, damped, rhs),
         )
         stats = {"cg_iters": res.iters, "cg_residual": res.residual, "cg_converged": res.converged}
         return res.x, (res.x if self.warm_start else ()), stats

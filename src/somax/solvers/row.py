@@ -43,7 +43,7 @@ from somax.curvature.rows import row_operator
 from somax.curvature.structured_gram import GRAM_MODES
 from somax.registry import SOLVERS
 from somax.solvers._dtypes import check_solve_dtype, solve_dtype_for
-from somax.solvers.cg import CGOptions, conjugate_gradient
+from somax.solvers.cg import CGOptions, conjugate_gradient, resolve_unroll
 
 PyTree = Any
 
@@ -144,7 +144,10 @@ class RowCGSolver(CGOptions, Solver):
         else:
             x0, b, bnorm, tol = jnp.zeros_like(r), r, rnorm, self.tol
 
-        res = conjugate_gradient(matvec, b, tol=tol, maxiter=self.maxiter, stabilise_every=self.stabilise_every)
+        unroll = resolve_unroll(self.unroll, self.maxiter, matvec, b)
+        res = conjugate_gradient(
+            matvec, b, tol=tol, maxiter=self.maxiter, stabilise_every=self.stabilise_every, unroll=unroll
+        )
         v = x0 + res.x
         s = _cast_like(rows.vjp(v), rhs)
         residual = jnp.where(rnorm > 0, res.residual * bnorm / jnp.where(rnorm > 0, rnorm, 1.0), 0.0)
