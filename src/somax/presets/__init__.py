@@ -2,7 +2,8 @@
 
 from somax.presets import diag_lane, param_lane  # noqa: F401  (registers the presets)
 from somax.presets.diag_lane import adahessian, sophia_g, sophia_h, sophia_n
-from somax.presets.kronecker import kfac, kfac_cg, shampoo, soap
+from somax.presets.gauss_newton import gn, gn_layerwise, gn_prox_linear
+from somax.presets.kronecker import kfac, kfac_cg, muon, shampoo, soap
 from somax.presets.lbfgs import lbfgs
 from somax.presets.param_lane import newton_cg, sgn_ce, sgn_mse
 from somax.presets.registry import PRESETS, Option, define_preset, describe, list_methods, make
@@ -41,5 +42,9 @@ __all__ = [
     "soap",
     "kfac",
     "kfac_cg",
+    "muon",
     "lbfgs",
+    "gn",
+    "gn_prox_linear",
+    "gn_layerwise",
 ]
