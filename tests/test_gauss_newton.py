@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.flatten_util import ravel_pytree
 
 import somax
@@ -192,7 +193,7 @@ def test_line_search_takes_the_grid_argmin_and_warm_start_carries_over_exactly()
     params, batch = _params(), _batch(n, seed=5)
     inner = optax.adam(0.3)  # large enough that the held-out loss prefers a shorter step
     method = somax.make("gn", predict_fn=mlp, micro_batches=n, lam0=lam, inner=inner, line_search=5)
-    assert "linearizations_per_step=3" in str(method.plan)
+    assert "linearizations_per_step='3'" in str(method.plan)
     alphas = 2.0 ** (-np.arange(5) / 2)
 
     theta, delta, state = params, jax.tree.map(jnp.zeros_like, params), inner.init(params)
@@ -222,10 +223,14 @@ def test_line_search_takes_the_grid_argmin_and_warm_start_carries_over_exactly()
 def test_default_muon_inner_and_schedules():
     n = 4
     params, batch = _params(), _batch(n, seed=7)
-    method = somax.make("gn_layerwise", predict_fn=mlp, micro_batches=n, lam0=0.1, inner_schedule="inner_cosine")
+    method = somax.make("gn", predict_fn=mlp, micro_batches=n, lam0=0.1, inner_schedule="inner_cosine")
     p, st, info = jax.jit(method.step)(params, batch, method.init(params))
     assert bool(info["finite"]) and float(info["loss"]) > 0 and 0 < float(info["ls_alpha"]) <= 1
-    assert len(st.solver.inner) == 2  # one Muon state per group ('l1', 'l2')
+    layerwise = somax.make("gn_layerwise", predict_fn=mlp, micro_batches=n)
+    assert len(layerwise.init(params).solver.inner) == 2  # one Muon state per group ('l1', 'l2')
+    wrong = somax.make("gn", predict_fn=mlp, micro_batches=3)
+    with pytest.raises(ValueError, match="micro_batches=3, but the batch holds 4"):
+        wrong.step(params, batch, wrong.init(params))
     restart = inner_cosine(0.1, n)
     assert [float(restart(c)) for c in (0, n, 2 * n)] == [0.1, 0.1, 0.1] and float(restart(n - 1)) < 0.1
     glob = global_cosine(0.1, 3 * n)

@@ -82,7 +82,10 @@ _OPTIONS = combine(
         "y_val_key": Option("y_val", str, "the batch entry of the held-out micro-batches' targets."),
         "val_weight_key": Option(None, str | None, "the batch entry of the held-out micro-batches' weights."),
         "micro_batches": Option(
-            None, int | None, "``N``: the training micro-batches per step (leading axis of ``x``); required."
+            None,
+            int | None,
+            "``N``: the training micro-batches per step (leading axis of ``x``), checked against the batch; "
+            "None: read from the batch (the inner schedules need it given).",
         ),
         "lam0": Option(0.0, float, "the proximal weight ``λ`` of ``½λ‖Δ‖²`` in the inner problem."),
         "inner": Option(
@@ -128,6 +131,8 @@ def _schedule(preset: str, o: Mapping[str, Any]) -> Schedule:
         return lr
     if callable(lr):
         raise TypeError(f"{preset}: inner_schedule={kind!r} builds the schedule from a float inner_learning_rate")
+    if o["micro_batches"] is None:
+        raise TypeError(f"{preset}: inner_schedule={kind!r} needs micro_batches= (N, the inner steps per outer step)")
     if kind == "inner_cosine":
         return inner_cosine(lr, o["micro_batches"])
     if o["total_steps"] is None:
@@ -137,9 +142,7 @@ def _schedule(preset: str, o: Mapping[str, Any]) -> Schedule:
 
 def _gn(mode: str, preset: str) -> Callable[[Mapping[str, Any]], SecondOrderMethod]:
     def build(o: Mapping[str, Any]) -> SecondOrderMethod:
-        if o["micro_batches"] is None:
-            raise TypeError(f"{preset}: micro_batches= (N, the training micro-batches per step) is required")
-        validate.integer(f"{preset}: micro_batches", o["micro_batches"], minimum=1)
+        validate.integer(f"{preset}: micro_batches", o["micro_batches"], minimum=1, allow_none=True)
         extra = {k: o[k] for k in ("loss",)}
         extra.update({k: o[k] for k in ("x_val_key", "y_val_key", "val_weight_key") if o[k] is not None})
         kwargs = model_kwargs(preset, o, ("predict_fn",), extra)

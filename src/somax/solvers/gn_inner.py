@@ -230,21 +230,21 @@ _INFO_FIELDS = {
 class GNInnerSolver(Solver):
     """Outer GN step by ``N`` inner-optimizer steps on linearized micro-batches, then a grid line search.
 
-    Fields: ``micro_batches`` (``N``, checked against the batch), ``inner`` (an Optax
+    Fields: ``micro_batches`` (``N``, checked against the batch; None: the batch's leading axis), ``inner`` (an Optax
     transformation; default ``optax.contrib.muon(0.02)``), ``mode`` (:data:`MODES`),
     ``line_search`` (grid size, 0: none), ``warm_start`` (start from ``θ̂_{t−1}``),
     ``carry_state`` (keep the inner optimizer's state), ``groups`` (layerwise:
     ``params → labels``, default :func:`top_level_groups`). See the module docstring.
     """
 
-    micro_batches: int
+    micro_batches: int | None = None
     inner: optax.GradientTransformation | None = None
     mode: str = "quadratic"
     line_search: int = 5
     warm_start: bool = True
     carry_state: bool = True
     groups: Callable[[PyTree], PyTree] | None = None
-    linearizations_per_step: int = field(init=False, default=0)
+    linearizations_per_step: str = field(init=False, default="N")
 
     lane = "param"
     needs_gradient_rhs = True  # it solves for the micro-batches' own gradient
@@ -253,7 +253,7 @@ class GNInnerSolver(Solver):
 
     def __post_init__(self) -> None:
         where = "SolverSpec('gn_inner')"
-        validate.integer(f"{where}: micro_batches", self.micro_batches, minimum=1)
+        validate.integer(f"{where}: micro_batches", self.micro_batches, minimum=1, allow_none=True)
         validate.choice(f"{where}: mode", self.mode, MODES)
         validate.integer(f"{where}: line_search", self.line_search, minimum=0)
         validate.boolean(f"{where}: warm_start", self.warm_start)
@@ -264,7 +264,8 @@ class GNInnerSolver(Solver):
             raise TypeError(f"{where}: inner must be an Optax GradientTransformation, got {self.inner!r}")
         if self.groups is not None and (self.mode != "layerwise" or not callable(self.groups)):
             raise TypeError(f"{where}: groups= is a function params -> labels, used with mode='layerwise'")
-        object.__setattr__(self, "linearizations_per_step", self.micro_batches)
+        per_step = "N (the batch's leading axis)" if self.micro_batches is None else str(self.micro_batches)
+        object.__setattr__(self, "linearizations_per_step", per_step)
 
     # --- groups (layerwise) ---------------------------------------------------------------
 
@@ -305,7 +306,7 @@ class GNInnerSolver(Solver):
         model_state, rng = lin.extras["model_state"], lin.extras["rng"]
         xs, ys, ws = curv.micro_batches(batch)
         n = _leading(xs, "training micro-batches", curv.reader.x_key)
-        if n != self.micro_batches:
+        if self.micro_batches is not None and n != self.micro_batches:
             raise ValueError(
                 f"SolverSpec('gn_inner'): micro_batches={self.micro_batches}, but the batch holds {n} "
                 f"training micro-batches (leading axis of {curv.reader.x_key!r})"
@@ -411,7 +412,7 @@ def _is_label(x: Any) -> bool:
 
 def gn_inner(
     *,
-    micro_batches: int,
+    micro_batches: int | None = None,
     inner: optax.GradientTransformation | None = None,
     mode: str = "quadratic",
     line_search: int = 5,
