@@ -3,7 +3,7 @@
 from somax.solvers.cg import CGOptions, CGResult, CGSolver, cg, conjugate_gradient
 from somax.solvers.dense import DenseCholeskySolver, DenseEighSolver, dense_cholesky, dense_eigh
 from somax.solvers.diagonal import DiagonalSolver, diagonal
-from somax.solvers.gn_inner import GNInnerSolver, MicroBatchGGN, gn_inner, ggn_microbatches
+from somax.solvers.gn_inner import GNInnerSolver, MicroBatchGGN, ggn_microbatches, gn_inner
 from somax.solvers.row import RowCGSolver, RowCholeskySolver, row_cg, row_cholesky
 from somax.solvers.row_block import BlockRowCholeskySolver
 
