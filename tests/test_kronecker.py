@@ -7,6 +7,8 @@ at module level, and a test that needs a method's step compiles it once for all 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -20,6 +22,10 @@ import somax
 from somax.precond.shampoo import Shampoo, leaf_layout
 from somax.specs import CurvatureSpec, DampingSpec, EstimatorSpec, PrecondSpec, SolverSpec
 
+#: These programs are tiny and run a few times: XLA's backend (LLVM) optimisation would only
+#: add compile time, which dominates this file. HLO-level passes and the arithmetic are unchanged.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
 
 def _inv_root(mat: np.ndarray, eps: float, p: float = 0.25) -> np.ndarray:
     w, q = np.linalg.eigh(mat)
@@ -30,7 +36,7 @@ def _linear_model(params, x):
     return jnp.einsum("bi,io->bo", x, params["w"]) + params["b"]
 
 
-@jax.jit
+@_jit
 def _mse_grad(params, batch):
     return jax.grad(lambda p: 0.5 * jnp.mean(jnp.sum((_linear_model(p, batch["x"]) - batch["y"]) ** 2, -1)))(params)
 
@@ -82,8 +88,8 @@ def test_shampoo_direction_matches_dense_inverse_roots_with_stale_refresh():
     eps, beta, k = 1e-3, 0.9, 3
     method = _shampoo_method(Shampoo(beta=beta, eps=eps, refresh_every_k=k, eigh_dtype="float64"))
     params = _lin_params()
-    state = jax.jit(method.init)(params)
-    step = jax.jit(method.step)
+    state = _jit(method.init)(params)
+    step = _jit(method.step)
     L, R, h = np.zeros((4, 4)), np.zeros((3, 3)), np.zeros(3)
     hist = []
     for t in range(5):
@@ -103,7 +109,7 @@ def test_shampoo_direction_matches_dense_inverse_roots_with_stale_refresh():
 _RESHAPE_SHAPES = ((2, 3, 4), (3, 2, 2, 3), (1, 4, 3), (2, 1, 3, 1))
 
 
-@jax.jit
+@_jit
 def _shampoo_once(g, v):
     """One update + refresh of ``Shampoo(eps=1e-2)`` from zero factors, then ``M⁻¹ v`` at λ = 0."""
     pre = Shampoo(eps=1e-2, eigh_dtype="float64")
@@ -136,7 +142,7 @@ def test_shampoo_vectors_and_large_dims_use_diagonal_rule():
     g = {"v": rng.normal(size=(5,)), "s": np.asarray(1.5), "m": rng.normal(size=(4, 3))}
     v = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=np.shape(a))), g)
 
-    @jax.jit
+    @_jit
     def once(g, v):
         return pre.inverse(pre.refresh(pre.update(pre.init(g), g)), jnp.asarray(0.0))(v)
 
@@ -154,7 +160,7 @@ def test_shampoo_grafting_norms():
     rng = np.random.default_rng(3)
     g = {"m": jnp.asarray(rng.normal(size=(4, 3))), "v": jnp.asarray(rng.normal(size=(3,)))}
 
-    @jax.jit
+    @_jit
     def both(g):
         out = {}
         for graft in ("adam", "rmsprop"):
@@ -241,8 +247,8 @@ def test_soap_matches_numpy_reference_10_steps():
     params = _lin_params()
     params = {"w": params["w"], "b": jnp.asarray(np.full((3,), 0.3))}
     batches = [_data(100 + t, n=5) for t in range(10)]
-    state = jax.jit(method.init)(params)
-    step = jax.jit(method.step)
+    state = _jit(method.init)(params)
+    step = _jit(method.step)
     p = params
     for batch in batches:
         p, state, _ = step(p, batch, state)
@@ -279,7 +285,7 @@ def _flat(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
 
 
-@jax.jit
+@_jit
 def _kfac_run(params, batch):
     from somax.curvature import ggn_ce
     from somax.estimators.kronecker import KFACFactors
@@ -292,7 +298,7 @@ def _kfac_stats(params, batch):
     return jax.tree_util.tree_map(np.asarray, _kfac_run(_dev(params), _dev(batch)))
 
 
-@jax.jit
+@_jit
 def _dense_ggn_ce(params, batch):
     """The dense GGN ``Σ_i J_iᵀ H_i J_i / n`` and the gradient ``Σ_i J_iᵀ (p_i − e_{y_i}) / n`` (flat)."""
     flat, unravel = jax.flatten_util.ravel_pytree(params)
@@ -362,7 +368,7 @@ def test_kfac_single_dense_mse_equals_dense_damped_solve(damping):
         tx=optax.scale(-1.0),
     )
     params, batch = _lin_params(), _data(5, n=9)
-    new, _, _ = jax.jit(method.step)(params, batch, jax.jit(method.init)(params))
+    new, _, _ = _jit(method.step)(params, batch, _jit(method.init)(params))
     d = _direction(new, params, 1.0)
     s = np.concatenate([d["w"], d["b"][None]], 0)
     g = _mse_grad(params, batch)
@@ -406,7 +412,7 @@ def test_kfac_pcg_fewer_iterations_same_direction():
         precondition=PrecondSpec("kfac", kwargs={"eigh_dtype": "float64"}),
         damping=DampingSpec("constant", lam0=lam),
     )
-    new, _, info = jax.jit(method.step)(params, batch, jax.jit(method.init)(params))
+    new, _, info = _jit(method.step)(params, batch, _jit(method.init)(params))
     s = _flat(params) - _flat(new)
     G, g = (np.asarray(a) for a in _dense_ggn_ce(params, batch))
     A = G + lam * np.eye(G.shape[0])

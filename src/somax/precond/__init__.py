@@ -1,4 +1,4 @@
-"""Preconditioners for the diagonal lane and for PCG: diagonal, and Kronecker-factored (Shampoo, SOAP, K-FAC)."""
+"""Preconditioners for the diagonal lane and for PCG: unit, diagonal, and Kronecker-factored (Shampoo, SOAP, K-FAC)."""
 
 from somax.precond.diag import (
     DiagDirect,
@@ -13,6 +13,7 @@ from somax.precond.diag import (
 from somax.precond.kfac import KFAC, KFACState, kfac
 from somax.precond.shampoo import Shampoo, ShampooState, shampoo
 from somax.precond.soap import SOAP, SOAPState, soap
+from somax.precond.unit import UnitPrecond, unit
 
 __all__ = [
     "DiagDirect",
@@ -32,4 +33,6 @@ __all__ = [
     "KFAC",
     "KFACState",
     "kfac",
+    "UnitPrecond",
+    "unit",
 ]

@@ -5,20 +5,22 @@ K-FAC, the model's layers and the GGN square-root rows), a Kronecker-factored
 preconditioner with its statistic, the diagonal lane's ``s = M⁻¹ g̃`` (or CG in the
 parameter lane for ``kfac_cg``), gradient-side momentum and the Optax chain.
 
-A first-order Muon preset is not defined: the diagonal lane needs a preconditioner
-that provides ``M⁻¹`` (assembly rule ``_precond_required``) and the only curvature-free
-one, ``"identity"``, provides none, so "plain gradient → Muon" has no spec of its own.
-Use Muon as the Optax chain of any method instead (``tx=optax.contrib.muon(...)``,
-tested with every lane in ``tests/test_muon.py``).
+``muon`` is the first-order baseline of the same family: the unit preconditioner
+(``PrecondSpec("unit")``, ``M⁻¹ = I``) makes the diagonal lane's direction the batch
+gradient and ``tx=optax.contrib.muon(...)`` makes the update. Muon is also the Optax chain
+of any other method (tested with every lane in ``tests/test_muon.py``).
 
 References:
-  Gupta, Koren & Singer 2018 (Shampoo); Vyas et al. 2024 (SOAP); Martens & Grosse 2015 (K-FAC).
+  Gupta, Koren & Singer 2018 (Shampoo); Vyas et al. 2024 (SOAP); Martens & Grosse 2015 (K-FAC);
+  Jordan et al. 2024 (Muon).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+import optax
 
 from somax.assemble import assemble
 from somax.method import SecondOrderMethod
@@ -40,7 +42,7 @@ from somax.presets.diag_lane import _GGN_LOSS, _ggn_curvature
 from somax.presets.registry import Option, define_preset
 from somax.specs import DampingSpec, EstimatorSpec, PrecondSpec, SolverSpec
 
-__all__ = ["shampoo", "soap", "kfac", "kfac_cg"]
+__all__ = ["shampoo", "soap", "kfac", "kfac_cg", "muon"]
 
 _MODEL = {**MODEL_OPTIONS, "loss": _GGN_LOSS, **BATCH_OPTIONS}
 _DIAG = {k: v for k, v in DIAG_OPTIONS.items() if k != "eval_every_k"}
@@ -243,5 +245,59 @@ kfac_cg = define_preset(
     their own cadences, λ is applied at every step. Then ``w ← w − lr·s`` through the
     Optax chain. Other options as in ``sgn_ce``.
     Model: ``predict_fn(params, x)`` with ``loss="ce"`` (default) or ``"mse"``.
+    """,
+)
+
+
+def _muon(o: Mapping[str, Any]) -> SecondOrderMethod:
+    return assemble(
+        curvature=_ggn_curvature("muon", o),
+        precondition=PrecondSpec("unit"),
+        solver=SolverSpec("diagonal"),
+        damping=DampingSpec("constant", lam0=0.0),
+        telemetry=o["telemetry"],
+        reject_nonfinite=o["reject_nonfinite"],
+        tx=optax.contrib.muon(
+            learning_rate=o["learning_rate"], beta=o["beta"], ns_steps=o["ns_steps"], nesterov=o["nesterov"],
+            eps=o["eps"], weight_decay=o["weight_decay"], adam_b1=o["adam_b1"], adam_b2=o["adam_b2"],
+            adam_learning_rate=o["adam_learning_rate"],
+        ),  # fmt: skip
+    )
+
+
+muon = define_preset(
+    "muon",
+    _muon,
+    positional="predict_fn",
+    options={
+        **_MODEL,
+        "learning_rate": DIAG_OPTIONS["learning_rate"].replace(default=0.02),
+        "beta": Option(0.95, float, "decay ``β`` of Muon's momentum ``m = β m + (1 − β) g`` (bias-corrected)."),
+        "nesterov": Option(True, bool, "Nesterov momentum before the orthogonalisation."),
+        "ns_steps": Option(5, int, "Newton–Schulz iterations (coefficients 3.4445, −4.7750, 2.0315)."),
+        "eps": Option(1e-8, float, "``ε`` of the Newton–Schulz normalisation ``X / (‖X‖_F + ε)`` and of Adam."),
+        "weight_decay": DIAG_OPTIONS["weight_decay"],
+        "adam_b1": Option(0.9, float, "``β₁`` of the Adam that updates the leaves that are not matrices."),
+        "adam_b2": Option(0.999, float, "``β₂`` of that Adam."),
+        "adam_learning_rate": Option(None, float | None, "that Adam's learning rate; None: ``learning_rate``."),
+        **{k: DIAG_OPTIONS[k] for k in ("telemetry", "curvature_kwargs", "reject_nonfinite")},
+    },
+    doc="""Muon [Jordan et al. 2024] as a method: the first-order baseline of the Kronecker family.
+
+    Update (the Optax chain is ``optax.contrib.muon``; nothing of it is reimplemented)::
+
+        s = g                                               PrecondSpec("unit") (M⁻¹ = I), SolverSpec("diagonal")
+        matrices (2-D leaves):  m = β m + (1−β) g,  u = NS₅(β m̂ + (1−β) ĝ)  (Nesterov, bias-corrected)
+                                w ← w − lr·(√max(1, d_out/d_in)·u + weight_decay·w)
+        other leaves:           Adam(adam_b1, adam_b2, eps; Nesterov if ``nesterov``), ``adam_learning_rate``
+
+    ``NS₅`` is five Newton–Schulz iterations with coefficients (3.4445, −4.7750, 2.0315),
+    which push the singular values of ``X / ‖X‖_F`` towards 1 (an approximate
+    orthogonalisation ``U Vᵀ`` of ``U Σ Vᵀ``). Defaults are the published ones (Jordan et
+    al.'s reference code and ``optax.contrib.muon``): ``lr = 0.02``, ``beta = 0.95``,
+    Nesterov, 5 steps; ``optax.contrib.muon`` has no default learning rate.
+    The step's update equals ``optax.contrib.muon`` applied to the batch gradient (tested).
+    Model: ``predict_fn(params, x)`` with ``loss="ce"`` (default) or ``"mse"`` (the GGN
+    curvature supplies the loss and gradient; no curvature product is used).
     """,
 )
