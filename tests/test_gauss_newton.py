@@ -129,10 +129,10 @@ def test_prox_linear_for_cross_entropy_solves_the_prox_linear_model():
     params, one = _params(), _batch(1)
     flat, unravel = ravel_pytree(params)
     x, y = one["x"][0], one["y"][0]
-    jac = jax.jacfwd(lambda f: mlp(unravel(f), x).reshape(-1))(flat)
-    z0 = mlp(params, x)
-    lam = 0.5 * float(np.linalg.eigvalsh(np.asarray(jac.T @ jac))[-1]) / (2 * B)
-    smooth = lam + 0.5 * float(np.linalg.eigvalsh(np.asarray(jac.T @ jac))[-1]) / B  # CE: H_z ≤ I/(2b)·… bound
+    jac, z0 = jax.jit(lambda f: (jax.jacfwd(lambda f: mlp(unravel(f), x).reshape(-1))(f), mlp(unravel(f), x)))(flat)
+    top = float(np.linalg.eigvalsh(np.asarray(jac.T @ jac))[-1])
+    lam = 0.5 * top / (2 * B)
+    smooth = lam + 0.5 * top / B  # the softmax Hessian is ≤ I/2 per position (normalised by 1/b)
     steps = 260
     solver = GNInnerSolver(micro_batches=steps, inner=optax.sgd(1.0 / smooth), mode="prox_linear", line_search=0)
     delta, _, _ = _solve(solver, params, _repeat(one, steps), lam)
@@ -140,7 +140,7 @@ def test_prox_linear_for_cross_entropy_solves_the_prox_linear_model():
     def prox_linear(d):  # ℓ(f(θ_t) + JΔ) + ½λ‖Δ‖², J by jacfwd
         return _loss(z0 + (jac @ d).reshape(z0.shape), y, "ce") + 0.5 * lam * d @ d
 
-    grad = jax.grad(prox_linear)(jnp.asarray(delta))
+    grad = jax.jit(jax.grad(prox_linear))(jnp.asarray(delta))
     assert float(jnp.linalg.norm(grad)) <= 1e-8
     # and it is not the quadratic model's minimiser (the test can tell the two apart)
     g_mat, g = _dense_gn(params, one["x"], one["y"], "ce")
@@ -230,7 +230,7 @@ def test_default_muon_inner_and_schedules():
     assert len(layerwise.init(params).solver.inner) == 2  # one Muon state per group ('l1', 'l2')
     wrong = somax.make("gn", predict_fn=mlp, micro_batches=3)
     with pytest.raises(ValueError, match="micro_batches=3, but the batch holds 4"):
-        wrong.step(params, batch, wrong.init(params))
+        jax.eval_shape(wrong.step, params, batch, wrong.init(params))  # traced, never run
     restart = inner_cosine(0.1, n)
     assert [float(restart(c)) for c in (0, n, 2 * n)] == [0.1, 0.1, 0.1] and float(restart(n - 1)) < 0.1
     glob = global_cosine(0.1, 3 * n)
