@@ -137,7 +137,15 @@ class MicroBatchGGN(Curvature):
     def linearize(self, params: Any, batch: Any, model_state: Any = None, rng: Any = None) -> Linearization:
         xs, ys, ws = self.micro_batches(batch)
         n = _leading(xs, "training micro-batches", self.reader.x_key)
-        value, grad = jax.value_and_grad(self.mean_loss)(params, xs, ys, ws, model_state, rng)
+
+        def mean_and_outputs(p):
+            zs = jax.vmap(lambda x: self.outputs(p, x, model_state, rng))(xs)
+            return jnp.mean(jax.vmap(self.loss.value)(zs, ys, ws)), zs
+
+        (value, zs), grad = jax.value_and_grad(mean_and_outputs, has_aux=True)(params)
+        valid = self.loss.valid(zs[0], ys[0]) if n else None
+        if valid is not None:
+            valid = jnp.all(jax.vmap(self.loss.valid)(zs, ys))
 
         def matvec(v: Any) -> Any:
             def zs(p):
@@ -156,6 +164,7 @@ class MicroBatchGGN(Curvature):
             loss_at=lambda p: self.mean_loss(p, xs, ys, ws, model_state, rng),
             targets=ys,
             weights=ws,
+            valid=valid,
             extras={"gn_microbatches": self, "params": params, "batch": batch, "model_state": model_state, "rng": rng},
         )
 
