@@ -45,6 +45,12 @@ STUDIES: dict[str, Study] = {
     "step_overhead": Study("step_overhead", "somax step vs hand-written jitted step (goal: <= 1.03x the floor)"),
     "diag_vs_adam": Study("diag_vs_adam", "diagonal-lane presets vs Adam, per-step cost"),
     "sharding_memory": Study("sharding_memory", "per-device memory and step time on 1-8 forced host devices"),
+    "kronecker_cost": Study(
+        "kronecker_cost", "kfac, shampoo, soap, kfac_cg, sgn_ce, muon vs Adam per step; K-FAC's CG products", out="dir"
+    ),
+    "kronecker_time_to_target": Study(
+        "kronecker_time_to_target", "Kronecker methods, Muon, SGN vs tuned Adam: time to target accuracy", out="dir"
+    ),
     "real_sizes": Study(
         "real_sizes", "presets on MLP, 28x28 CNN, ResNet-20, transformer: time, memory, CG loop overhead"
     ),

@@ -56,3 +56,20 @@ def test_real_sizes_tiny_smoke(tmp_path):
     assert set(light["ratio_to_adam"]) >= {"median", "p90", "paired_median"}
     assert light["peak_memory_ratio"] > 0 and light["loop_overhead"] > 0 and light["cg_iters"] <= 3
     assert (tmp_path / "real_sizes.t.md").exists()
+
+
+def test_kronecker_cost_tiny_smoke(tmp_path):
+    from benchmarks import kronecker_cost
+
+    kronecker_cost.main(["--tiny", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "kronecker_cost_tiny.json").read_text())
+    assert data["benchmark"] == "kronecker_cost" and data["config"]["profile"] == "tiny"
+    (point,) = data["points"]
+    assert set(point["stats"]) == {"adam", "shampoo"} and set(point["ratio_to_adam"]) == {"shampoo"}
+    for st in point["stats"].values():
+        assert st["median_ms"] > 0 and st["p90_ms"] >= st["median_ms"]
+    assert set(point["ratio_to_adam"]["shampoo"]) == {"median", "p90", "paired_median", "paired_p90"}
+    assert all(point["compile_s"][m] > 0 for m in ("adam", "shampoo"))
+    (row,) = data["cg_products"]["rows"]
+    assert row["params"] == "init" and row["cg_median"] >= 1 and row["pcg_median"] >= 1 and row["ratio"] > 0
+    assert "Goal (kfac, shampoo, soap" in (tmp_path / "kronecker_cost_tiny.md").read_text()
