@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,9 @@ from jax.flatten_util import ravel_pytree
 
 import somax
 from somax.specs import CurvatureSpec, SolverSpec
+
+#: Tiny programs run a few times: XLA's backend (LLVM) optimisation would cost more than it saves.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def mlp(params, x):
@@ -51,7 +56,7 @@ def test_mc_fisher_mean_is_the_ggn_for_softmax_ce():
     fisher = somax.curvature.fisher(predict_fn=mlp, loss="ce")
     m = 3000
 
-    @jax.jit
+    @_jit
     def compute(keys):
         mats = jax.vmap(lambda key: _dense(fisher.linearize(params, batch, rng=key), params))(keys)
         lin_g, lin_f = ggn.linearize(params, batch), fisher.linearize(params, batch, rng=keys[0])
@@ -93,7 +98,7 @@ def test_empirical_fisher_matvec_equals_per_example_outer_products(weighted):
     flat, unravel = ravel_pytree(params)
     v = jax.random.normal(jax.random.PRNGKey(3), flat.shape)
 
-    @jax.jit
+    @_jit
     def compute(params, batch, v):
         lin = curv.linearize(params, batch)
         grads = jax.vmap(jax.grad(per_example_loss), in_axes=(None, 0, 0, 0))(params, batch["x"], batch["y"], ws)
@@ -116,7 +121,7 @@ def test_fisher_kinds_run_in_the_parameter_lane_with_cg_and_refuse_row_solvers()
         damping=somax.DampingSpec("constant", lam0=0.1),
     )
     state = method.init(params)
-    new, state, info = jax.jit(method.step)(params, batch, state, jax.random.PRNGKey(0))
+    new, state, info = _jit(method.step)(params, batch, state, jax.random.PRNGKey(0))
     assert bool(info["finite"]) and float(info["loss"]) > 0
     assert not np.allclose(ravel_pytree(new)[0], ravel_pytree(params)[0])
     for kind in ("fisher", "empirical_fisher"):

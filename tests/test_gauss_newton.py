@@ -6,6 +6,8 @@ Oracles are independent of the solver: ``J`` by ``jax.jacfwd`` of the flattened 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,9 @@ from jax.flatten_util import ravel_pytree
 import somax
 from somax.presets.gauss_newton import global_cosine, inner_cosine
 from somax.solvers.gn_inner import GNInnerSolver, ggn_microbatches
+
+#: Tiny programs run a few times: XLA's backend (LLVM) optimisation would cost more than it saves.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 B = 6  # examples per micro-batch
 
@@ -54,7 +59,7 @@ def _dense_gn(params, xs, ys, loss):
     return np.asarray(gs), np.asarray(grads)
 
 
-@jax.jit(static_argnums=3)
+@functools.partial(_jit, static_argnums=3)
 def _dense_parts(params, xs, ys, loss):
     flat, unravel = ravel_pytree(params)
 
@@ -72,7 +77,7 @@ def _dense_parts(params, xs, ys, loss):
 def _solve(solver, params, batch, lam, loss="ce"):
     curv = ggn_microbatches(predict_fn=mlp, loss=loss)
 
-    @jax.jit
+    @_jit
     def run(params, batch):
         lin = curv.linearize(params, batch)
         s, state, stats = solver.solve(lin, lin.grad, jnp.asarray(lam), None, solver.init(params))
@@ -129,7 +134,7 @@ def test_prox_linear_for_cross_entropy_solves_the_prox_linear_model():
     params, one = _params(), _batch(1)
     flat, unravel = ravel_pytree(params)
     x, y = one["x"][0], one["y"][0]
-    jac, z0 = jax.jit(lambda f: (jax.jacfwd(lambda f: mlp(unravel(f), x).reshape(-1))(f), mlp(unravel(f), x)))(flat)
+    jac, z0 = _jit(lambda f: (jax.jacfwd(lambda f: mlp(unravel(f), x).reshape(-1))(f), mlp(unravel(f), x)))(flat)
     top = float(np.linalg.eigvalsh(np.asarray(jac.T @ jac))[-1])
     lam = 0.5 * top / (2 * B)
     smooth = lam + 0.5 * top / B  # the softmax Hessian is ≤ I/2 per position (normalised by 1/b)
@@ -140,7 +145,7 @@ def test_prox_linear_for_cross_entropy_solves_the_prox_linear_model():
     def prox_linear(d):  # ℓ(f(θ_t) + JΔ) + ½λ‖Δ‖², J by jacfwd
         return _loss(z0 + (jac @ d).reshape(z0.shape), y, "ce") + 0.5 * lam * d @ d
 
-    grad = jax.jit(jax.grad(prox_linear))(jnp.asarray(delta))
+    grad = _jit(jax.grad(prox_linear))(jnp.asarray(delta))
     assert float(jnp.linalg.norm(grad)) <= 1e-8
     # and it is not the quadratic model's minimiser (the test can tell the two apart)
     g_mat, g = _dense_gn(params, one["x"], one["y"], "ce")
@@ -198,8 +203,8 @@ def test_line_search_takes_the_grid_argmin_and_warm_start_carries_over_exactly()
 
     theta, delta, state = params, jax.tree.map(jnp.zeros_like, params), inner.init(params)
     by_hand = []
-    hand = jax.jit(lambda th, d, st: _by_hand_inner(th, d, st, inner, batch["x"], batch["y"], lam))
-    heldout = jax.jit(lambda th, d, a: _heldout(optax.apply_updates(th, optax.tree.scale(a, d)), batch))
+    hand = _jit(lambda th, d, st: _by_hand_inner(th, d, st, inner, batch["x"], batch["y"], lam))
+    heldout = _jit(lambda th, d, a: _heldout(optax.apply_updates(th, optax.tree.scale(a, d)), batch))
     for _ in range(2):
         delta, state = hand(theta, delta, state)
         hat = optax.apply_updates(theta, delta)
@@ -210,7 +215,7 @@ def test_line_search_takes_the_grid_argmin_and_warm_start_carries_over_exactly()
         delta = optax.tree.sub(hat, new_theta)  # warm start: Δ₀ = θ̂_t − θ_{t+1}
         theta = new_theta
 
-    step = jax.jit(method.step)
+    step = _jit(method.step)
     p, st = params, method.init(params)
     for alpha, want, heldout in by_hand:
         p, st, info = step(p, batch, st)
@@ -224,7 +229,7 @@ def test_default_muon_inner_and_schedules():
     n = 4
     params, batch = _params(), _batch(n, seed=7)
     method = somax.make("gn", predict_fn=mlp, micro_batches=n, lam0=0.1, inner_schedule="inner_cosine")
-    p, st, info = jax.jit(method.step)(params, batch, method.init(params))
+    p, st, info = _jit(method.step)(params, batch, method.init(params))
     assert bool(info["finite"]) and float(info["loss"]) > 0 and 0 < float(info["ls_alpha"]) <= 1
     layerwise = somax.make("gn_layerwise", predict_fn=mlp, micro_batches=n)
     assert len(layerwise.init(params).solver.inner) == 2  # one Muon state per group ('l1', 'l2')

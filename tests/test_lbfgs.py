@@ -3,6 +3,7 @@ and the history policy on rejected and non-finite steps."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -14,6 +15,9 @@ from jax.flatten_util import ravel_pytree
 
 import somax
 from somax.contracts import Damping
+
+#: Tiny programs run a few times: XLA's backend (LLVM) optimisation would cost more than it saves.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def test_two_loop_recursion_returns_the_inverse_hessian_on_a_quadratic():
@@ -32,7 +36,7 @@ def test_two_loop_recursion_returns_the_inverse_hessian_on_a_quadratic():
     steps = (a_inv_sqrt @ q).T  # s_iᵀ A s_j = q_iᵀ q_j = δ_ij
     tx = somax.presets.lbfgs(loss_fn=lambda p, batch: 0.0, memory_size=d).tx
 
-    @jax.jit
+    @_jit
     def run(w0):
         def body(carry, s):  # one call of the chain at w, then the step s (the last one is 0)
             w, state, _ = carry
@@ -67,13 +71,13 @@ def test_lbfgs_preset_reproduces_optax_lbfgs_iterates():
     opt = optax.lbfgs()
     method = somax.presets.lbfgs(loss_fn=loss_fn)
 
-    @jax.jit
+    @_jit
     def reference(p, s):
         value, grad = jax.value_and_grad(f)(p)
         u, s = opt.update(grad, s, p, value=value, grad=grad, value_fn=f)
         return optax.apply_updates(p, u), s
 
-    step = jax.jit(method.step)
+    step = _jit(method.step)
     p_ref, s_ref = params, opt.init(params)
     p, state = params, method.init(params)
     for _ in range(12):
@@ -110,7 +114,7 @@ def test_rejected_and_nonfinite_steps_push_no_pair():
     rejecting = plain.replace(damping=_RejectSecondStep())
     bad = {**batch, "x": batch["x"].at[0, 0].set(jnp.nan)}
 
-    steps = {id(plain): jax.jit(plain.step), id(rejecting): jax.jit(rejecting.step)}
+    steps = {id(plain): _jit(plain.step), id(rejecting): _jit(rejecting.step)}
 
     def run(method, batches):
         p, s = params, method.init(params)
