@@ -51,7 +51,7 @@ from benchmarks.harness import SelfTimed, interleaved, timed
 from benchmarks.models import adam_step, cg, loss_for, mlp_apply, n_params, to_device
 from benchmarks.models import mlp_problem as make_problem
 
-__all__ = ["main", "PRESETS", "PROFILES", "VARIANTS", "ensure_peer_env"]
+__all__ = ["main", "PRESETS", "NOT_COMPARED", "PROFILES", "VARIANTS", "ensure_peer_env"]
 
 DEFAULT_OUT = RESULTS_DIR / "floor_and_peers.json"
 BENCH_DIR = Path(__file__).resolve().parent
@@ -129,6 +129,20 @@ def _preset_table(maxiter: int) -> dict[str, dict[str, Any]]:
 
 
 PRESETS = tuple(_preset_table(10))
+
+#: Presets outside this study, and why: it compares the paper's presets with a hand-written
+#: floor doing the same arithmetic and with python-somax, which has none of these.
+NOT_COMPARED: dict[str, str] = {
+    "shampoo": "Kronecker family; per-step cost against Adam in benchmarks.kronecker_cost",
+    "soap": "Kronecker family; per-step cost against Adam in benchmarks.kronecker_cost",
+    "kfac": "Kronecker family; per-step cost against Adam in benchmarks.kronecker_cost",
+    "kfac_cg": "Kronecker family; per-step cost against Adam in benchmarks.kronecker_cost",
+    "muon": "a first-order baseline (optax.contrib.muon) for the studies",
+    "lbfgs": "embeds optax.scale_by_lbfgs; reproduces optax.lbfgs iterates (tests/test_lbfgs.py)",
+    "gn": "full Gauss-Newton with an inner optimizer; benchmarks.gn_batch_size",
+    "gn_prox_linear": "full Gauss-Newton with an inner optimizer; benchmarks.gn_batch_size",
+    "gn_layerwise": "full Gauss-Newton with an inner optimizer; benchmarks.gn_batch_size",
+}
 
 # --------------------------------------------------------------------------- hand-written floors
 
