@@ -125,7 +125,14 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from somax import validate  # noqa: E402
-from somax.solvers.cg import AUTO_UNROLL_MAXITER, CGOptions, has_convolution, resolve_unroll  # noqa: E402
+from somax.solvers.cg import (  # noqa: E402
+    AUTO_UNROLL_CONVOLUTIONS,
+    AUTO_UNROLL_MAXITER,
+    CGOptions,
+    count_convolutions,
+    has_convolution,
+    resolve_unroll,
+)
 
 
 def _both(matvec, b, **kw):
@@ -254,3 +261,10 @@ def test_auto_unroll_detects_convolutions():
     assert resolve_unroll("auto", 10, conv_mv, w) and not resolve_unroll("auto", 10, dense_mv, w)
     assert not resolve_unroll("auto", AUTO_UNROLL_MAXITER + 1, conv_mv, w)
     assert resolve_unroll(True, 100, dense_mv, w) and not resolve_unroll(False, 3, conv_mv, w)
+    # the unrolled convolutions stay within a budget: a deep product unrolls fewer iterations
+    per_product = count_convolutions(conv_mv, w)
+    assert per_product >= 2  # the forward conv and its transpose, at least
+    deep = lambda v: jax.tree_util.tree_reduce(lambda a, b: a + b, [conv_mv(v) for _ in range(8)])  # noqa: E731
+    assert count_convolutions(deep, w) == 8 * per_product
+    k = AUTO_UNROLL_CONVOLUTIONS // (8 * per_product)
+    assert resolve_unroll("auto", k, deep, w) and not resolve_unroll("auto", k + 1, deep, w)

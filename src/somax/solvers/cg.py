@@ -31,10 +31,11 @@ runs a convolution's weight gradient inside any loop or conditional body in a sl
 generic kernel, 40× slower than the same product outside (``benchmarks/conv_loop_repro.py``;
 jax-ml/jax#12868), so a CG loop over a CNN's curvature products costs tens of times
 its products. ``"auto"`` (the default of :class:`CGOptions`) unrolls on the CPU backend
-when the product contains a convolution and ``maxiter ≤ AUTO_UNROLL_MAXITER``. Compile
-time grows with every unrolled product (ResNet-20, batch 32, 3 iterations: 58 s against
-29 s for the loop, but 1.4 s per step against 27 s); set ``unroll=False`` to keep the
-loop where compile time matters more than step time.
+when the product contains convolutions, ``maxiter ≤ AUTO_UNROLL_MAXITER`` and ``maxiter``
+times the product's convolutions is at most ``AUTO_UNROLL_CONVOLUTIONS``: compile time
+grows with every unrolled convolution (ResNet-20, batch 32, 3 iterations: 58 s against 29 s
+for the loop, but 1.4 s per step against 27 s; 10 iterations compiled for over ten
+minutes). Set ``unroll=True`` or ``False`` to choose.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ __all__ = [
     "AUTO_UNROLL_MAXITER",
     "has_convolution",
     "resolve_unroll",
+    "count_convolutions",
+    "AUTO_UNROLL_CONVOLUTIONS",
 ]
 
 
@@ -97,30 +100,44 @@ CURVATURE_RTOL = 100.0
 #: (compile time grows with every unrolled product; beyond it the ``while_loop`` is kept)
 AUTO_UNROLL_MAXITER = 32
 
+#: ... and while ``maxiter`` times the convolutions in one product stays within this budget
+#: (a 6-convolution CNN product unrolls 32 iterations; ResNet-20's 82 unroll 3, which compile
+#: in about twice the loop's time, where 10 took over ten minutes)
+AUTO_UNROLL_CONVOLUTIONS = 256
 
-def _jaxpr_has(jaxpr: Any, names: frozenset[str]) -> bool:
+
+def _jaxpr_count(jaxpr: Any, names: frozenset[str]) -> int:
+    n = 0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in names:
-            return True
+        n += eqn.primitive.name in names
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                if hasattr(inner, "eqns") and _jaxpr_has(inner, names):
-                    return True
-    return False
+                if hasattr(inner, "eqns"):
+                    n += _jaxpr_count(inner, names)
+    return n
+
+
+def count_convolutions(fn: Callable[..., Any], *args: Any) -> int:
+    """How many convolutions ``fn(*args)`` traces to (at any depth); one trace, no computation."""
+    return _jaxpr_count(jax.make_jaxpr(fn)(*args).jaxpr, frozenset({"conv_general_dilated"}))
 
 
 def has_convolution(fn: Callable[..., Any], *args: Any) -> bool:
     """Whether ``fn(*args)`` traces to a convolution (at any depth); one trace, no computation."""
-    return _jaxpr_has(jax.make_jaxpr(fn)(*args).jaxpr, frozenset({"conv_general_dilated"}))
+    return count_convolutions(fn, *args) > 0
 
 
 def resolve_unroll(unroll: bool | str, maxiter: int, matvec: Callable[[PyTree], PyTree], b: PyTree) -> bool:
     """``unroll`` as a bool: ``"auto"`` is True iff JAX's default backend is the CPU, ``matvec(b)``
-    has a convolution and ``maxiter ≤ AUTO_UNROLL_MAXITER`` (see the module docstring)."""
+    has ``c > 0`` convolutions, ``maxiter ≤ AUTO_UNROLL_MAXITER`` and ``maxiter · c ≤
+    AUTO_UNROLL_CONVOLUTIONS`` (see the module docstring)."""
     if unroll != "auto":
         return bool(unroll)
-    return jax.default_backend() == "cpu" and maxiter <= AUTO_UNROLL_MAXITER and has_convolution(matvec, b)
+    if jax.default_backend() != "cpu" or maxiter > AUTO_UNROLL_MAXITER:
+        return False
+    convolutions = count_convolutions(matvec, b)
+    return 0 < maxiter * convolutions <= AUTO_UNROLL_CONVOLUTIONS
 
 
 def conjugate_gradient(
@@ -230,9 +247,10 @@ class CGOptions:
       unroll: ``True``: the ``maxiter`` iterations as straight-line code with a masked
         early exit (same result and iteration count as the loop, but every iteration is
         computed); ``False``: a ``lax.while_loop`` that stops at the exit; ``"auto"``:
-        unroll on the CPU backend when the curvature product contains a convolution
-        (XLA:CPU runs a convolution's gradient inside a loop body tens of times slower)
-        and ``maxiter ≤ AUTO_UNROLL_MAXITER``.
+        unroll on the CPU backend when the curvature product contains convolutions
+        (XLA:CPU runs a convolution's gradient inside a loop body tens of times slower),
+        ``maxiter ≤ AUTO_UNROLL_MAXITER`` and ``maxiter`` times the product's
+        convolutions is at most ``AUTO_UNROLL_CONVOLUTIONS`` (compile time).
     """
 
     maxiter: int = 10
