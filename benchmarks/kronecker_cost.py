@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -290,6 +291,12 @@ def goal_line(result: dict[str, Any]) -> str:
             + ", ".join(parts) + ".")  # fmt: skip
 
 
+def blas_env() -> dict[str, str | None]:
+    """The BLAS threading variables of this run: jaxlib's LAPACK (``eigh``) runs on OpenBLAS, whose threads
+    oversubscribe a small shared machine unless ``OPENBLAS_NUM_THREADS=1`` (see docs/benchmarks.md)."""
+    return {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line: ``python -m benchmarks kronecker_cost [--quick | --tiny] [--out DIR] [--no-cg]``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -320,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cg = None if args.no_cg else cg_products(cfg["cg"], cfg["width"], cfg["batch"], cfg.get("num_samples", 5000),
                                               cfg.get("compiler_options"))
     result = {"benchmark": "kronecker_cost", "machine": machine,
-              "config": {"profile": profile, **{k: v for k, v in cfg.items() if k != "cg"}, "cycle": CYCLE},
+              "config": {"profile": profile, **{k: v for k, v in cfg.items() if k != "cg"}, "cycle": CYCLE,
+                         "blas_env": blas_env()},
               "goal": GOAL, "points": points, "cg_products": cg, "wall_s": time.time() - started}  # fmt: skip
     stem = "kronecker_cost" + (f"_{profile}" if profile != "full" else "") + (f"_{args.tag}" if args.tag else "")
     args.out.mkdir(parents=True, exist_ok=True)
