@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -240,6 +241,12 @@ def _load(v: Any) -> str:
     return "–" if not v else " / ".join(f"{x:.1f}" for x in v)
 
 
+def blas_env() -> dict[str, str | None]:
+    """The BLAS threading variables of this run: jaxlib's LAPACK (``eigh``) runs on OpenBLAS, whose threads
+    oversubscribe a small shared machine unless ``OPENBLAS_NUM_THREADS=1`` (see docs/benchmarks.md)."""
+    return {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line: ``python -m benchmarks kronecker_time_to_target [--quick | --tiny] [--dataset D] [--out DIR]``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -272,8 +279,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     machine = machine_info()
     result = run_study(args.dataset, cfg, methods, args.target_drop)
     result = {"benchmark": "kronecker_time_to_target", "machine": machine,
-              "config": {**cfg, "profile": profile, "methods": methods}, "wall_s": time.time() - started,
-              **result}  # fmt: skip
+              "config": {**cfg, "profile": profile, "methods": methods, "blas_env": blas_env()},
+              "wall_s": time.time() - started, **result}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     write_result(result, args.out / f"{stem}.json", quiet=True)
     plot(result, args.out / f"{stem}.png")
