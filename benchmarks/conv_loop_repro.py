@@ -123,7 +123,7 @@ def _interleaved(calls: dict[str, Callable], rounds: int, warmup: int) -> dict[s
                 jax.block_until_ready(calls[n](0))
         out: dict[str, list[float]] = {n: [] for n in names}
         for r in range(rounds):
-            for n in names[r % len(names):] + names[: r % len(names)]:
+            for n in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = time.perf_counter()
                 jax.block_until_ready(calls[n](0))
                 out[n].append((time.perf_counter() - t0) * 1e3)
@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--k", type=int, default=3, help="products per loop")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
-    print(f"jax {jax.__version__}, jaxlib {jax.lib.__version__}, backend {jax.default_backend()}, "
-          f"{jax.devices()[0].device_kind}")
+    print(
+        f"jax {jax.__version__}, jaxlib {jax.lib.__version__}, backend {jax.default_backend()}, "
+        f"{jax.devices()[0].device_kind}"
+    )
     shape = f"x {args.batch}x{args.hw}x{args.hw}x{args.cin}, w 3x3x{args.cin}x{args.cout}, NHWC/HWIO, SAME"
     results = {}
     for op in ("wgrad", "dgrad", "fwd") if args.op == "all" else (args.op,):

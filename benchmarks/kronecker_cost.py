@@ -100,8 +100,12 @@ def problem(name: str, width: int = 256, num_samples: int = 5000) -> tuple[bdata
         s = bdata.digits(0)
         img = lambda x: x.reshape(-1, 8, 8, 1)  # noqa: E731
         split = bdata.Split(img(s.x_train), s.y_train, img(s.x_test), s.y_test)
-        return split, lambda key: small_cnn(key)[0], small_cnn(jax.random.PRNGKey(0))[1], (
-            "digits 8x8x1, CNN conv3x3(1->8) conv3x3(8->16, stride 2) dense(1024->10)")
+        return (
+            split,
+            lambda key: small_cnn(key)[0],
+            small_cnn(jax.random.PRNGKey(0))[1],
+            ("digits 8x8x1, CNN conv3x3(1->8) conv3x3(8->16, stride 2) dense(1024->10)"),
+        )
     raise ValueError(f"unknown problem {name!r}; known: mlp, cnn")
 
 
@@ -187,8 +191,9 @@ def _stats(ms: Sequence[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------- CG products
 
 
-def cg_products(cfg: dict[str, Any], width: int, batch: int, num_samples: int = 5000,
-                compiler_options: dict | None = None) -> dict[str, Any]:
+def cg_products(
+    cfg: dict[str, Any], width: int, batch: int, num_samples: int = 5000, compiler_options: dict | None = None
+) -> dict[str, Any]:
     """Curvature products of CG to relative residual 1e-4, without and with K-FAC (see the module docstring)."""
     split, init_params, predict, desc = problem("mlp", width, num_samples)
     jit = functools.partial(jax.jit, compiler_options=compiler_options)
@@ -246,8 +251,11 @@ def render(result: dict[str, Any]) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for name, st in pt["stats"].items():
             r = pt["ratio_to_adam"].get(name)
-            rtxt = "| – | – | – | –" if r is None else (
-                f"| {r['median']:.2f} | {r['p90']:.2f} | **{r['paired_median']:.2f}** | {r['paired_p90']:.2f}")
+            rtxt = (
+                "| – | – | – | –"
+                if r is None
+                else (f"| {r['median']:.2f} | {r['p90']:.2f} | **{r['paired_median']:.2f}** | {r['paired_p90']:.2f}")
+            )
             lines.append(f"| `{name}` | {st['median_ms']:.2f} | {st['p90_ms']:.2f} | {st['mean_ms']:.2f} {rtxt} "
                          f"| {pt['compile_s'][name]:.1f} |")  # fmt: skip
         lines.append("")
@@ -324,8 +332,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.time()
     machine = machine_info()
     points = [] if args.only_cg else [bench_problem(p, cfg) for p in cfg["problems"]]
-    cg = None if args.no_cg else cg_products(cfg["cg"], cfg["width"], cfg["batch"], cfg.get("num_samples", 5000),
-                                              cfg.get("compiler_options"))
+    cg = (
+        None
+        if args.no_cg
+        else cg_products(
+            cfg["cg"], cfg["width"], cfg["batch"], cfg.get("num_samples", 5000), cfg.get("compiler_options")
+        )
+    )
     result = {"benchmark": "kronecker_cost", "machine": machine,
               "config": {"profile": profile, **{k: v for k, v in cfg.items() if k != "cg"}, "cycle": CYCLE,
                          "blas_env": blas_env()},

@@ -66,12 +66,30 @@ GOALS = {
     "peak_memory_ratio": 3.0,  # parameter-lane and diagonal presets
 }
 PROFILES: dict[str, dict[str, Any]] = {
-    "full": dict(models=MODELS, batch={"mlp": 128, "cnn28": 64, "resnet20": 64, "transformer": 16},
-                 rounds=20, warmup=2, max_seconds=90.0, methods=METHODS),  # fmt: skip
-    "quick": dict(models=MODELS, batch={"mlp": 128, "cnn28": 64, "resnet20": 32, "transformer": 8},
-                  rounds=10, warmup=1, max_seconds=40.0, methods=METHODS),  # fmt: skip
-    "tiny": dict(models=("tiny_mlp",), batch={"tiny_mlp": 8}, rounds=2, warmup=1, max_seconds=None,
-                 methods=("adam", "sgn_ce_light")),  # fmt: skip
+    "full": dict(
+        models=MODELS,
+        batch={"mlp": 128, "cnn28": 64, "resnet20": 64, "transformer": 16},
+        rounds=20,
+        warmup=2,
+        max_seconds=90.0,
+        methods=METHODS,
+    ),  # fmt: skip
+    "quick": dict(
+        models=MODELS,
+        batch={"mlp": 128, "cnn28": 64, "resnet20": 32, "transformer": 8},
+        rounds=10,
+        warmup=1,
+        max_seconds=40.0,
+        methods=METHODS,
+    ),  # fmt: skip
+    "tiny": dict(
+        models=("tiny_mlp",),
+        batch={"tiny_mlp": 8},
+        rounds=2,
+        warmup=1,
+        max_seconds=None,
+        methods=("adam", "sgn_ce_light"),
+    ),  # fmt: skip
 }
 
 
@@ -330,8 +348,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {
         "benchmark": "real_sizes",
         "machine": machine_info(),
-        "config": {"profile": profile, "tag": args.tag, "compare_unroll": args.compare_unroll,
-                   **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}},  # fmt: skip
+        "config": {
+            "profile": profile,
+            "tag": args.tag,
+            "compare_unroll": args.compare_unroll,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        },  # fmt: skip
         "goals": GOALS,
         "points": points,
     }

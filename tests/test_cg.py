@@ -182,8 +182,17 @@ def _singular(n, rank, seed=0):
 
 @pytest.mark.parametrize(
     "case",
-    ["early_convergence", "maxiter_cap", "negative_curvature", "negative_first", "negligible_curvature",
-     "preconditioned", "warm_start", "stabilised", "zero_rhs"],  # fmt: skip
+    [
+        "early_convergence",
+        "maxiter_cap",
+        "negative_curvature",
+        "negative_first",
+        "negligible_curvature",
+        "preconditioned",
+        "warm_start",
+        "stabilised",
+        "zero_rhs",
+    ],  # fmt: skip
 )
 def test_unrolled_loop_matches_while_loop(case):
     n = 10

@@ -237,8 +237,7 @@ def test_soap_matches_numpy_reference_10_steps():
     lr, b1, b2, eps, f = 0.05, 0.9, 0.95, 1e-8, 3
     method = somax.assemble(
         curvature=CurvatureSpec("ggn_mse", kwargs={"predict_fn": _linear_model}),
-        precondition=PrecondSpec("soap", kwargs={"b2": b2, "eps": eps, "refresh_every_k": f,
-                                                 "eigh_dtype": "float64"}),
+        precondition=PrecondSpec("soap", kwargs={"b2": b2, "eps": eps, "refresh_every_k": f, "eigh_dtype": "float64"}),
         solver=SolverSpec("diagonal"),
         damping=DampingSpec("constant", lam0=0.0),
         grad_tx=optax.ema(b1, debias=True),

@@ -95,8 +95,9 @@ CORE_FIELDS: Mapping[str, InfoField] = {
         "bool", "loss, gradient and update were finite (else the step was rejected); True with reject_nonfinite=False"
     ),
     "batch_valid": InfoField(
-        "bool", "the batch's target values are admissible for the loss (else the step was rejected, like a "
-        "non-finite one); True with reject_nonfinite=False"
+        "bool",
+        "the batch's target values are admissible for the loss (else the step was rejected, like a "
+        "non-finite one); True with reject_nonfinite=False",
     ),
     "update_capped": InfoField(
         "bool", "the update was scaled down to the damping's bound ‖u‖ ≤ c·max(‖w‖, 1); False without a bound"

@@ -192,7 +192,7 @@ class KFACFactors(Estimator):
         stats = kfac_statistics(lin, list(perms), self.fisher) if perms else {}
         stats = {name: _to_leaf_order(f, perms[name]) for name, f in stats.items()}
         factor_n = lin.output_loss.row_factor(lin.outputs, lin.targets, lin.weights).n
-        diag = jax.tree_util.tree_map(lambda g: (jnp.asarray(factor_n, g.dtype) * g * g), lin.grad)
+        diag = jax.tree_util.tree_map(lambda g: jnp.asarray(factor_n, g.dtype) * g * g, lin.grad)
         return {"layers": stats, "diagonal": diag}, state
 
 

@@ -56,8 +56,14 @@ def _shampoo(o: Mapping[str, Any]) -> SecondOrderMethod:
         precondition=PrecondSpec(
             "shampoo",
             kwargs={
-                "beta": o["beta"], "eps": o["eps"], "max_dim": o["max_dim"], "refresh_every_k": o["refresh_every_k"],
-                "eigh_dtype": o["eigh_dtype"], "graft": o["graft"], "graft_beta": o["b2"], "graft_eps": o["graft_eps"],
+                "beta": o["beta"],
+                "eps": o["eps"],
+                "max_dim": o["max_dim"],
+                "refresh_every_k": o["refresh_every_k"],
+                "eigh_dtype": o["eigh_dtype"],
+                "graft": o["graft"],
+                "graft_beta": o["b2"],
+                "graft_eps": o["graft_eps"],
             },
         ),  # fmt: skip
         solver=SolverSpec("diagonal"),
@@ -117,8 +123,12 @@ def _soap(o: Mapping[str, Any]) -> SecondOrderMethod:
         precondition=PrecondSpec(
             "soap",
             kwargs={
-                "b2": o["b2"], "shampoo_beta": o["shampoo_beta"], "eps": o["eps"], "max_dim": o["max_dim"],
-                "refresh_every_k": o["precondition_frequency"], "eigh_dtype": o["eigh_dtype"],
+                "b2": o["b2"],
+                "shampoo_beta": o["shampoo_beta"],
+                "eps": o["eps"],
+                "max_dim": o["max_dim"],
+                "refresh_every_k": o["precondition_frequency"],
+                "eigh_dtype": o["eigh_dtype"],
             },
         ),  # fmt: skip
         solver=SolverSpec("diagonal"),
@@ -182,8 +192,12 @@ def _kfac_parts(o: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "precondition": PrecondSpec(
             "kfac",
-            kwargs={"beta": o["beta"], "damping": o["kfac_damping"], "refresh_every_k": o["refresh_every_k"],
-                    "eigh_dtype": o["eigh_dtype"]},
+            kwargs={
+                "beta": o["beta"],
+                "damping": o["kfac_damping"],
+                "refresh_every_k": o["refresh_every_k"],
+                "eigh_dtype": o["eigh_dtype"],
+            },
         ),  # fmt: skip
         "estimator": EstimatorSpec("kfac_factors", kwargs={"eval_every_k": o["eval_every_k"], "fisher": o["fisher"]}),
         "damping": damping_spec(o),
@@ -258,8 +272,14 @@ def _muon(o: Mapping[str, Any]) -> SecondOrderMethod:
         telemetry=o["telemetry"],
         reject_nonfinite=o["reject_nonfinite"],
         tx=optax.contrib.muon(
-            learning_rate=o["learning_rate"], beta=o["beta"], ns_steps=o["ns_steps"], nesterov=o["nesterov"],
-            eps=o["eps"], weight_decay=o["weight_decay"], adam_b1=o["adam_b1"], adam_b2=o["adam_b2"],
+            learning_rate=o["learning_rate"],
+            beta=o["beta"],
+            ns_steps=o["ns_steps"],
+            nesterov=o["nesterov"],
+            eps=o["eps"],
+            weight_decay=o["weight_decay"],
+            adam_b1=o["adam_b1"],
+            adam_b2=o["adam_b2"],
             adam_learning_rate=o["adam_learning_rate"],
         ),  # fmt: skip
     )

@@ -102,9 +102,7 @@ class _DenseSolver(Solver):
         flat, unravel = ravel_pytree(rhs)
         dtype = solve_dtype_for(self.solve_dtype, flat.dtype)
         mat = dense_curvature(lin, rhs, dtype, max_params=self.max_params)
-        s, eig_min = dense_solve(
-            mat, lam.astype(dtype), flat.astype(dtype), method=self._method, negative=negative
-        )
+        s, eig_min = dense_solve(mat, lam.astype(dtype), flat.astype(dtype), method=self._method, negative=negative)
         return unravel(s.astype(flat.dtype)), eig_min
 
 

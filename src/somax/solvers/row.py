@@ -119,7 +119,6 @@ class RowCGSolver(CGOptions, Solver):
     info_keys = ("cg_iters", "cg_residual", "cg_converged")
     kind = "row_cg"
 
-
     def solve(self, lin, rhs: PyTree, lam: jax.Array, precond, state: PyTree):
         """Direction ``s = Ĵᵀ v`` (``rhs`` is ``g``; the row system uses the residual ``r``)."""
         rows = row_operator(lin)
