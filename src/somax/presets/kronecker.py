@@ -50,10 +50,28 @@ _REFRESH = Option(10, int, "recompute the eigendecompositions every this many st
 _EIGH = Option("float32", str, 'dtype of the ``eigh``: ``"float32"`` or ``"float64"`` (needs ``jax_enable_x64``).')
 
 
-def _shampoo(o: Mapping[str, Any]) -> SecondOrderMethod:
+def _explicit(name: str, o: Mapping[str, Any], precondition: PrecondSpec, **chains: Any) -> SecondOrderMethod:
+    """The diagonal lane's ``s = M⁻¹ g`` at ``λ = 0`` with ``precondition``; the Optax chains are
+    the diagonal presets' (``grad_tx`` momentum, decoupled weight decay → learning rate), or
+    ``chains`` (``grad_tx=``, ``tx=``) when given."""
+    if not chains:
+        chains = {"grad_tx": diag_grad_tx(o, debias=True), "tx": diag_outer_chain(o)}
     return assemble(
-        curvature=_ggn_curvature("shampoo", o),
-        precondition=PrecondSpec(
+        curvature=_ggn_curvature(name, o),
+        precondition=precondition,
+        solver=SolverSpec("diagonal"),
+        damping=DampingSpec("constant", lam0=0.0),
+        telemetry=o["telemetry"],
+        reject_nonfinite=o["reject_nonfinite"],
+        **chains,
+    )
+
+
+def _shampoo(o: Mapping[str, Any]) -> SecondOrderMethod:
+    return _explicit(
+        "shampoo",
+        o,
+        PrecondSpec(
             "shampoo",
             kwargs={
                 "beta": o["beta"],
@@ -66,12 +84,6 @@ def _shampoo(o: Mapping[str, Any]) -> SecondOrderMethod:
                 "graft_eps": o["graft_eps"],
             },
         ),  # fmt: skip
-        solver=SolverSpec("diagonal"),
-        damping=DampingSpec("constant", lam0=0.0),
-        telemetry=o["telemetry"],
-        reject_nonfinite=o["reject_nonfinite"],
-        grad_tx=diag_grad_tx(o, debias=True),
-        tx=diag_outer_chain(o),
     )
 
 
@@ -118,9 +130,10 @@ shampoo = define_preset(
 
 
 def _soap(o: Mapping[str, Any]) -> SecondOrderMethod:
-    return assemble(
-        curvature=_ggn_curvature("soap", o),
-        precondition=PrecondSpec(
+    return _explicit(
+        "soap",
+        o,
+        PrecondSpec(
             "soap",
             kwargs={
                 "b2": o["b2"],
@@ -131,12 +144,6 @@ def _soap(o: Mapping[str, Any]) -> SecondOrderMethod:
                 "eigh_dtype": o["eigh_dtype"],
             },
         ),  # fmt: skip
-        solver=SolverSpec("diagonal"),
-        damping=DampingSpec("constant", lam0=0.0),
-        telemetry=o["telemetry"],
-        reject_nonfinite=o["reject_nonfinite"],
-        grad_tx=diag_grad_tx(o, debias=True),
-        tx=diag_outer_chain(o),
     )
 
 
@@ -264,13 +271,11 @@ kfac_cg = define_preset(
 
 
 def _muon(o: Mapping[str, Any]) -> SecondOrderMethod:
-    return assemble(
-        curvature=_ggn_curvature("muon", o),
-        precondition=PrecondSpec("unit"),
-        solver=SolverSpec("diagonal"),
-        damping=DampingSpec("constant", lam0=0.0),
-        telemetry=o["telemetry"],
-        reject_nonfinite=o["reject_nonfinite"],
+    return _explicit(
+        "muon",
+        o,
+        PrecondSpec("unit"),
+        grad_tx=None,
         tx=optax.contrib.muon(
             learning_rate=o["learning_rate"],
             beta=o["beta"],
