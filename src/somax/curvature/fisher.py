@@ -50,9 +50,8 @@ import jax.numpy as jnp
 
 from somax import validate
 from somax._tree import tree_vdot
-from somax.contracts import Curvature
 from somax.curvature.base import Linearization
-from somax.curvature.ggn import _split_aux
+from somax.curvature.ggn import ModelLossCurvature, _split_aux
 from somax.curvature.losses import OutputLoss, get_output_loss
 from somax.curvature.model import BatchReader, Model, as_model
 from somax.registry import CURVATURES
@@ -93,19 +92,8 @@ def _expand(w: jax.Array, like: jax.Array) -> jax.Array:
 
 
 @dataclass(frozen=True)
-class _Base(Curvature):
-    model: Model
-    loss: OutputLoss
-    reader: BatchReader
+class _Base(ModelLossCurvature):
     name: str = "fisher"
-
-    @property
-    def has_aux(self) -> bool:  # type: ignore[override]
-        return self.model.has_aux
-
-    @property
-    def couples_examples(self) -> bool:  # type: ignore[override]
-        return self.model.couples_examples
 
     def _forward(self, params: Any, batch: Any, model_state: Any, rng: Any):
         x, y = self.reader.inputs(batch), self.reader.targets(batch)
@@ -182,10 +170,6 @@ class EmpiricalFisherCurvature(_Base):
     """Empirical Fisher ``(1/n) Σ_i g_i g_iᵀ`` from the per-example gradients, as ``v ↦ (1/n) Σ_i g_i (g_iᵀ v)``."""
 
     name: str = "empirical_fisher"
-
-    @property
-    def uses_rng(self) -> bool:  # type: ignore[override]
-        return self.model.uses_rng
 
     def linearize(
         self, params: Any, batch: Any, model_state: Any = None, rng: jax.Array | None = None

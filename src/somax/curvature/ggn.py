@@ -26,16 +26,13 @@ __all__ = ["GGNCurvature", "ggn", "ggn_mse", "ggn_ce"]
 
 
 @dataclass(frozen=True)
-class GGNCurvature(Curvature):
-    """GGN of ``L(f(w, x), y)`` for an output-space loss ``L`` and a :class:`Model` ``f``."""
+class ModelLossCurvature(Curvature):
+    """A curvature of ``L(f(w, x), y)``: a :class:`Model` ``f``, an output loss ``L`` and the batch
+    reader; the model's declarations (randomness, aux outputs, coupled examples) are the curvature's."""
 
     model: Model
     loss: OutputLoss
     reader: BatchReader
-    name: str = "ggn"
-
-    has_rows = True
-    has_model_outputs = True
 
     @property
     def uses_rng(self) -> bool:  # type: ignore[override]
@@ -48,6 +45,16 @@ class GGNCurvature(Curvature):
     @property
     def couples_examples(self) -> bool:  # type: ignore[override]
         return self.model.couples_examples
+
+
+@dataclass(frozen=True)
+class GGNCurvature(ModelLossCurvature):
+    """GGN of ``L(f(w, x), y)`` for an output-space loss ``L`` and a :class:`Model` ``f``."""
+
+    name: str = "ggn"
+
+    has_rows = True
+    has_model_outputs = True
 
     def linearize(
         self, params: Any, batch: Any, model_state: Any = None, rng: jax.Array | None = None

@@ -70,8 +70,9 @@ import optax
 
 from somax import validate
 from somax._tree import tree_scale, tree_vdot, tree_where, tree_zeros_like
-from somax.contracts import Curvature, Solver
+from somax.contracts import Solver
 from somax.curvature.base import Linearization
+from somax.curvature.ggn import ModelLossCurvature
 from somax.curvature.losses import OutputLoss, get_output_loss
 from somax.curvature.model import BatchReader, Model, as_model
 from somax.registry import CURVATURES, SOLVERS
@@ -90,7 +91,7 @@ MODES: tuple[str, ...] = ("quadratic", "prox_linear", "layerwise")
 
 
 @dataclass(frozen=True)
-class MicroBatchGGN(Curvature):
+class MicroBatchGGN(ModelLossCurvature):
     """The outer linearization of a GN step over ``N`` stacked micro-batches (and the held-out ones).
 
     ``linearize`` returns the mean micro-batch loss and its gradient at ``θ_t`` (one forward and
@@ -99,23 +100,12 @@ class MicroBatchGGN(Curvature):
     reads the model, the micro-batches and the held-out micro-batches from ``lin.extras``.
     """
 
-    model: Model
-    loss: OutputLoss
-    reader: BatchReader
     val_reader: BatchReader
     name: str = "ggn_microbatches"
 
     @property
-    def uses_rng(self) -> bool:  # type: ignore[override]
-        return self.model.uses_rng
-
-    @property
     def has_aux(self) -> bool:  # type: ignore[override]
         return False
-
-    @property
-    def couples_examples(self) -> bool:  # type: ignore[override]
-        return self.model.couples_examples
 
     def outputs(self, params: PyTree, x: Any, model_state: Any, rng: Any) -> jax.Array:
         """``f(θ, x)`` on one micro-batch ``x`` (the model's state is read, never updated)."""
