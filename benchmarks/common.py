@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 __all__ = [
+    "blas_env",
     "RESULTS_DIR",
     "machine_info",
     "machine_line",
@@ -163,6 +164,12 @@ def machine_line(m: Mapping[str, Any], markdown: bool = False) -> str:
                 f"jax {v['jax']}, jaxlib {v['jaxlib']}, optax {v['optax']}, numpy {v['numpy']}")  # fmt: skip
     return (f"{m['platform']}  cpus={m['cpu_count']}  backend={m['jax_backend']}  jax {v['jax']}  "
             f"jaxlib {v['jaxlib']}  optax {v['optax']}")  # fmt: skip
+
+
+def blas_env() -> dict[str, str | None]:
+    """The BLAS threading variables of this run: jaxlib's LAPACK (``eigh``) runs on OpenBLAS, whose threads
+    oversubscribe a small shared machine unless ``OPENBLAS_NUM_THREADS=1`` (see docs/benchmarks.md)."""
+    return {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
 
 
 def load_average() -> list[float] | None:

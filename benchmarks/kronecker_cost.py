@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,7 +48,7 @@ import optax
 
 import somax
 from benchmarks import data as bdata
-from benchmarks.common import RESULTS_DIR, machine_info, machine_line, write_result
+from benchmarks.common import RESULTS_DIR, blas_env, machine_info, machine_line, write_result
 from benchmarks.harness import first_call, interleaved
 from benchmarks.models import n_params, optax_step, small_cnn
 from somax.models import mlp_apply, mlp_init
@@ -297,12 +296,6 @@ def goal_line(result: dict[str, Any]) -> str:
             parts.append(f"{name}/{pt['problem']} {r['paired_median']:.2f}×{'' if ok else ' (over)'}")
     return (f"Goal (kfac, shampoo, soap ≤ 1.5× Adam per step, paired median): {'met' if met else 'not met'} — "
             + ", ".join(parts) + ".")  # fmt: skip
-
-
-def blas_env() -> dict[str, str | None]:
-    """The BLAS threading variables of this run: jaxlib's LAPACK (``eigh``) runs on OpenBLAS, whose threads
-    oversubscribe a small shared machine unless ``OPENBLAS_NUM_THREADS=1`` (see docs/benchmarks.md)."""
-    return {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np
 import optax
 
 import somax
-from benchmarks.common import RESULTS_DIR, machine_info, machine_line, progress, write_result
+from benchmarks.common import RESULTS_DIR, blas_env, machine_info, machine_line, progress, write_result
 from benchmarks.models import n_params
 from benchmarks.module_interactions import (
     Config,
@@ -239,12 +238,6 @@ def render(result: dict[str, Any]) -> str:
 
 def _load(v: Any) -> str:
     return "–" if not v else " / ".join(f"{x:.1f}" for x in v)
-
-
-def blas_env() -> dict[str, str | None]:
-    """The BLAS threading variables of this run: jaxlib's LAPACK (``eigh``) runs on OpenBLAS, whose threads
-    oversubscribe a small shared machine unless ``OPENBLAS_NUM_THREADS=1`` (see docs/benchmarks.md)."""
-    return {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
