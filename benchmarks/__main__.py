@@ -54,6 +54,8 @@ STUDIES: dict[str, Study] = {
     "real_sizes": Study(
         "real_sizes", "presets on MLP, 28x28 CNN, ResNet-20, transformer: time, memory, CG loop overhead"
     ),
+    "gn_batch_size": Study("gn_batch_size", "full Gauss-Newton vs Adam, Muon, SOAP, sgn_ce: steps to target vs batch"),
+    "gn_overhead": Study("gn_overhead", "gn inner iteration and lbfgs step vs hand-written / optax floors (<= 1.05x)"),
 }
 
 

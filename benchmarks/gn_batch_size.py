@@ -1,7 +1,7 @@
 """The batch-size study of Abreu et al. (2025, Fig. 2 right) at small scale: steps to a target loss vs batch size.
 
-    python -m benchmarks.gn_batch_size --quick            # 2 batch sizes, short budgets (minutes on a CPU)
-    python -m benchmarks.gn_batch_size --out results.json  # 4 batch sizes
+    python -m benchmarks gn_batch_size --quick   # 2 batch sizes, 40-step budgets (minutes on a CPU)
+    python -m benchmarks gn_batch_size           # 5 batch sizes -> results/gn_batch_size.json and .png
 
 Two tasks: an MLP on MNIST-1D (``mnist1d`` package, generated offline) and a tiny causal
 character transformer on text that ships with Python (the docstrings of a fixed list of
@@ -14,7 +14,9 @@ reaches the task's target: ``gn`` (inner Muon and inner Adam), ``gn_prox_linear`
 of a step one inner step each plus two held-out micro-batches for the line search; the others
 see the same ``N·b_inner`` examples as one batch. Hyperparameters are untuned defaults (the
 paper sweeps them per batch size), so the numbers show the shape of the curves, not a tuned
-comparison.
+comparison. The full profile is sized to run in about 40 minutes of CPU on a 2-core machine:
+``N ∈ {1, 2, 4, 8, 16}``, one seed, budgets of 500 (MNIST-1D) and 150 (text) outer steps,
+validation on MNIST-1D's 2000 test examples and on 256 held-out text sequences.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
-import json
 import sys
 import time
 import warnings
@@ -88,7 +89,7 @@ def tasks(quick: bool) -> dict[str, dict[str, Any]]:
 
     split = mnist1d(0, num_samples=4000 if quick else 10000)
     mn = {"params": _mlp_init(0, (40, 64, 64, 10)), "apply": _mlp_apply, "b_inner": 32,
-          "target": 1.6 if quick else 1.0,
+          "target": 1.6 if quick else 1.2,
           "x": np.asarray(split.x_train, np.float32), "y": np.asarray(split.y_train, np.int32),
           "x_val": np.asarray(split.x_test, np.float32), "y_val": np.asarray(split.y_test, np.int32),
           "provenance": {"dataset": "MNIST-1D (mnist1d.make_dataset, seed 0)"}}  # fmt: skip
@@ -103,7 +104,8 @@ def tasks(quick: bool) -> dict[str, dict[str, Any]]:
     cut = int(0.9 * n_seq)
     params = char_transformer_init(0, vocab=len(chars), width=32, layers=1, heads=2, context=context)
     tr = {"params": params, "apply": lambda p, t: char_transformer_apply(p, t, heads=2), "b_inner": 8,
-          "target": 3.0 if quick else 2.5, "x": xs[:cut], "y": ys[:cut], "x_val": xs[cut:], "y_val": ys[cut:],
+          "target": 3.0 if quick else 2.7, "x": xs[:cut], "y": ys[:cut], "x_val": xs[cut:][::2][:256],
+          "y_val": ys[cut:][::2][:256],
           "provenance": {**prov, "vocab": len(chars), "context": context}}  # fmt: skip
     return {"mnist1d_mlp": mn, "char_transformer": tr}
 
@@ -153,65 +155,162 @@ def methods() -> dict[str, Callable[..., tuple[Callable, Callable, str]]]:
     }
 
 
-def run(task: dict[str, Any], build: Callable, n: int, max_steps: int, seed: int = 0) -> dict[str, Any]:
-    """Train until the validation loss reaches the target or ``max_steps``; the curve and the hit step."""
+def _batch(x: np.ndarray, y: np.ndarray, idx: np.ndarray, n: int, b: int, layout: str) -> dict[str, Any]:
+    """``N`` micro-batches of ``b`` (+ 2 held-out ones) for the GN layout; the first ``N·b`` examples flat otherwise."""
+    if layout == "flat":
+        return {"x": x[idx[: n * b]], "y": y[idx[: n * b]]}
+    return {"x": x[idx[: n * b]].reshape(n, b, *x.shape[1:]), "y": y[idx[: n * b]].reshape(n, b, *y.shape[1:]),
+            "x_val": x[idx[n * b :]].reshape(2, b, *x.shape[1:]),
+            "y_val": y[idx[n * b :]].reshape(2, b, *y.shape[1:])}  # fmt: skip
+
+
+def run(
+    task: dict[str, Any], build: Callable, n: int, max_steps: int, seed: int = 0, val_loss: Callable | None = None
+) -> dict[str, Any]:
+    """Train until the validation loss reaches the target or ``max_steps``; the curve and the hit step.
+
+    The data order depends only on ``seed`` (the same examples for every method at one batch
+    size); the first step's time (compile included) is reported apart from the others'.
+    """
     init, step, layout = build(task["apply"], n)
     b = task["b_inner"]
     params = jax.tree_util.tree_map(jnp.asarray, task["params"])
     state = init(params)
     rs = np.random.default_rng(seed)
     x, y = task["x"], task["y"]
-    xv, yv = jnp.asarray(task["x_val"]), jnp.asarray(task["y_val"])
-    apply = task["apply"]
-    val_loss = jax.jit(lambda p: _ce(apply(p, xv), yv))
+    if val_loss is None:
+        val_loss = _val_loss(task)
     step = jax.jit(step)
-    curve, hit, t0 = [], None, time.perf_counter()
+    curve, hit, t0, first = [], None, time.perf_counter(), None
     for t in range(max_steps):
         idx = rs.choice(len(x), size=(n + 2) * b, replace=False)
-        if layout == "micro":
-            batch = {"x": x[idx[: n * b]].reshape(n, b, *x.shape[1:]), "y": y[idx[: n * b]].reshape(n, b, *y.shape[1:]),
-                     "x_val": x[idx[n * b :]].reshape(2, b, *x.shape[1:]),
-                     "y_val": y[idx[n * b :]].reshape(2, b, *y.shape[1:])}  # fmt: skip
-        else:
-            batch = {"x": x[idx[: n * b]], "y": y[idx[: n * b]]}
-        params, state = step(params, state, batch)
+        params, state = step(params, state, _batch(x, y, idx, n, b, layout))
         loss = float(val_loss(params))
+        if first is None:
+            first = time.perf_counter() - t0
         curve.append(loss)
-        if hit is None and loss <= task["target"]:
+        if loss <= task["target"]:
             hit = t + 1
             break
         if not np.isfinite(loss):
             break
-    return {"steps_to_target": hit, "final_val_loss": curve[-1], "curve": curve,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    total = time.perf_counter() - t0
+    return {"steps_to_target": hit, "steps_run": len(curve), "final_val_loss": curve[-1], "curve": curve,
+            "seconds": total, "first_step_seconds": first,
+            "ms_per_step": 1e3 * (total - first) / max(len(curve) - 1, 1)}  # fmt: skip
+
+
+def _val_loss(task: dict[str, Any]) -> Callable:
+    """The validation loss, jitted once per task (every run of the task shares its compile)."""
+    xv, yv = jnp.asarray(task["x_val"]), jnp.asarray(task["y_val"])
+    apply = task["apply"]
+    return jax.jit(lambda p: _ce(apply(p, xv), yv))
+
+
+#: Figure styles: GN variants solid, first-order dashed, CG dotted.
+_STYLE = {"gn_muon": ("C0", "o", "-"), "gn_adam": ("C1", "s", "-"), "gn_prox_linear": ("C2", "^", "-"),
+          "gn_layerwise": ("C3", "v", "-"), "sgn_ce": ("C4", "D", ":"), "adam": ("C5", "o", "--"),
+          "muon": ("C6", "s", "--"), "soap": ("C7", "^", "--")}  # fmt: skip
+
+
+def plot(result: dict[str, Any], path: str | Path) -> Path | None:
+    """Log-log steps-to-target vs batch size, one panel per task, one line per method.
+
+    Runs that miss the target within the budget are drawn as open markers at the budget (a lower
+    bound), joined by a faint line.
+    """
+    tasks_ = list(result["tasks"])
+
+    def draw(fig, axes):
+        for ax, tname in zip(np.atleast_1d(axes), tasks_):
+            entry = result["tasks"][tname]
+            cap = entry["max_steps"]
+            for mname, (color, marker, ls) in _STYLE.items():
+                ns = result["micro_batch_counts"]
+                pts = [(n * entry["b_inner"], entry["runs"].get(f"{mname}/N={n}")) for n in ns]
+                pts = [(b, r) for b, r in pts if r is not None]
+                if not pts:
+                    continue
+                bs = [b for b, _ in pts]
+                steps = [r["steps_to_target"] or cap for _, r in pts]
+                ax.plot(bs, steps, color=color, ls=ls, lw=1.2, alpha=0.9, label=mname)
+                hit = [(b, s) for (b, r), s in zip(pts, steps) if r["steps_to_target"]]
+                miss = [(b, s) for (b, r), s in zip(pts, steps) if not r["steps_to_target"]]
+                if hit:
+                    ax.plot(*zip(*hit), color=color, marker=marker, ls="none", ms=5)
+                if miss:
+                    ax.plot(*zip(*miss), color=color, marker=marker, ls="none", ms=6, mfc="none")
+            bmin = entry["b_inner"] * min(result["micro_batch_counts"])
+            bmax = entry["b_inner"] * max(result["micro_batch_counts"])
+            ax.axhline(cap, color="0.6", lw=0.8, ls=":")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlim(bmin / 1.3, bmax * 1.3)
+            unit = "sequences" if tname == "char_transformer" else "examples"
+            ax.set_xlabel(f"batch size b = N x {entry['b_inner']} ({unit})")
+            ax.set_ylabel(f"outer steps to val. loss {entry['target']}")
+            ax.set_title(f"{tname} (open marker: not reached in {cap})", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+        np.atleast_1d(axes)[0].legend(fontsize=7, ncol=2)
+
+    from benchmarks.common import save_figure
+
+    return save_figure(path, draw, 1, len(tasks_), figsize=(5.2 * len(tasks_), 4.2))
+
+
+#: Profiles: micro-batch counts ``N`` and the outer-step budget per task.
+PROFILES = {
+    "quick": {"ns": (2, 8), "max_steps": {"mnist1d_mlp": 40, "char_transformer": 40}},
+    "full": {"ns": (1, 2, 4, 8, 16), "max_steps": {"mnist1d_mlp": 500, "char_transformer": 150}},
+}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the study; print a table and write the JSON (``--out``)."""
+    """Run the study; print one line per run and write the JSON (``--out``) and the PNG beside it."""
+    from benchmarks.common import blas_env, machine_info, write_result
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="N in {2, 8} and short budgets")
+    ap.add_argument("--quick", action="store_true", help="N in {2, 8} and 40-step budgets")
     ap.add_argument("--out", default="benchmarks/results/gn_batch_size.json")
     ap.add_argument("--methods", default=",".join(methods()), help="comma-separated subset")
     ap.add_argument("--tasks", default="mnist1d_mlp,char_transformer")
+    ap.add_argument("--ns", default=None, help="comma-separated micro-batch counts N (default: the profile's)")
+    ap.add_argument("--max-steps", type=int, default=None, help="outer-step budget for every task")
     args = ap.parse_args(argv)
-    ns = (2, 8) if args.quick else (1, 2, 4, 8)
-    max_steps = 40 if args.quick else 200
+    profile = PROFILES["quick" if args.quick else "full"]
+    ns = tuple(int(v) for v in args.ns.split(",")) if args.ns else profile["ns"]
     all_tasks, all_methods = tasks(args.quick), methods()
-    result: dict[str, Any] = {"study": "gn_batch_size", "quick": args.quick, "micro_batch_counts": list(ns),
-                              "max_steps": max_steps, "tasks": {}}  # fmt: skip
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {
+        "benchmark": "gn_batch_size", "study": "gn_batch_size", "profile": "quick" if args.quick else "full",
+        "machine": machine_info(), "blas_env": blas_env(), "micro_batch_counts": list(ns), "seeds": [0],
+        "scale": "sized to run in about 40 minutes of CPU on a 2-core machine shared with other jobs: one seed, "
+                 "untuned hyperparameters, a 3-layer width-64 MLP and a 1-layer width-32 transformer, "
+                 "outer-step budgets per task",
+        "tasks": {},
+    }  # fmt: skip
     for tname in args.tasks.split(","):
         task = all_tasks[tname]
-        entry = {"b_inner": task["b_inner"], "target": task["target"], "provenance": task["provenance"], "runs": {}}
+        max_steps = args.max_steps or profile["max_steps"][tname]
+        entry = {"b_inner": task["b_inner"], "target": task["target"], "max_steps": max_steps,
+                 "n_params": int(sum(np.size(v) for v in jax.tree_util.tree_leaves(task["params"]))),
+                 "n_train": int(len(task["x"])), "n_val": int(len(task["x_val"])),
+                 "provenance": task["provenance"], "runs": {}}  # fmt: skip
+        val_loss = _val_loss(task)
         for mname in args.methods.split(","):
             for n in ns:
-                r = run(task, all_methods[mname], n, max_steps)
+                r = run(task, all_methods[mname], n, max_steps, val_loss=val_loss)
                 entry["runs"][f"{mname}/N={n}"] = r
                 print(f"{tname:17s} {mname:15s} b={n * task['b_inner']:4d}  steps→target={r['steps_to_target']}  "
-                      f"final={r['final_val_loss']:.3f}  {r['seconds']:.1f}s", flush=True)  # fmt: skip
+                      f"final={r['final_val_loss']:.3f}  {r['seconds']:.1f}s "
+                      f"(first {r['first_step_seconds']:.1f}s, {r['ms_per_step']:.1f} ms/step)",
+                      flush=True)  # fmt: skip
         result["tasks"][tname] = entry
+    result["study_seconds"] = time.perf_counter() - t_start
+    result["cpu_seconds"] = time.process_time()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_result(result, out)
+    plot(result, out.with_suffix(".png"))
     return result
 
 
