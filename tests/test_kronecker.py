@@ -155,6 +155,40 @@ def test_shampoo_vectors_and_large_dims_use_diagonal_rule():
     np.testing.assert_allclose(out["m"], want, rtol=1e-10)
 
 
+def test_shampoo_blocks_large_sides_dense_oracle_per_block():
+    """block_size=3: each block G_ij of the (merged) matrix is preconditioned on its own,
+    (G_ij G_ijᵀ + εI)^{-1/4} V_ij (G_ijᵀ G_ij + εI)^{-1/4} (ragged last blocks); a side longer
+    than max_dim stays unblocked and diagonal, per row block."""
+    eps, bs = 1e-2, 3
+    pre = Shampoo(eps=eps, max_dim=6, block_size=bs, eigh_dtype="float64")
+    rng = np.random.default_rng(4)
+    g = {"m": rng.normal(size=(6, 5)), "t": rng.normal(size=(2, 2, 4)), "wide": rng.normal(size=(5, 7))}
+    v = {k: rng.normal(size=x.shape) for k, x in g.items()}
+    assert pre.layouts(g)[0].describe() == "matrix 6x5 in 2x2 blocks of 3x3 (L full, R full)"
+    assert pre.layouts(g)[1].describe() == "matrix 4x4 in 2x2 blocks of 3x3 (L full, R full)"
+    assert pre.layouts(g)[2].describe() == "matrix 5x7 in 2x1 blocks of 3x7 (L full, R diag)"
+
+    @_jit
+    def once(g, v):
+        return pre.inverse(pre.refresh(pre.update(pre.init(g), g)), jnp.asarray(0.0))(v)
+
+    out = once(_dev(g), _dev(v))
+    for k in g:
+        G = g[k].reshape(-1, g[k].shape[-1])
+        V = v[k].reshape(G.shape)
+        want = np.zeros_like(G)
+        col_step = bs if G.shape[1] <= 6 else G.shape[1]
+        for i in range(0, G.shape[0], bs):
+            for j in range(0, G.shape[1], col_step):
+                Gb, Vb = G[i : i + bs, j : j + col_step], V[i : i + bs, j : j + col_step]
+                if col_step == bs:
+                    right = _inv_root(Gb.T @ Gb, eps)
+                else:
+                    right = np.diag((np.sum(Gb * Gb, axis=0) + eps) ** -0.25)
+                want[i : i + bs, j : j + col_step] = _inv_root(Gb @ Gb.T, eps) @ Vb @ right
+        np.testing.assert_allclose(np.asarray(out[k]).reshape(G.shape), want, rtol=1e-10, atol=1e-13)
+
+
 def test_shampoo_grafting_norms():
     """Per leaf ‖s‖ = ‖v / (√ν̂ + ε_g)‖ (adam: ν̂ bias-corrected; rmsprop: not)."""
     rng = np.random.default_rng(3)
@@ -356,12 +390,14 @@ def test_kfac_factors_equal_per_example_definitions():
 
 @pytest.mark.parametrize("damping", ["eigen", "pi"])
 def test_kfac_single_dense_mse_equals_dense_damped_solve(damping):
-    """z = x W + b with MSE: G = A ⊗ I exactly; eigen-damping gives (G + λI)⁻¹ g; π-damping
-    gives (A + π√λ I)⁻¹ ⊗ (I + √λ/π I)⁻¹ g."""
+    """z = x W + b with MSE: G = A ⊗ I exactly; eigen-damping gives (G + λI)⁻¹ g; π-damping,
+    here with ``damping_scale = 2`` (μ = 2λ), gives (A + π√μ I)⁻¹ ⊗ (I + √μ/π I)⁻¹ g."""
     lam = 0.3
+    scale = 1.0 if damping == "eigen" else 2.0
+    kw = {"eps": 0.0, "damping": damping, "eigh_dtype": "float64", "damping_scale": scale}
     method = somax.assemble(
         curvature=CurvatureSpec("ggn_mse", kwargs={"predict_fn": _linear_model}),
-        precondition=PrecondSpec("kfac", kwargs={"eps": 0.0, "damping": damping, "eigh_dtype": "float64"}),
+        precondition=PrecondSpec("kfac", kwargs=kw),
         solver=SolverSpec("diagonal"),
         damping=DampingSpec("constant", lam0=lam),
         tx=optax.scale(-1.0),
@@ -378,8 +414,8 @@ def test_kfac_single_dense_mse_equals_dense_damped_solve(damping):
         G = np.kron(A, np.eye(3))
         want = np.linalg.solve(G + lam * np.eye(G.shape[0]), gm.ravel()).reshape(gm.shape)
     else:
-        pi = np.sqrt(np.trace(A) / A.shape[0])
-        want = np.linalg.solve(A + pi * np.sqrt(lam) * np.eye(5), gm) / (1 + np.sqrt(lam) / pi)
+        pi, mu = np.sqrt(np.trace(A) / A.shape[0]), scale * lam
+        want = np.linalg.solve(A + pi * np.sqrt(mu) * np.eye(5), gm) / (1 + np.sqrt(mu) / pi)
     np.testing.assert_allclose(s, want, rtol=1e-10, atol=1e-12)
 
 

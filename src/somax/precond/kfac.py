@@ -128,6 +128,8 @@ class KFAC(Preconditioner):
       beta: EMA decay of the factors and of the fallback diagonal.
       damping: ``"eigen"`` (exact ``(A⊗S + λI)⁻¹``) or ``"pi"`` (factored Tikhonov).
       eps: a floor added to ``λ`` (keeps ``M⁻¹`` finite at ``λ = 0``).
+      damping_scale: ``c``: the preconditioner is damped with ``μ = c·λ + eps`` instead of
+        ``λ + eps`` (``c > 1`` trusts the Kronecker curvature less; see the module docstring).
       refresh_every_k: recompute the eigendecompositions on steps ``0, k, 2k, …``.
       eigh_dtype: ``"float32"`` or ``"float64"``.
     """
@@ -135,6 +137,7 @@ class KFAC(Preconditioner):
     beta: float = 0.95
     damping: str = "eigen"
     eps: float = 1e-8
+    damping_scale: float = 1.0
     refresh_every_k: int = 1
     eigh_dtype: str = "float32"
 
@@ -147,6 +150,7 @@ class KFAC(Preconditioner):
         validate.number(f"{where}: beta", self.beta, minimum=0.0, maximum=1.0, exclusive_maximum=True)
         validate.choice(f"{where}: damping", self.damping, ("eigen", "pi"))
         validate.number(f"{where}: eps", self.eps, minimum=0.0)
+        validate.number(f"{where}: damping_scale", self.damping_scale, minimum=0.0)
         validate.cadence(f"{where}: refresh_every_k", self.refresh_every_k)
         validate.choice(f"{where}: eigh_dtype", self.eigh_dtype, ("float32", "float64"))
 
@@ -222,12 +226,12 @@ class KFAC(Preconditioner):
             diag = jax.tree_util.tree_leaves(state.diag)
             out = []
             for x, d in zip(leaves, diag):
-                damp = lam.astype(d.dtype) + self.eps
+                damp = self.damping_scale * lam.astype(d.dtype) + self.eps
                 den = d / self._correction(state.count, d.dtype) + damp
                 out.append((x.astype(d.dtype) / den).astype(x.dtype))
             for blk, st in zip(kfac_blocks(v), state.blocks):
                 dt = st["A"].dtype
-                damp = lam.astype(dt) + self.eps
+                damp = self.damping_scale * lam.astype(dt) + self.eps
                 kern = leaves[blk.kernel]
                 mat = kern.reshape(blk.n_in, blk.n_out).astype(dt)
                 if blk.bias is not None:

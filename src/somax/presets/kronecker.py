@@ -77,6 +77,7 @@ def _shampoo(o: Mapping[str, Any]) -> SecondOrderMethod:
                 "beta": o["beta"],
                 "eps": o["eps"],
                 "max_dim": o["max_dim"],
+                "block_size": o["block_size"],
                 "refresh_every_k": o["refresh_every_k"],
                 "eigh_dtype": o["eigh_dtype"],
                 "graft": o["graft"],
@@ -103,6 +104,9 @@ shampoo = define_preset(
         ),
         "beta": Option(0.999, float, "decay ``β`` of the factors ``L = βL + GGᵀ``, ``R = βR + GᵀG``."),
         "max_dim": Option(2048, int, "a side longer than this keeps only its factor's diagonal."),
+        "block_size": Option(
+            None, int | None, "None, or cut sides longer than this into blocks, each block with its own factors."
+        ),
         "refresh_every_k": _REFRESH,
         "eigh_dtype": _EIGH,
         "graft": Option("adam", str | None, 'grafting: ``"adam"``, ``"rmsprop"`` or None (raw Shampoo).'),
@@ -120,7 +124,8 @@ shampoo = define_preset(
         w ← w − lr·(s + weight_decay·w)                      add_decayed_weights → lr
 
     Vectors and scalars use AdaGrad's ``m / √(h + ε)``, ``h = β h + g²``; sides longer than
-    ``max_dim`` keep a diagonal factor. Defaults: ``b1 = 0.9``, ``b2 = 0.999``, ``lr = 1e-3``
+    ``max_dim`` keep a diagonal factor; with ``block_size``, longer sides are cut into blocks
+    that are preconditioned separately. Defaults: ``b1 = 0.9``, ``b2 = 0.999``, ``lr = 1e-3``
     (Adam's, which grafting makes transferable; Shi et al. 2023), ``refresh_every_k = 10``
     (Anil et al. 2020 refresh the roots every few steps), ``eps = 1e-6``.
     Model: ``predict_fn(params, x)`` with ``loss="ce"`` (default) or ``"mse"`` (the GGN
@@ -188,6 +193,7 @@ soap = define_preset(
 _KFAC_OPTIONS = {
     "beta": Option(0.95, float, "EMA decay of the factors ``A``, ``S`` (and of the fallback diagonal)."),
     "kfac_damping": Option("eigen", str, 'how λ enters: ``"eigen"`` (exact ``(A⊗S + λI)⁻¹``) or ``"pi"``.'),
+    "kfac_damping_scale": Option(1.0, float, "``c``: K-FAC is damped with ``c·λ`` (the solve keeps ``λ``)."),
     "refresh_every_k": _REFRESH,
     "eval_every_k": Option(1, int, "evaluate the factors every this many steps."),
     "fisher": Option("ggn", str, '``"ggn"`` (GGN square-root rows) or ``"empirical"`` (empirical Fisher).'),
@@ -202,6 +208,7 @@ def _kfac_parts(o: Mapping[str, Any]) -> dict[str, Any]:
             kwargs={
                 "beta": o["beta"],
                 "damping": o["kfac_damping"],
+                "damping_scale": o["kfac_damping_scale"],
                 "refresh_every_k": o["refresh_every_k"],
                 "eigh_dtype": o["eigh_dtype"],
             },
