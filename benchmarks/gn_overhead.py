@@ -250,14 +250,20 @@ def lbfgs_pair(n: int, d: int, cfg: dict[str, Any]) -> dict[str, Any]:
     cyc = cfg["cycle"]
     # identical iterates over one cycle
     pa, sa, pb, sb, pc, sc, diff, diff_rc = w0, st0, w0, os0, w0, os0, 0.0, 0.0
+    trials = []  # the zoom line search's loss-and-gradient evaluations per step
     for _ in range(cyc):
         pa, sa, info = mstep(pa, batch, sa)
         pb, sb = optax_step(pb, sb)
         pc, sc = optax_recompute(pc, sc)
+        trials.append(int(optax.tree_utils.tree_get(sb, "num_linesearch_steps")))
         diff, diff_rc = max(diff, _tree_maxdiff(pa, pb)), max(diff_rc, _tree_maxdiff(pa, pc))
     out: dict[str, Any] = {"n": n, "d": d, "l2": l2, "cycle": cyc, "dtype": "float32",
                            "max_abs_iterate_diff_vs_optax": diff, "max_abs_iterate_diff_vs_recompute": diff_rc,
                            "grad_norm_end_of_cycle": float(info["grad_norm"]),
+                           "linesearch_evaluations_per_step": trials,
+                           "value_and_grad_per_step": {"somax": 1 + float(np.mean(trials)),
+                                                       "optax_lbfgs": float(np.mean(trials)),
+                                                       "optax_recompute": 1 + float(np.mean(trials))},
                            "load_average_start": list(os.getloadavg())}  # fmt: skip
     calls = {
         "somax_lbfgs": _stateful(lambda p, s: mstep(p, batch, s)[:2], lambda: (w0, st0), cyc),
