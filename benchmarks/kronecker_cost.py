@@ -25,10 +25,27 @@ relative residual ``‖(G + λI)s − g‖ ≤ 10⁻⁴‖g‖`` (``warm_start =
 one product per iteration) without (``sgn_ce``) and with the K-FAC preconditioner
 (``kfac_cg``, factors and eigenbases from the same batch: a fresh state), at initialisation
 and after 200 ``sgn_ce`` training steps (defaults, learning rate 1), median over 5 batches,
-at the presets' ``λ = 1`` and at ``λ = 10⁻³``. Goal: with K-FAC ≤ 0.5× the products without.
+at the presets' ``λ = 1`` and at ``λ = 10⁻³``, and with K-FAC damped by ``μ = c·λ``
+(``kfac_damping_scale = c``) for each ``c`` in the profile's ``scales``. Goal: with K-FAC ≤ 0.5×
+the products without.
 
-``python -m benchmarks kronecker_cost [--quick | --tiny] [--out DIR]`` writes
-``kronecker_cost.json`` and ``kronecker_cost.md``.
+**Dense float64 check** (``--dense``): on a (40, 32, 32, 10) MNIST-1D MLP, batch 128, the dense
+GGN ``G``, the K-FAC factors of the same batch and a textbook PCG in NumPy count the products to
+relative residual ``10⁻⁴`` with no preconditioner, with the exact layer blocks of ``G`` (the best
+any layer-block-diagonal preconditioner can do) and with K-FAC at ``μ = c·λ``, for
+``λ ∈ {1, 0.1, 0.01, 10⁻³}``, at initialisation and after 200 ``sgn_ce`` steps; also the ranks
+of ``G``, of each ``G_ℓℓ`` and of each ``A ⊗ S``. Writes ``kronecker_cost_dense.json`` / ``.md``.
+
+**Against kfac-jax** (``--kfac-jax PYTHON``, ``PYTHON`` the interpreter of a virtual environment
+with ``kfac-jax==0.0.8``, ``jax==0.8.3``, ``jaxlib==0.8.3``, which kfac-jax needs): ``kfac`` and
+kfac-jax's ``Optimizer`` on the MNIST-1D MLP, same initial parameters and batches, statistics
+every step, inverses every 10 steps, constant damping 0.1, learning rate 0.01, momentum 0.9, no
+adaptive rules; one 10-step cycle of dispatched steps per timed call, the two timed alternately
+(kfac-jax in its own process, over a pipe). Writes ``kronecker_cost_kfac_jax.json`` / ``.md``.
+
+``python -m benchmarks kronecker_cost [--quick | --tiny] [--out DIR] [--only-cg | --no-cg]
+[--tag T]`` writes ``kronecker_cost[_T].json`` and ``.md``; ``--dense`` and ``--kfac-jax PYTHON``
+run only their study.
 """
 
 from __future__ import annotations
@@ -42,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -65,9 +83,11 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 PROFILES: dict[str, dict[str, Any]] = {
     "full": dict(problems=("mlp", "cnn"), width=256, batch=128, rounds=60, warmup=2, max_seconds=150.0,
-                 methods=METHODS, cg=dict(train_steps=200, batches=5, lams=(1.0, 1e-3), maxiter=1000)),
+                 methods=METHODS, cg=dict(train_steps=200, batches=5, lams=(1.0, 1e-3), maxiter=1000,
+                                          scales=(1.0, 10.0, 100.0, 1000.0))),
     "quick": dict(problems=("mlp", "cnn"), width=256, batch=128, rounds=20, warmup=1, max_seconds=40.0,
-                  methods=METHODS, cg=dict(train_steps=200, batches=3, lams=(1.0, 1e-3), maxiter=1000)),
+                  methods=METHODS, cg=dict(train_steps=200, batches=3, lams=(1.0, 1e-3), maxiter=1000,
+                                          scales=(1.0, 100.0))),
     "tiny": dict(problems=("mlp",), width=16, batch=16, rounds=2, warmup=0, max_seconds=None, num_samples=400,
                  methods=("adam", "shampoo"), cg=dict(train_steps=0, batches=1, lams=(1.0,), maxiter=50),
                  compiler_options=FAST_COMPILE),
@@ -215,11 +235,14 @@ def cg_products(
     for lam in cfg["lams"]:
         solver = dict(tol=1e-4, maxiter=cfg["maxiter"], warm_start=False, lam0=lam)
         methods = {k: build_method(k, predict, **solver) for k in ("sgn_ce", "kfac_cg")}
+        scaled = [c for c in cfg.get("scales", ()) if c != 1.0]
+        for c in scaled:
+            methods[f"kfac_cg c={c:g}"] = build_method("kfac_cg", predict, kfac_damping_scale=c, **solver)
         steps = {k: jit(m.step) for k, m in methods.items()}
         inits = {k: jit(m.init) for k, m in methods.items()}
         for where, w in params.items():
-            iters: dict[str, list[int]] = {"sgn_ce": [], "kfac_cg": []}
-            converged: dict[str, list[bool]] = {"sgn_ce": [], "kfac_cg": []}
+            iters: dict[str, list[int]] = {k: [] for k in methods}
+            converged: dict[str, list[bool]] = {k: [] for k in methods}
             for b in probe:
                 for k in iters:
                     _, _, info = steps[k](w, b, inits[k](w))
@@ -228,10 +251,316 @@ def cg_products(
             cg, pcg = float(np.median(iters["sgn_ce"])), float(np.median(iters["kfac_cg"]))
             rows.append({"lam": lam, "params": where, "cg_iters": iters["sgn_ce"], "pcg_iters": iters["kfac_cg"],
                          "cg_converged": converged["sgn_ce"], "pcg_converged": converged["kfac_cg"],
-                         "cg_median": cg, "pcg_median": pcg, "ratio": pcg / cg if cg else None})  # fmt: skip
-    return {"model": desc, "batch": batch, "tol": 1e-4, **{k: v for k, v in cfg.items() if k != "lams"},
+                         "cg_median": cg, "pcg_median": pcg, "ratio": pcg / cg if cg else None,
+                         "pcg_scaled": {f"{c:g}": {"iters": iters[f"kfac_cg c={c:g}"],
+                                                   "converged": converged[f"kfac_cg c={c:g}"],
+                                                   "median": float(np.median(iters[f"kfac_cg c={c:g}"]))}
+                                        for c in scaled}})  # fmt: skip
+    return {"model": desc, "batch": batch, "tol": 1e-4, **{k: v for k, v in cfg.items() if k not in ("lams", "scales")},
+            "scales": list(cfg.get("scales", ())),
             "lams": list(cfg["lams"]), "rows": rows,
             "goal_met": all(r["ratio"] is not None and r["ratio"] <= 0.5 for r in rows)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- dense float64 check
+
+DENSE = dict(width=32, batch=128, train_steps=200, lams=(1.0, 0.1, 0.01, 1e-3), scales=(1.0, 10.0, 100.0, 1000.0))
+
+
+def _pcg_count(op: np.ndarray, b: np.ndarray, minv: Callable, tol: float = 1e-4, maxiter: int = 5000) -> int:
+    """Textbook PCG on ``op s = b`` from ``s = 0``, stopping at ``‖r‖ ≤ tol‖b‖`` (somax's rule): products."""
+    r = b.copy()
+    z = minv(r)
+    p, rz, bn = z.copy(), r @ z, np.linalg.norm(b)
+    for i in range(maxiter):
+        if np.linalg.norm(r) <= tol * bn:
+            return i
+        ap = op @ p
+        alpha = rz / (p @ ap)
+        r = r - alpha * ap
+        z = minv(r)
+        rz, rz_old = r @ z, rz
+        p = z + (rz / rz_old) * p
+    return maxiter
+
+
+def dense_study(cfg: dict[str, Any] = DENSE, num_samples: int = 5000) -> dict[str, Any]:
+    """float64, dense: PCG products on ``(G + λI) s = g`` for a small MNIST-1D MLP with no preconditioner,
+    the exact layer blocks of ``G`` (the best any layer-block-diagonal preconditioner can do) and K-FAC
+    damped with ``c·λ`` for each ``c`` in ``cfg["scales"]``, at initialisation and after ``sgn_ce`` steps."""
+    from somax.curvature import ggn_ce
+    from somax.estimators.kronecker import KFACFactors
+
+    with jax.enable_x64(True):
+        split = _mnist1d(num_samples)
+        sizes = (split.x_train.shape[1], cfg["width"], cfg["width"], 10)
+        rng = np.random.default_rng(2)
+
+        def batch() -> dict[str, jax.Array]:
+            i = rng.permutation(len(split.x_train))[: cfg["batch"]]
+            return {"x": jnp.asarray(split.x_train[i], jnp.float64), "y": jnp.asarray(split.y_train[i])}
+
+        @jax.jit
+        def dense(params: Any, b: dict) -> tuple[jax.Array, jax.Array]:
+            flat, unravel = jax.flatten_util.ravel_pytree(params)
+            jac = jax.jacfwd(lambda f: mlp_apply(unravel(f), b["x"]))(flat)  # (n, C, d)
+            prob = jax.nn.softmax(mlp_apply(params, b["x"]))
+            n = prob.shape[0]
+            hess = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(prob) / n
+            res = (prob - jax.nn.one_hot(b["y"], prob.shape[-1], dtype=prob.dtype)) / n
+            return jnp.einsum("ncd,nce,nef->df", jac, hess, jac), jnp.einsum("ncd,nc->d", jac, res)
+
+        @jax.jit
+        def factors(params: Any, b: dict) -> Any:
+            lin = ggn_ce(predict_fn=mlp_apply).linearize(params, b)
+            return KFACFactors().estimate(lin, None, ())[0]["layers"]
+
+        params = {"init": mlp_init(jax.random.PRNGKey(0), sizes, jnp.float64)}
+        if cfg["train_steps"]:
+            trainer = somax.make("sgn_ce", mlp_apply)
+            step, p = jax.jit(trainer.step), params["init"]
+            s = trainer.init(p)
+            for _ in range(cfg["train_steps"]):
+                p, s, _ = step(p, batch(), s)
+            params[f"after {cfg['train_steps']} sgn_ce steps"] = p
+        rows, ranks = [], {}
+        for where, w in params.items():
+            b = batch()
+            G, g = (np.asarray(a) for a in dense(w, b))
+            fs = jax.tree_util.tree_map(np.asarray, factors(w, b))
+            blocks, start = [], 0
+            for name in sorted(w):  # ravel_pytree order: layer0/b, layer0/w, layer1/b, …
+                nb, (n_in, n_out) = w[name]["b"].size, w[name]["w"].shape
+                ib, iw = np.arange(start, start + nb), np.arange(start + nb, start + nb + n_in * n_out)
+                start += nb + n_in * n_out
+                ix = np.concatenate([iw.reshape(n_in, n_out), ib[None]], 0).reshape(-1)  # [W; bᵀ] row-major
+                A, S = fs[f"['{name}']['w']"]
+                la, qa = np.linalg.eigh(A)
+                ls, qs = np.linalg.eigh(S)
+                lg, qg = np.linalg.eigh(G[np.ix_(ix, ix)])
+                blocks.append((ix, (n_in + 1, n_out), qa, np.maximum(la, 0), qs, np.maximum(ls, 0), qg, lg))
+            ev = np.linalg.eigvalsh(G)
+            tiny = 1e-10 * ev.max()
+            ranks[where] = {"d": int(G.shape[0]), "rank_G": int((ev > tiny).sum()), "lam_max": float(ev.max()),
+                            "layers": [{"rank_AxS": int((la > 1e-10 * la.max()).sum() * (ls > 1e-10 * ls.max()).sum()),
+                                        "rank_block": int((lg > 1e-10 * lg.max()).sum())}
+                                       for (_, _, _, la, _, ls, _, lg) in blocks]}  # fmt: skip
+
+            def kfac_inv(v: np.ndarray, mu: float, blocks: list = blocks) -> np.ndarray:
+                out = np.empty_like(v)
+                for ix, shape, qa, la, qs, ls, _, _ in blocks:
+                    rot = qa.T @ v[ix].reshape(shape) @ qs
+                    out[ix] = (qa @ (rot / (np.outer(la, ls) + mu)) @ qs.T).reshape(-1)
+                return out
+
+            def block_inv(v: np.ndarray, lam: float, blocks: list = blocks) -> np.ndarray:
+                out = np.empty_like(v)
+                for ix, _, _, _, _, _, qg, lg in blocks:
+                    out[ix] = qg @ ((qg.T @ v[ix]) / (lg + lam))
+                return out
+
+            for lam in cfg["lams"]:
+                op = G + lam * np.eye(G.shape[0])
+                row = {"params": where, "lam": lam, "cg": _pcg_count(op, g, lambda v: v),
+                       "exact_blocks": _pcg_count(op, g, lambda v, lam=lam: block_inv(v, lam)),
+                       "kfac": {f"{c:g}": _pcg_count(op, g, lambda v, mu=c * lam: kfac_inv(v, mu))
+                                for c in cfg["scales"]}}  # fmt: skip
+                rows.append(row)
+    return {"model": f"MNIST-1D, ReLU MLP {sizes}", "dtype": "float64", **{k: v for k, v in cfg.items()},
+            "ranks": ranks, "rows": rows}  # fmt: skip
+
+
+def render_kfac_jax(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    load = f"load average {_load(m.get('load_average'))} at the start, {_load(m.get('load_average_end'))} at the end"
+    lines = [machine_line(m, markdown=True) + f"; {load}.", ""]
+    for r in result["kfac_jax"]:
+        v = r["versions"]
+        lines += [
+            f"**`kfac` vs kfac-jax {v['kfac_jax']}** ({r['model']}, batch {r['batch']}; somax on jax "
+            f"{v['jax_somax_side']}, kfac-jax on jax {v['jax_kfac_side']} in its own environment): statistics "
+            f"every step, inverses every {r['refresh']} steps, damping {r['damping']:g}, lr {r['lr']:g}, "
+            f'momentum {r["momentum"]:g}; somax `fisher="{r["somax_fisher"]}"` vs kfac-jax `{r["mode"]}`; '
+            f"{r['rounds_run']} rounds of {r['steps']} dispatched steps.",
+            "",
+            "| | median ms/step | p90 ms/step | first call s | loss after the run |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for k, st in r["per_step"].items():
+            lines.append(f"| {k} | {st['median_ms']:.2f} | {st['p90_ms']:.2f} | {r['first_call_s'][k]:.1f} | "
+                         f"{r['final_loss'][k]:.4f} |")  # fmt: skip
+        q = r["ratio"]
+        lines += ["", f"somax / kfac-jax: paired median **{q['paired_median']:.2f}×** (p90 {q['paired_p90']:.2f}×); "
+                  f"ratio of medians {q['median']:.2f}×, of p90s {q['p90']:.2f}×.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def render_dense(result: dict[str, Any]) -> str:
+    d = result["dense"]
+    cs = [f"{c:g}" for c in d["scales"]]
+    load = _load(result["machine"].get("load_average"))
+    lines = [machine_line(result["machine"], markdown=True) + f"; load average {load}.",
+             "", f"**Dense float64 check** ({d['model']}, batch {d['batch']}): PCG products to relative residual "
+             "1e-4 on `(G + λI) s = g`.", "",
+             "| parameters | λ | CG | exact layer blocks | " + " | ".join(f"K-FAC, μ = {c}·λ" for c in cs) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(cs)]  # fmt: skip
+    for r in d["rows"]:
+        ratio = lambda n, r=r: f"{n} ({n / r['cg']:.2f})"  # noqa: E731
+        lines.append(f"| {r['params']} | {r['lam']:g} | {r['cg']} | {ratio(r['exact_blocks'])} | "
+                     + " | ".join(ratio(r["kfac"][c]) for c in cs) + " |")  # fmt: skip
+    lines.append("")
+    for where, rk in d["ranks"].items():
+        per = ", ".join(f"rank(A⊗S) {x['rank_AxS']} vs rank(G_ℓℓ) {x['rank_block']}" for x in rk["layers"])
+        lines.append(f"- {where}: d = {rk['d']}, rank(G) = {rk['rank_G']}, λ_max(G) = {rk['lam_max']:.3g}; {per}.")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- against kfac-jax
+
+#: kfac-jax and the versions it runs with (it fails on jax 0.9.2 and 0.10.2)
+KFAC_JAX_PINS = ("kfac-jax==0.0.8", "jax==0.8.3", "jaxlib==0.8.3")
+KFAC_JAX = dict(lr=0.01, momentum=0.9, damping=0.1, ema=0.95, refresh=10, steps=CYCLE, rounds=30, warmup=2)
+
+#: the kfac-jax side, run by the interpreter of its own virtual environment: one JSON object per line
+#: on stdin (``setup`` with the data file and options, ``run`` = one timed cycle, ``quit``), one per line back.
+_KFAC_JAX_WORKER = r"""
+import json, sys, time
+import numpy as np, jax, jax.numpy as jnp, optax, kfac_jax
+
+def mlp(params, x):
+    n = len(params)
+    for i in range(n):
+        x = x @ params[f"layer{i}"]["w"] + params[f"layer{i}"]["b"]
+        if i < n - 1:
+            x = jax.nn.relu(x)
+    return x
+
+def loss_fn(params, batch):
+    logits = mlp(params, batch["x"])
+    kfac_jax.register_softmax_cross_entropy_loss(logits, batch["y"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+def reply(obj):
+    sys.stdout.write(json.dumps(obj) + chr(10)); sys.stdout.flush()
+
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg["cmd"] == "quit":
+        reply({"ok": True}); break
+    if msg["cmd"] == "setup":
+        o = msg["options"]
+        data = np.load(msg["data"])
+        nl = sum(k.endswith("_w") for k in data.files)
+        params = {f"layer{i}": {"w": jnp.asarray(data[f"layer{i}_w"]), "b": jnp.asarray(data[f"layer{i}_b"])}
+                  for i in range(nl)}
+        batches = [{"x": jnp.asarray(x), "y": jnp.asarray(y)} for x, y in zip(data["x"], data["y"])]
+        opt = kfac_jax.Optimizer(
+            value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=0.0,
+            use_adaptive_learning_rate=False, learning_rate_schedule=lambda t: o["lr"],
+            use_adaptive_momentum=False, momentum_schedule=lambda t: o["momentum"],
+            use_adaptive_damping=False, initial_damping=o["damping"], damping_schedule=lambda t: o["damping"],
+            inverse_update_period=o["refresh"], curvature_update_period=1, estimation_mode=o["mode"],
+            curvature_ema=o["ema"], multi_device=False, num_burnin_steps=0)
+        key = jax.random.PRNGKey(0)
+        t0 = time.perf_counter()
+        state = opt.init(params, key, batches[0])
+        params, state, stats = opt.step(params, state, key, batch=batches[0], global_step_int=0)
+        jax.block_until_ready(params)
+        step = 1
+        reply({"ok": True, "first_call_s": time.perf_counter() - t0, "jax": jax.__version__,
+               "kfac_jax": getattr(kfac_jax, "__version__", "?"), "loss": float(stats["loss"])})
+    if msg["cmd"] == "run":
+        t0 = time.perf_counter()
+        for b in batches:
+            params, state, stats = opt.step(params, state, key, batch=b, global_step_int=step)
+            step += 1
+        jax.block_until_ready(params)
+        reply({"ok": True, "seconds": time.perf_counter() - t0, "loss": float(stats["loss"])})
+"""
+
+
+_RATIO_KEYS = ("median", "p90", "mean", "paired_median", "paired_p90")
+
+
+def kfac_jax_study(python: str, mode: str = "ggn_exact", cfg: dict[str, Any] = KFAC_JAX, width: int = 256,
+                   batch: int = 128) -> dict[str, Any]:  # fmt: skip
+    """``kfac`` against kfac-jax (``python``: its virtual environment's interpreter), one cadence cycle per call.
+
+    Same model (MNIST-1D ReLU MLP, the same initial parameters), the same ``steps`` batches every
+    cycle, statistics every step, inverses (somax: eigendecompositions) every ``refresh`` steps,
+    constant damping, learning rate and momentum (no adaptive rules on either side). Both sides
+    dispatch one jitted step per training step and wait for the parameters at the end of the cycle;
+    the two are timed alternately, round by round (the kfac-jax side times itself in its process).
+    somax's factors use the GGN rows (``fisher="ggn"``) against kfac-jax's ``estimation_mode``
+    ``"ggn_exact"``; ``"fisher_empirical"`` pairs with ``fisher="empirical"``.
+    """
+    import os
+    import subprocess
+    import tempfile
+
+    from benchmarks.harness import SelfTimed
+
+    split, init_params, predict, desc = problem("mlp", width)
+    rng = np.random.default_rng(3)
+    idx = [rng.permutation(len(split.x_train))[:batch] for _ in range(cfg["steps"])]
+    xs, ys = np.stack([split.x_train[i] for i in idx]), np.stack([split.y_train[i] for i in idx])
+    params0 = jax.tree_util.tree_map(np.asarray, init_params(jax.random.PRNGKey(0)))
+    fisher = {"ggn_exact": "ggn", "fisher_empirical": "empirical"}[mode]
+    options = dict(learning_rate=cfg["lr"], momentum=cfg["momentum"], lam0=cfg["damping"], beta=cfg["ema"],
+                   refresh_every_k=cfg["refresh"], kfac_damping="pi", fisher=fisher)  # fmt: skip
+    method = build_method("kfac", predict, **options)
+    step = jax.jit(method.step)
+    batches = [{"x": jnp.asarray(x), "y": jnp.asarray(y)} for x, y in zip(xs, ys)]
+    holder = {"p": jax.tree_util.tree_map(jnp.asarray, params0)}
+    t0 = time.perf_counter()
+    holder["s"] = jax.jit(method.init)(holder["p"])
+    holder["p"], holder["s"], _ = step(holder["p"], batches[0], holder["s"])
+    jax.block_until_ready(holder["p"])
+    somax_first = time.perf_counter() - t0
+
+    def somax_cycle(i: int) -> Any:
+        p, s = holder["p"], holder["s"]
+        for b in batches:
+            p, s, info = step(p, b, s)
+        holder["p"], holder["s"], holder["loss"] = p, s, info["loss"]
+        return p
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "problem.npz")
+        flat = {f"{k}_{leaf}": v for k, layer in params0.items() for leaf, v in layer.items()}
+        np.savez(data, x=xs, y=ys, **flat)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.Popen([python, "-c", _KFAC_JAX_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, bufsize=1, env=env)  # fmt: skip
+
+        def ask(msg: dict[str, Any]) -> dict[str, Any]:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps(msg) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the kfac-jax worker exited")
+            return json.loads(line)
+
+        try:
+            info = ask({"cmd": "setup", "data": data, "options": {**cfg, "mode": mode}})
+            peer = SelfTimed(lambda i: ask({"cmd": "run"})["seconds"])
+            timings = interleaved({"somax kfac": somax_cycle, "kfac-jax": peer}, rounds=cfg["rounds"],
+                                  warmup=cfg["warmup"])  # fmt: skip
+            last = ask({"cmd": "run"})
+        finally:
+            try:
+                ask({"cmd": "quit"})
+            except (OSError, RuntimeError, ValueError):
+                pass
+            proc.wait(timeout=30)
+    per_step = {k: _stats(np.asarray(v) / cfg["steps"]) for k, v in timings.wall_ms.items()}
+    return {"model": desc, "batch": batch, "mode": mode, "somax_fisher": fisher, **cfg,
+            "versions": {"kfac_jax": info["kfac_jax"], "jax_kfac_side": info["jax"], "jax_somax_side": jax.__version__},
+            "first_call_s": {"somax kfac": somax_first, "kfac-jax": info["first_call_s"]},
+            "per_step": per_step, "ratio": timings.ratio("somax kfac", "kfac-jax", _RATIO_KEYS),
+            "rounds_run": timings.rounds,
+            "final_loss": {"somax kfac": float(holder["loss"]), "kfac-jax": last["loss"]}}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- output
@@ -269,6 +598,17 @@ def render(result: dict[str, Any]) -> str:
             cg_txt = f"{r['cg_median']:.0f} {_its(r['cg_iters'], r['cg_converged'])}"
             pcg_txt = f"{r['pcg_median']:.0f} {_its(r['pcg_iters'], r['pcg_converged'])}"
             lines.append(f"| {r['lam']:g} | {r['params']} | {cg_txt} | {pcg_txt} | {r['ratio']:.2f} |")
+        if any(r.get("pcg_scaled") for r in cg["rows"]):
+            lines += ["", "K-FAC damped with `μ = c·λ` (`kfac_damping_scale = c`; the CG system keeps `λ`): "
+                      "median products (ratio to CG).", "",
+                      "| λ | parameters | " + " | ".join(f"c = {c}" for c in cg["rows"][0]["pcg_scaled"]) + " |",
+                      "|---|---|" + "---:|" * len(cg["rows"][0]["pcg_scaled"])]  # fmt: skip
+            for r in cg["rows"]:
+                cells = [f"{v['median']:.0f} ({v['median'] / r['cg_median']:.2f}){'' if all(v['converged']) else '*'}"
+                         for v in r["pcg_scaled"].values()]  # fmt: skip
+                lines.append(f"| {r['lam']:g} | {r['params']} | " + " | ".join(cells) + " |")
+            if any(not all(v["converged"]) for r in cg["rows"] for v in r["pcg_scaled"].values()):
+                lines.append("(* not every batch converged within maxiter.)")
         worst = max(r["ratio"] for r in cg["rows"])
         lines += ["", f"Goal (K-FAC-preconditioned CG ≤ 0.5× the products of plain CG): "
                   f"{'met' if cg['goal_met'] else 'not met'} (worst ratio {worst:.2f})."]  # fmt: skip
@@ -309,12 +649,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, help="override the profile's rounds")
     ap.add_argument("--no-cg", action="store_true", help="skip the CG-products sub-study")
     ap.add_argument("--only-cg", action="store_true", help="run only the CG-products sub-study")
+    ap.add_argument(
+        "--dense", action="store_true", help="run only the dense float64 check of K-FAC as CG's preconditioner"
+    )
+    ap.add_argument("--kfac-jax", metavar="PYTHON", help="run only `kfac` against kfac-jax, whose environment's "
+                    f"interpreter is PYTHON (install there: {' '.join(KFAC_JAX_PINS)})")  # fmt: skip
+    ap.add_argument("--kfac-jax-modes", nargs="+", default=["ggn_exact"], choices=("ggn_exact", "fisher_empirical"))
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--render", type=Path, metavar="JSON", help="print an existing result as Markdown and exit")
     args = ap.parse_args(argv)
     if args.render:
         result = json.loads(args.render.read_text())
         print(render(result))
+        return result
+    if args.kfac_jax:
+        started, machine = time.time(), machine_info()
+        studies = [kfac_jax_study(args.kfac_jax, mode) for mode in args.kfac_jax_modes]
+        result = {"benchmark": "kronecker_cost_kfac_jax", "machine": machine, "config": {"blas_env": blas_env()},
+                  "kfac_jax": studies, "wall_s": time.time() - started}  # fmt: skip
+        stem = "kronecker_cost_kfac_jax" + (f"_{args.tag}" if args.tag else "")
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_result(result, args.out / f"{stem}.json", quiet=True)
+        result["machine"] = json.loads((args.out / f"{stem}.json").read_text())["machine"]
+        table = render_kfac_jax(result)
+        (args.out / f"{stem}.md").write_text(table + "\n")
+        print(table)
+        return result
+    if args.dense:
+        started, machine = time.time(), machine_info()
+        result = {"benchmark": "kronecker_cost_dense", "machine": machine, "config": {"blas_env": blas_env()},
+                  "dense": dense_study(), "wall_s": None}  # fmt: skip
+        result["wall_s"] = time.time() - started
+        stem = "kronecker_cost_dense" + (f"_{args.tag}" if args.tag else "")
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_result(result, args.out / f"{stem}.json", quiet=True)
+        result["machine"] = json.loads((args.out / f"{stem}.json").read_text())["machine"]
+        table = render_dense(result)
+        (args.out / f"{stem}.md").write_text(table + "\n")
+        print(table)
         return result
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
     cfg = dict(PROFILES[profile])

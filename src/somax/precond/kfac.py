@@ -25,7 +25,12 @@ every step the current ``λ`` (plus the floor ``eps``) is applied without a refr
       M⁻¹ V = Q_A [ (Q_Aᵀ V Q_S) / ((λ_A + π√λ)(λ_S + √λ/π)ᵀ) ] Q_Sᵀ.
 
 Both are symmetric positive definite and linear, so K-FAC preconditions CG (``kfac_cg``)
-as well as the diagonal lane (``s = M⁻¹ g̃``, preset ``kfac``).
+as well as the diagonal lane (``s = M⁻¹ g̃``, preset ``kfac``). ``damping_scale = c`` uses
+``μ = c·λ`` in place of ``λ`` in both formulas (the solve keeps ``λ``). As CG's preconditioner
+K-FAC is block-diagonal over layers and, on a mini-batch, ``A ⊗ S`` has far larger rank than
+the GGN block it approximates (``rank(A)·rank(S)`` against at most ``n·C'``); in a direction
+the GGN does not curve, PCG then sees ``λ / (k + λ) ≪ 1``, which adds iterations. ``c > 1``
+bounds that effect (``c → ∞`` is plain CG); see ``docs/kronecker.md``.
 
 Which leaves: at ``init`` every leaf with two or more axes is a *candidate* kernel,
 ``(Π shape[:-1], shape[-1])``, and its bias is its unique one-axis sibling (same parent
