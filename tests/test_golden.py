@@ -1,11 +1,14 @@
 """Golden trajectories: 20 steps of every preset (and of the assembly paths presets do not reach)
-reproduce the recorded parameters, method state and every ``StepInfo`` field.
+reproduce the recorded parameters, method state and every ``StepInfo`` field (float64).
 
 The fixture ``golden/trajectories.npz`` is written by ``golden/record.py``; re-record it only
-for an intended change of numbers. Parameters and info fields are compared to 1e-12
-(relative, with a 1e-12 absolute floor) rather than bit for bit, so that a refactor may
+for an intended change of numbers. Parameters and info fields are compared to 1e-8
+(relative, with a 1e-9 absolute floor) rather than bit for bit, so that a refactor may
 reorder a floating-point reduction (e.g. one norm over concatenated leaves instead of a sum
-of per-leaf norms) without failing; every other difference fails.
+of per-leaf norms) and the suite may run on another CPU without failing: XLA compiles for
+the host's vector instructions, and after 20 steps the row-lane trajectories recorded on one
+x86-64 machine differ by up to 2e-10 on another (parameters of order 1). A change of the arithmetic
+moves them by far more; every other difference fails.
 """
 
 from __future__ import annotations
@@ -38,8 +41,6 @@ def test_reproduces_recorded_trajectory(name):
         actual = got[key]
         assert actual.shape == expected.shape, f"{name}: {key} shape {actual.shape} != {expected.shape}"
         if np.issubdtype(expected.dtype, np.floating):
-            np.testing.assert_allclose(
-                actual, expected, rtol=1e-12, atol=1e-12, equal_nan=True, err_msg=f"{name}: {key}"
-            )
+            np.testing.assert_allclose(actual, expected, rtol=1e-8, atol=1e-9, equal_nan=True, err_msg=f"{name}: {key}")
         else:
             np.testing.assert_array_equal(actual, expected, err_msg=f"{name}: {key}")
