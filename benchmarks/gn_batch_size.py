@@ -213,6 +213,12 @@ _STYLE = {"gn_muon": ("C0", "o", "-"), "gn_adam": ("C1", "s", "-"), "gn_prox_lin
           "muon": ("C6", "s", "--"), "soap": ("C7", "^", "--")}  # fmt: skip
 
 
+def matplotlib_ticker() -> Any:
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
 def plot(result: dict[str, Any], path: str | Path) -> Path | None:
     """Log-log steps-to-target vs batch size, one panel per task, one line per method.
 
@@ -243,9 +249,15 @@ def plot(result: dict[str, Any], path: str | Path) -> Path | None:
             bmin = entry["b_inner"] * min(result["micro_batch_counts"])
             bmax = entry["b_inner"] * max(result["micro_batch_counts"])
             ax.axhline(cap, color="0.6", lw=0.8, ls=":")
+            ref = entry["runs"].get(f"gn_muon/N={min(result['micro_batch_counts'])}")
+            if ref and ref["steps_to_target"]:  # perfect scaling from gn's first point: steps ∝ 1/b
+                ax.plot([bmin, bmax], [ref["steps_to_target"], ref["steps_to_target"] * bmin / bmax], color="k",
+                        lw=0.8, ls=(0, (1, 3)), label="steps ∝ 1/b")  # fmt: skip
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlim(bmin / 1.3, bmax * 1.3)
+            ax.set_xticks([entry["b_inner"] * n for n in result["micro_batch_counts"]])
+            ax.get_xaxis().set_major_formatter(matplotlib_ticker().ScalarFormatter())
             unit = "sequences" if tname == "char_transformer" else "examples"
             ax.set_xlabel(f"batch size b = N x {entry['b_inner']} ({unit})")
             ax.set_ylabel(f"outer steps to val. loss {entry['target']}")
