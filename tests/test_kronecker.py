@@ -462,3 +462,31 @@ def test_kfac_describe_assignment():
         params, lambda p, x: (x @ p["dense"]["kernel"] + p["dense"]["bias"]) * p["scale"], jnp.zeros((2, 3))
     )
     assert "['dense']['kernel']  kfac A 4x4 ⊗ S 4x4" in text and "['scale']  diagonal" in text
+
+
+def test_kfac_rejected_step_keeps_statistics_nonfinite_step_rolls_back():
+    """The preconditioner contract: after a step the damping rejects (``on_reject = "keep"``) the
+    factors hold the step's statistic, ``(1 − β)·A_t`` from zero; after a non-finite step
+    (``on_nonfinite = "rollback"``) they are exactly the state before the step."""
+    params, batch = _mlp_setup(7, seed=1)
+    beta = 0.95
+    # learning rate −1: an ascent step, which the trust region rejects (ρ < 0)
+    method = somax.make("kfac", _mlp, damping="trust_region", lam0=1e-3, learning_rate=-1.0, beta=beta,
+                        eigh_dtype="float64")  # fmt: skip
+    step = _jit(method.step)
+    p, b = _dev(params), _dev(batch)
+    state = _jit(method.init)(p)
+    new, after, info = step(p, b, state)
+    assert not bool(info["step_accepted"])
+    np.testing.assert_array_equal(_flat(new), _flat(p))
+    stats = _kfac_stats(params, batch)
+    for blk in after.precond.blocks:
+        want = [f for f in stats.values() if f[0].shape == blk["A"].shape and f[1].shape == blk["S"].shape]
+        assert len(want) == 1
+        np.testing.assert_allclose(np.asarray(blk["A"]), (1 - beta) * want[0][0], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(np.asarray(blk["S"]), (1 - beta) * want[0][1], rtol=1e-12, atol=1e-15)
+    bad = _dev({**batch, "x": np.where(np.arange(batch["x"].size).reshape(batch["x"].shape) == 0, np.nan, batch["x"])})
+    _, rolled, info = step(p, bad, state)
+    assert not bool(info["step_accepted"]) and int(rolled.nonfinite_count) == 1
+    for x, y in zip(jax.tree_util.tree_leaves(rolled.precond), jax.tree_util.tree_leaves(state.precond), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
