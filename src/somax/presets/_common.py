@@ -119,6 +119,12 @@ CG_OPTIONS: dict[str, Option] = {
     "stabilise_every": Option(
         0, int, "replace CG's recursive residual by the true one every this many iterations; 0: never."
     ),
+    "qn_memory": Option(
+        0,
+        int,
+        "keep the first this many CG pairs ``(p, Ap)`` of each solve and precondition the next solve "
+        "with their L-BFGS inverse (helps when consecutive systems are close, e.g. full batches); 0: off.",
+    ),
     "precondition": Option(
         None,
         str | PrecondSpec | None,
@@ -174,7 +180,8 @@ def precond_spec(o: Mapping[str, Any]) -> PrecondSpec | None:
 
 def cg_spec(o: Mapping[str, Any]) -> SolverSpec:
     keys = ("maxiter", "tol", "warm_start", "stabilise_every")
-    return SolverSpec("cg", kwargs={k: o[k] for k in keys})
+    memory = {"memory": o["qn_memory"]} if o["qn_memory"] else {}  # the plan shows it only when on
+    return SolverSpec("cg", kwargs={**{k: o[k] for k in keys}, **memory})
 
 
 def model_kwargs(

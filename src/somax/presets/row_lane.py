@@ -34,7 +34,7 @@ __all__ = ["egn_mse", "egn_ce", "egn_mse_cg", "egn_ce_cg", "ggn_direct_mse", "gg
 
 #: Row-space CG: the parameter-lane CG options without a preconditioner (row CG takes none).
 ROW_CG_OPTIONS: dict[str, Option] = {
-    **{k: v for k, v in CG_OPTIONS.items() if k != "precondition"},
+    **{k: v for k, v in CG_OPTIONS.items() if k not in ("precondition", "qn_memory")},
     "warm_start": CG_OPTIONS["warm_start"].replace(
         doc="start row CG from the previous direction mapped into this batch's rows."
     ),

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from somax import validate
 from somax._tree import tree_axpy, tree_norm, tree_sub, tree_vdot, tree_where, tree_zeros_like
 from somax.contracts import Solver
+from somax.precond.limited_memory import CurvaturePairs, empty_pairs, lbfgs_inverse, record_pair
 from somax.registry import SOLVERS
 
 PyTree = Any
@@ -59,6 +60,7 @@ __all__ = [
     "conjugate_gradient",
     "CGOptions",
     "CGSolver",
+    "QuasiNewtonCGState",
     "cg",
     "CURVATURE_RTOL",
     "AUTO_UNROLL_MAXITER",
@@ -77,6 +79,7 @@ class CGResult(NamedTuple):
     residual: jax.Array
     converged: jax.Array
     negative_curvature: jax.Array
+    pairs: Any = ()  # the recorded curvature pairs when ``record`` was given
 
 
 class _Carry(NamedTuple):
@@ -91,6 +94,7 @@ class _Carry(NamedTuple):
     pp: jax.Array  # ‖p‖² (tracked by recursion without a preconditioner)
     rq_max: jax.Array  # largest Rayleigh quotient pᵀAp/‖p‖² so far: the scale of A
     flat: jax.Array  # rtol · rq_max · ‖p‖²: pᵀAp at or below it ends the solve
+    pairs: Any = ()  # CurvaturePairs being recorded (``record``), else ()
 
 
 #: Curvature ``pᵀAp`` below ``CURVATURE_RTOL · ε · ‖A‖ · ‖p‖²`` ends CG like negative curvature.
@@ -150,11 +154,15 @@ def conjugate_gradient(
     stabilise_every: int = 0,
     precond: Callable[[PyTree], PyTree] | None = None,
     unroll: bool = False,
+    record: CurvaturePairs | None = None,
 ) -> CGResult:
     """(P)CG for ``matvec(x) = b`` on pytrees; see the module docstring for the exits.
 
     ``unroll=True``: ``maxiter`` masked iterations as straight-line code instead of a
     ``lax.while_loop`` (same result and iteration count; see the module docstring).
+    ``record``: slots for curvature pairs; the first ``m`` iterations' ``(p_k, A p_k)``
+    (with positive curvature) are written to slots ``0 … m−1`` and returned as
+    ``CGResult.pairs`` (:mod:`somax.precond.limited_memory`).
     """
     # Every reduction here is a pass over the parameters (and HLO to compile): with no
     # preconditioner ‖r‖² = rᵀz, and from x₀ = 0 the initial residual is b itself.
@@ -185,6 +193,10 @@ def conjugate_gradient(
         # `flat` is carried, not computed here: XLA copies the scalar logic that decides α into
         # every leaf's update kernel, so the test must stay one comparison.
         neg = ~(pap > flat)  # also true for pᵀAp ≤ 0 and NaN (flat ≥ 0)
+        pairs = c.pairs
+        if record is not None and (k is None or k < memory):
+            slot = jnp.minimum(c.i, memory - 1) if k is None else k
+            pairs = record_pair(pairs, slot, c.p, ap, ~neg & (c.i < memory))
         rq_max = jnp.maximum(c.rq_max, pap / jnp.where(pp > 0, pp, 1.0))
         # On pᵀAp ≤ 0 the iterate stays where it is, except at k = 0 from x₀ = 0, where x = 0
         # would be no direction at all: step α = 1 along p₀ = M⁻¹b instead (bᵀM⁻¹b > 0). That
@@ -207,13 +219,15 @@ def conjugate_gradient(
         pp_next = (rz + beta * beta * pp).astype(pp.dtype) if precond is None else pp
         flat_next = (rtol * rq_max * pp_next).astype(pp.dtype)
         i = jnp.where(neg, c.i, c.i + 1)
-        return _Carry(i, x, r, p, rz, rnorm, neg, jnp.zeros_like(c.stay), pp_next, rq_max, flat_next)
+        return _Carry(i, x, r, p, rz, rnorm, neg, jnp.zeros_like(c.stay), pp_next, rq_max, flat_next, pairs)
 
     rtol = CURVATURE_RTOL * jnp.finfo(rz.dtype).eps
+    memory = 0 if record is None else int(record.valid.shape[0])
     stay = jnp.asarray(1.0 if x0 is None else 0.0, rz.dtype)
     zero = jnp.zeros((), rz.dtype)
     pp0 = rz if precond is None else zero  # p₀ = r₀ without a preconditioner
-    init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool), stay, pp0, zero, zero)
+    init = _Carry(jnp.zeros((), jnp.int32), x, r, z, rz, rnorm, jnp.zeros((), bool), stay, pp0, zero, zero,
+                  () if record is None else record)  # fmt: skip
     if unroll:
         # No loop body for XLA to compile apart (see the module docstring): every iteration runs,
         # and after the stopping rule holds the select keeps the whole state as it was.
@@ -232,7 +246,7 @@ def conjugate_gradient(
         # descent explicitly and fall back to b.
         x = tree_where(~(tree_vdot(c.x, b) > 0), b, x)
     rel = jnp.where(bnorm > 0, c.rnorm / jnp.where(bnorm > 0, bnorm, 1.0), 0.0)
-    return CGResult(x, c.i, rel, (c.rnorm <= threshold) & ~c.neg, c.neg)
+    return CGResult(x, c.i, rel, (c.rnorm <= threshold) & ~c.neg, c.neg, c.pairs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,34 +287,65 @@ class CGOptions:
         return tree_zeros_like(params) if self.warm_start else ()
 
 
+class QuasiNewtonCGState(NamedTuple):
+    """State of :class:`CGSolver` with ``memory > 0``: the warm start (or ``()``) and the pairs."""
+
+    warm: PyTree
+    pairs: CurvaturePairs
+
+
 @dataclass(frozen=True, kw_only=True)
 class CGSolver(CGOptions, Solver):
     """Parameter-space (P)CG on ``(H_t + λ_t I) s = g_t`` (lane ``"param"``); options as :class:`CGOptions`.
 
     The warm start is the last solution ``s_{t−1}``; it is kept after a rejected step
     (``on_reject = "keep"``: the next solve is at the same point with a larger ``λ``).
+
+    Args:
+      memory: ``m > 0`` keeps the first ``m`` pairs ``(p_k, A p_k)`` of each solve and
+        preconditions the next solve with the L-BFGS inverse they define, on top of the
+        method's own preconditioner if it has one (:mod:`somax.precond.limited_memory`;
+        ``2m`` parameter-sized buffers in the solver state, no extra curvature products).
+        ``0`` (default) turns it off.
     """
+
+    memory: int = 0
 
     lane = "param"
     uses_precond = True
     info_keys = ("cg_iters", "cg_residual", "cg_converged")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate.integer(f"SolverSpec({self.kind!r}): memory", self.memory, minimum=0)
+
+    def init(self, params: PyTree) -> PyTree:
+        warm = super().init(params)
+        return QuasiNewtonCGState(warm, empty_pairs(params, self.memory)) if self.memory else warm
+
     def solve(self, lin, rhs: PyTree, lam: jax.Array, precond, state: PyTree):
         def damped(v: PyTree) -> PyTree:
             return tree_axpy(lam, v, lin.matvec(v))
 
+        warm, record = state, None
+        if self.memory:
+            warm, pairs = state
+            precond = lbfgs_inverse(pairs, lam, precond)
+            record = pairs._replace(lam=jnp.asarray(lam, pairs.lam.dtype), valid=jnp.zeros_like(pairs.valid))
         res = conjugate_gradient(
             damped,
             rhs,
-            x0=state if self.warm_start else None,
+            x0=warm if self.warm_start else None,
             tol=self.tol,
             maxiter=self.maxiter,
             stabilise_every=self.stabilise_every,
             precond=precond,
             unroll=resolve_unroll(self.unroll, self.maxiter, damped, rhs),
+            record=record,
         )
         stats = {"cg_iters": res.iters, "cg_residual": res.residual, "cg_converged": res.converged}
-        return res.x, (res.x if self.warm_start else ()), stats
+        new_warm = res.x if self.warm_start else ()
+        return res.x, (QuasiNewtonCGState(new_warm, res.pairs) if self.memory else new_warm), stats
 
 
 #: the registered factory of ``"cg"`` (keyword options as :class:`CGOptions`)
