@@ -19,10 +19,8 @@ damped GGN system ``(G_t + λI) s = g_t`` of batch ``B_t`` is solved to a relati
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,7 +30,7 @@ import optax
 
 import somax
 from benchmarks import data as bdata
-from benchmarks.common import RESULTS_DIR, machine_info, write_result
+from benchmarks.common import RESULTS_DIR, machine_info, study_parser, write_result
 from somax.models import mlp_apply, mlp_init
 from somax.specs import CurvatureSpec, DampingSpec, SolverSpec
 
@@ -99,9 +97,8 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line: ``python -m benchmarks qn_precond [--quick] [--out FILE.json]``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="batch 128 only, m = 10, steps 1 and 20")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "qn_precond.json", help="output JSON")
+    ap = study_parser(__doc__, quick="batch 128 only, m = 10, steps 1 and 20", smoke=None,
+                      out=RESULTS_DIR / "qn_precond.json")  # fmt: skip
     ap.add_argument("--tol", type=float, default=1e-4, help="relative residual to reach")
     args = ap.parse_args(argv)
     if args.quick:
