@@ -83,12 +83,13 @@ def _mlp_apply(params: dict, x: Any) -> Any:
     return h @ params[names[-1]]["w"] + params[names[-1]]["b"]
 
 
-def tasks(quick: bool) -> dict[str, dict[str, Any]]:
-    """Each task: params, model, train/validation arrays, ``b_inner`` and the target validation loss."""
+def tasks(quick: bool, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Each task: params (initialised from ``seed``), model, train/validation arrays, ``b_inner`` and the target
+    validation loss."""
     from benchmarks.data import mnist1d
 
     split = mnist1d(0, num_samples=4000 if quick else 10000)
-    mn = {"params": _mlp_init(0, (40, 64, 64, 10)), "apply": _mlp_apply, "b_inner": 32,
+    mn = {"params": _mlp_init(seed, (40, 64, 64, 10)), "apply": _mlp_apply, "b_inner": 32,
           "target": 1.6 if quick else 1.2,
           "x": np.asarray(split.x_train, np.float32), "y": np.asarray(split.y_train, np.int32),
           "x_val": np.asarray(split.x_test, np.float32), "y_val": np.asarray(split.y_test, np.int32),
@@ -102,7 +103,7 @@ def tasks(quick: bool) -> dict[str, dict[str, Any]]:
     xs = np.stack([seqs[i * context : (i + 1) * context] for i in range(n_seq)])
     ys = np.stack([seqs[i * context + 1 : (i + 1) * context + 1] for i in range(n_seq)])
     cut = int(0.9 * n_seq)
-    params = char_transformer_init(0, vocab=len(chars), width=32, layers=1, heads=2, context=context)
+    params = char_transformer_init(seed, vocab=len(chars), width=32, layers=1, heads=2, context=context)
     tr = {"params": params, "apply": lambda p, t: char_transformer_apply(p, t, heads=2), "b_inner": 8,
           "target": 3.0 if quick else 2.7, "x": xs[:cut], "y": ys[:cut], "x_val": xs[cut:][::2][:256],
           "y_val": ys[cut:][::2][:256],
@@ -288,14 +289,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tasks", default="mnist1d_mlp,char_transformer")
     ap.add_argument("--ns", default=None, help="comma-separated micro-batch counts N (default: the profile's)")
     ap.add_argument("--max-steps", type=int, default=None, help="outer-step budget for every task")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed (the data set is fixed)")
     args = ap.parse_args(argv)
     profile = PROFILES["quick" if args.quick else "full"]
     ns = tuple(int(v) for v in args.ns.split(",")) if args.ns else profile["ns"]
-    all_tasks, all_methods = tasks(args.quick), methods()
+    all_tasks, all_methods = tasks(args.quick, args.seed), methods()
     t_start = time.perf_counter()
     result: dict[str, Any] = {
         "benchmark": "gn_batch_size", "study": "gn_batch_size", "profile": "quick" if args.quick else "full",
-        "machine": machine_info(), "blas_env": blas_env(), "micro_batch_counts": list(ns), "seeds": [0],
+        "machine": machine_info(), "blas_env": blas_env(), "micro_batch_counts": list(ns), "seeds": [args.seed],
         "scale": "sized to run in about 40 minutes of CPU on a 2-core machine shared with other jobs: one seed, "
                  "untuned hyperparameters, a 3-layer width-64 MLP and a 1-layer width-32 transformer, "
                  "outer-step budgets per task",
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         val_loss = _val_loss(task)
         for mname in args.methods.split(","):
             for n in ns:
-                r = run(task, all_methods[mname], n, max_steps, val_loss=val_loss)
+                r = run(task, all_methods[mname], n, max_steps, seed=args.seed, val_loss=val_loss)
                 entry["runs"][f"{mname}/N={n}"] = r
                 print(f"{tname:17s} {mname:15s} b={n * task['b_inner']:4d}  steps→target={r['steps_to_target']}  "
                       f"final={r['final_val_loss']:.3f}  {r['seconds']:.1f}s "
