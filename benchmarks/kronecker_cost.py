@@ -128,8 +128,18 @@ def problem(name: str, width: int = 256, num_samples: int = 5000) -> tuple[bdata
     raise ValueError(f"unknown problem {name!r}; known: mlp, cnn")
 
 
+#: named variants of a preset (``--methods``): ``shampoo_b<k>`` is Shampoo with ``block_size = k``
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    f"shampoo_b{k}": ("shampoo", {"block_size": k}) for k in (32, 64, 128)
+}
+
+
 def build_method(name: str, predict: Callable, **options: Any) -> somax.SecondOrderMethod:
-    """The preset ``name`` (CE loss) with ``options``; ``refresh_every_k``-style cadences are the defaults (10)."""
+    """The preset ``name`` (CE loss) with ``options``, or a :data:`VARIANTS` entry; ``refresh_every_k``-style
+    cadences are the defaults (10)."""
+    if name in VARIANTS:
+        preset, extra = VARIANTS[name]
+        return somax.make(preset, predict, **{**extra, **options})
     return somax.make(name, predict, **options)
 
 
@@ -647,6 +657,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder (default benchmarks/results)")
     ap.add_argument("--problems", nargs="+", choices=("mlp", "cnn"), help="override the profile's problems")
     ap.add_argument("--rounds", type=int, help="override the profile's rounds")
+    ap.add_argument("--methods", nargs="+", choices=("adam", *METHODS[1:], *VARIANTS),
+                    help="override the profile's candidates (adam is the baseline)")  # fmt: skip
     ap.add_argument("--no-cg", action="store_true", help="skip the CG-products sub-study")
     ap.add_argument("--only-cg", action="store_true", help="run only the CG-products sub-study")
     ap.add_argument(
@@ -694,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cfg["problems"] = tuple(args.problems)
     if args.rounds:
         cfg["rounds"] = args.rounds
+    if args.methods:
+        cfg["methods"] = tuple(args.methods)
     started = time.time()
     machine = machine_info()
     points = [] if args.only_cg else [bench_problem(p, cfg) for p in cfg["problems"]]

@@ -183,7 +183,14 @@ def eig_factor(mat: jax.Array, dtype: str, descending: bool = False) -> tuple[ja
     """
     work = mat.astype(jnp.float64 if dtype == "float64" else jnp.float32)
     work = 0.5 * (work + jnp.swapaxes(work, -1, -2))
-    lam, q = jnp.linalg.eigh(work)
+    if work.ndim > 2:
+        # One block at a time (lax.map): a batched eigh inside lax.scan hung XLA:CPU (jax 0.10.2)
+        # for blocks of 64 and more; one eigh per iteration is also what the unbatched case runs.
+        flat = work.reshape(-1, *work.shape[-2:])
+        lam, q = jax.lax.map(jnp.linalg.eigh, flat)
+        lam, q = lam.reshape(work.shape[:-1]), q.reshape(work.shape)
+    else:
+        lam, q = jnp.linalg.eigh(work)
     if descending:
         lam, q = lam[..., ::-1], q[..., ::-1]
     return q.astype(mat.dtype), jnp.maximum(lam, 0.0).astype(mat.dtype)
