@@ -3,6 +3,9 @@
     python -m benchmarks real_sizes            # every model, 10 rounds (a few minutes on 2 cores)
     python -m benchmarks real_sizes --quick    # smaller batches on the conv nets, 4 rounds
     python -m benchmarks real_sizes --tiny     # a tiny MLP, seconds (the smoke test)
+    python -m benchmarks real_sizes --quick --models resnet20 --batch 32 --max-seconds 300
+    python -m benchmarks real_sizes --quick --probe-memory   # temporary memory with each probe compiled in
+    python -m benchmarks real_sizes --quick --probe-loops --models cnn28   # the probes' loops, timed
 
 Models (float32, synthetic data of the right shapes; ``benchmarks/models.py``):
 
@@ -31,7 +34,17 @@ inner-loop methods ``loop_overhead``: step time over ``grad + k·ggnvp`` in the 
 iterations, plus one for the warm start's initial residual; plus two for row CG's warm
 start and back-projection). ``--compare-unroll`` adds each CG method with
 ``unroll=False`` (``@while``: the ``lax.while_loop``) and ``unroll=True`` (``@unroll``) as
-separate candidates beside the default (``unroll="auto"``).
+separate candidates beside the default (``unroll="auto"``). ``--batch`` and ``--max-seconds``
+override the profile's batch sizes and time limit; with a diagonal preset in the run the
+timed rounds stop only after whole 10-step cycles, so every cycle's refresh step is counted.
+
+``--probe-memory`` compiles (never runs) ``sgn_ce`` light and ``adahessian`` with each
+spectral probe of :class:`somax.specs.TelemetrySpec` compiled in on a 10-step cadence
+(``trace``, ``eig``, ``density``, ``block_eig`` at their defaults; ``off``: none) and
+records each step's ``temp_bytes``: what a probe costs in memory on the steps where it
+does not fire (``real_sizes.probe_memory.json``). ``--probe-loops`` times the probes'
+estimators on a model's GGN-vector product, looped and unrolled, against the products
+standalone (:func:`probe_loops`; ``real_sizes.probe_loops.json``).
 """
 
 from __future__ import annotations
@@ -131,22 +144,24 @@ def _optax(predict: Callable, tx: optax.GradientTransformation) -> tuple[Callabl
     return tx.init, step
 
 
-def make_method(name: str, predict: Callable, unroll: Any = None) -> tuple[Callable, Callable]:
+def make_method(name: str, predict: Callable, unroll: Any = None, telemetry: Any = None) -> tuple[Callable, Callable]:
     """``(init, step)`` with ``step(params, batch, state, rng) -> (params, state, info)``.
 
     ``unroll`` (CG methods only): replace the preset's solver by one with this ``unroll``.
+    ``telemetry`` (somax presets only): a :class:`somax.specs.TelemetrySpec` for the preset.
     """
+    extra = {} if telemetry is None else {"telemetry": telemetry}
     if name == "adam":
         return _optax(predict, optax.adam(1e-3))
     if name == "sgdm":
         return _optax(predict, optax.sgd(1e-2, momentum=0.9))
     if name in ("sgn_ce_light", "sgn_ce_heavy"):
         maxiter = 3 if name == "sgn_ce_light" else 10
-        method = somax.make("sgn_ce", predict_fn=predict, maxiter=maxiter, learning_rate=0.1)
+        method = somax.make("sgn_ce", predict_fn=predict, maxiter=maxiter, learning_rate=0.1, **extra)
     elif name == "egn_ce_cg":
-        method = somax.make("egn_ce_cg", predict_fn=predict, learning_rate=0.1)
+        method = somax.make("egn_ce_cg", predict_fn=predict, learning_rate=0.1, **extra)
     elif name in DIAG_METHODS:
-        method = somax.make(name, predict_fn=predict, loss="ce", eval_every_k=10)
+        method = somax.make(name, predict_fn=predict, loss="ce", eval_every_k=10, **extra)
     else:
         raise ValueError(f"unknown method {name!r}; known: {METHODS}")
     if unroll is not None:
@@ -220,8 +235,10 @@ def bench_model(model: str, cfg: dict[str, Any], compare_unroll: bool = False) -
         _, ms, _, compiled = first_call(fn, args, run=False)
         cells[name] = {"compile_s": (ms["lower"] + ms["compile"]) / 1e3, "memory": _memory(compiled)}
         calls[name] = lambda i, c=compiled, a=args: c(*a)
+    # with an estimator on a 10-step cadence, stop only after whole cycles (each holds one refresh)
+    cycle = 10 if any(variants[n][0] in DIAG_METHODS for n in variants) and cfg["rounds"] >= 10 else 1
     timing = interleaved(calls, rounds=cfg["rounds"], warmup=cfg["warmup"], min_rounds=min(cfg["rounds"], 2),
-                         max_seconds=cfg["max_seconds"], stop_every=1)  # fmt: skip
+                         max_seconds=cfg["max_seconds"], stop_every=cycle)  # fmt: skip
     wall = timing.wall_ms
     adam_temp = max(cells["adam"]["memory"]["temp_bytes"], 1) if "adam" in cells else None
     for name, cell in cells.items():
@@ -246,6 +263,140 @@ def bench_model(model: str, cfg: dict[str, Any], compare_unroll: bool = False) -
             cell["loop_overhead_p90"] = float(np.percentile(per_round, 90))
     return {"model": model, "batch": b, "n_params": M.n_params(params), "rounds": timing.rounds, "cells": cells,
             "samples_ms": wall}  # fmt: skip
+
+
+#: the spectral probes of the memory study, each compiled in on a 10-step cadence (at its defaults)
+PROBES: dict[str, dict[str, int]] = {
+    "off": {},
+    "trace": {"trace_every_k": 10},
+    "eig": {"eig_every_k": 10},
+    "density": {"density_every_k": 10},
+    "block_eig": {"block_eig_every_k": 10},
+}
+PROBE_METHODS = ("sgn_ce_light", "adahessian")
+
+
+def probe_memory(model: str, cfg: dict[str, Any], methods: Sequence[str] = PROBE_METHODS) -> dict[str, Any]:
+    """Temporary bytes of each method's compiled step with each spectral probe compiled in
+    (``PROBES``; ``off``: none), from ``memory_analysis()``; compiled only, never run."""
+    from somax.specs import TelemetrySpec
+
+    b = cfg["batch"][model]
+    params, predict, batch = model_and_batch(model, b)
+    rng = jax.random.PRNGKey(0)
+    cells: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        for probe, kwargs in PROBES.items():
+            init, step = make_method(method, predict, telemetry=TelemetrySpec(**kwargs))
+            _, ms, _, compiled = first_call(step, (params, batch, init(params), rng), run=False)
+            cells[f"{method}/{probe}"] = {"method": method, "probe": probe, **_memory(compiled),
+                                          "compile_s": (ms["lower"] + ms["compile"]) / 1e3}  # fmt: skip
+            print(f"{model} {method} {probe}: temp {cells[f'{method}/{probe}']['temp_bytes'] / 2**20:.2f} MiB",
+                  flush=True)  # fmt: skip
+    n = M.n_params(params)
+    return {"model": model, "batch": b, "n_params": n, "param_mib": 4 * n / 2**20, "cells": cells}
+
+
+def render_probe_memory(result: dict[str, Any]) -> str:
+    """Markdown: temporary MiB per (model, method), one column per probe (+ its increase over off)."""
+    probes = list(PROBES)
+    lines = ["| model | params (MiB) | method | " + " | ".join(probes) + " |",
+             "|---|---|---|" + "---:|" * len(probes)]  # fmt: skip
+    for p in result["probe_memory"]:
+        methods = dict.fromkeys(c["method"] for c in p["cells"].values())
+        for m in methods:
+            off = p["cells"][f"{m}/off"]["temp_bytes"] / 2**20
+            row = [f"{off:.1f}"]
+            for probe in probes[1:]:
+                t = p["cells"][f"{m}/{probe}"]["temp_bytes"] / 2**20
+                row.append(f"{t:.1f} (+{t - off:.1f})")
+            lines.append(f"| {p['model']} | {p['n_params']:,} ({p['param_mib']:.2f}) | {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def probe_loops(model: str, cfg: dict[str, Any], vmapped: bool = True) -> dict[str, Any]:
+    """Time the spectral probes' loops on one model's GGN-vector product, looped and unrolled.
+
+    Candidates (each a jitted function of the linearisation and a key, compiled ahead of
+    time, timed in interleaved rounds): ``ggnvp`` (one flat product, as the probes make
+    it), ``eig`` (:func:`~somax.estimators.spectral.top_eigenvalues`, 20 Lanczos steps),
+    ``trace`` (:func:`~somax.estimators.spectral.hutchinson_trace`, 10 probes) and
+    ``density`` (:func:`~somax.estimators.spectral.slq_density`, 4 probes × 16 steps), each
+    ``@loop`` (``fori_loop``/``lax.map``) and ``@unroll`` (not ``density``: 64 unrolled Lanczos
+    steps compile for minutes), and (``vmapped``) ``trace@vmap``,
+    the 10 products batched with ``vmap`` in one pass. ``overhead``: time over
+    ``k · ggnvp`` in the same round (median of the per-round ratios), ``k`` the products made.
+    """
+    from jax.flatten_util import ravel_pytree
+
+    from somax.estimators import spectral
+
+    b = cfg["batch"][model]
+    params, predict, batch = model_and_batch(model, b)
+    flat, unravel = ravel_pytree(params)
+    dim, dtype = flat.shape[0], flat.dtype
+
+    @jax.jit
+    def linearise(p, x):
+        return jax.vjp(lambda q: predict(q, x), p)
+
+    z, vjp_fn = linearise(params, batch["x"])
+
+    def flat_matvec(vjp_fn, z):
+        def mv(v):
+            (jv,) = jax.linear_transpose(vjp_fn, z)((unravel(v),))
+            prob = jax.nn.softmax(z, axis=-1)
+            hjv = (prob * jv - prob * jnp.sum(prob * jv, -1, keepdims=True)) / np.prod(z.shape[:-1])
+            return ravel_pytree(vjp_fn(hjv)[0])[0]
+
+        return mv
+
+    def vmap_trace(mv, key, n):  # the batched formulation: every probe's product in one pass
+        v = spectral.rademacher(key, (n, dim), dtype)
+        return jnp.mean(jnp.sum(v * jax.vmap(mv)(v), axis=-1))
+
+    fns: dict[str, tuple[Callable, int]] = {
+        "ggnvp": (lambda vj, z, k: flat_matvec(vj, z)(jnp.full(dim, 0.01, dtype)), 1)
+    }
+    for unroll in (False, True):
+        tag = "unroll" if unroll else "loop"
+        fns[f"eig@{tag}"] = (lambda vj, z, k, u=unroll: spectral.top_eigenvalues(flat_matvec(vj, z), dim, k, 1, 20,
+                                                                                   dtype, unroll=u), 20)  # fmt: skip
+        fns[f"trace@{tag}"] = (lambda vj, z, k, u=unroll: spectral.hutchinson_trace(flat_matvec(vj, z), dim, k, 10,
+                                                                                      dtype, unroll=u), 10)  # fmt: skip
+    fns["density@loop"] = (lambda vj, z, k: spectral.slq_density(flat_matvec(vj, z), dim, k, 4, 16, dtype), 64)
+    if vmapped:
+        fns["trace@vmap"] = (lambda vj, z, k: vmap_trace(flat_matvec(vj, z), k, 10), 10)
+    args = (vjp_fn, z, jax.random.PRNGKey(0))
+    calls, cells = {}, {}
+    for name, (fn, k) in fns.items():
+        _, ms, _, compiled = first_call(fn, args, run=False)
+        cells[name] = {"products": k, "compile_s": (ms["lower"] + ms["compile"]) / 1e3, **_memory(compiled)}
+        calls[name] = lambda i, c=compiled: c(*args)
+        print(f"{model} {name}: compiled in {cells[name]['compile_s']:.1f} s", flush=True)
+    timing = interleaved(calls, rounds=cfg["rounds"], warmup=cfg["warmup"], min_rounds=min(cfg["rounds"], 3),
+                         max_seconds=cfg["max_seconds"], stop_every=1)  # fmt: skip
+    wall = timing.wall_ms
+    h = np.asarray(wall["ggnvp"], np.float64)
+    for name, cell in cells.items():
+        cell.update({k: v for k, v in summarize(wall[name]).items() if k in ("median_ms", "p90_ms", "mean_ms")})
+        t = np.asarray(wall[name], np.float64)
+        n = min(t.size, h.size)
+        per_round = t[:n] / (cell["products"] * h[:n])
+        cell["overhead"], cell["overhead_p90"] = float(np.median(per_round)), float(np.percentile(per_round, 90))
+    return {"model": model, "batch": b, "n_params": int(dim), "rounds": timing.rounds, "cells": cells,
+            "samples_ms": wall}  # fmt: skip
+
+
+def render_probe_loops(result: dict[str, Any]) -> str:
+    lines = ["| model | probe | products | median / p90 ms | × k products (median / p90) | compile s | temp MiB |",
+             "|---|---|---:|---|---|---:|---:|"]  # fmt: skip
+    for p in result["probe_loops"]:
+        for name, c in p["cells"].items():
+            lines.append(f"| {p['model']} | {name} | {c['products']} | {c['median_ms']:.1f} / {c['p90_ms']:.1f} | "
+                         f"{c['overhead']:.2f} / {c['overhead_p90']:.2f} | {c['compile_s']:.1f} | "
+                         f"{c['temp_bytes'] / 2**20:.1f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def verdicts(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -329,7 +480,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", nargs="+", choices=MODELS, help="override the profile's models")
     ap.add_argument("--methods", nargs="+", choices=METHODS, help="override the profile's methods")
     ap.add_argument("--rounds", type=int, help="override the profile's rounds")
+    ap.add_argument("--batch", type=int, help="override the batch size of every model")
+    ap.add_argument("--max-seconds", type=float, help="override the profile's time limit on the timed rounds")
     ap.add_argument("--compare-unroll", action="store_true", help="also time each CG method with unroll=False and True")
+    ap.add_argument("--probe-memory", action="store_true",
+                    help="instead of timing: temporary memory of sgn_ce light and adahessian with each spectral "
+                         "probe compiled in (compile only; real_sizes.probe_memory.json)")  # fmt: skip
+    ap.add_argument("--probe-loops", action="store_true",
+                    help="instead of the matrix: the spectral probes' loops, looped and unrolled, against k "
+                         "standalone products (real_sizes.probe_loops.json)")  # fmt: skip
     args = ap.parse_args(argv)
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
     cfg = dict(PROFILES[profile])
@@ -339,11 +498,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cfg["methods"] = tuple(dict.fromkeys(("adam", *args.methods)))
     if args.rounds:
         cfg["rounds"] = args.rounds
+    if args.batch:
+        cfg["batch"] = {m: args.batch for m in cfg["batch"]}
+    if args.max_seconds:
+        cfg["max_seconds"] = args.max_seconds
     from pathlib import Path
 
     out = Path(args.out)
     if args.tag:
         out = out.with_name(f"{out.stem}.{args.tag}{out.suffix}")
+    if args.probe_loops:
+        if not args.tag and args.out == str(DEFAULT_OUT):
+            out = out.with_name(f"{out.stem}.probe_loops{out.suffix}")
+        result = {"benchmark": "real_sizes/probe_loops", "machine": machine_info(),
+                  "config": {"profile": profile, "tag": args.tag, "models": list(cfg["models"]), "batch": cfg["batch"],
+                             "rounds": cfg["rounds"], "warmup": cfg["warmup"], "max_seconds": cfg["max_seconds"]},
+                  "probe_loops": [probe_loops(m, cfg) for m in cfg["models"]]}  # fmt: skip
+        write_result(result, out, quiet=True)
+        table = render_probe_loops(result)
+        out.with_suffix(".md").write_text(table + "\n")
+        print(table)
+        print(f"\nwrote {out}")
+        return result
+    if args.probe_memory:
+        if not args.tag and args.out == str(DEFAULT_OUT):
+            out = out.with_name(f"{out.stem}.probe_memory{out.suffix}")
+        result = {"benchmark": "real_sizes/probe_memory", "machine": machine_info(),
+                  "config": {"profile": profile, "tag": args.tag, "models": list(cfg["models"]), "batch": cfg["batch"],
+                             "methods": list(PROBE_METHODS), "probes": PROBES},
+                  "probe_memory": [probe_memory(m, cfg) for m in cfg["models"]]}  # fmt: skip
+        write_result(result, out, quiet=True)
+        table = render_probe_memory(result)
+        out.with_suffix(".md").write_text(table + "\n")
+        print(table)
+        print(f"\nwrote {out}")
+        return result
     points = [bench_model(m, cfg, args.compare_unroll) for m in cfg["models"]]
     result = {
         "benchmark": "real_sizes",

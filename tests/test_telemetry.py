@@ -83,7 +83,7 @@ def test_slq_moments_are_exact_per_probe_and_match_spectrum():
     nodes, weights = spectral.slq_density(_dense_matvec(G), d, key, 64, 6, jnp.float64)
     nodes, weights = np.asarray(nodes), np.asarray(weights)
     np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-12)
-    v = np.asarray(spectral.rademacher(key, (64, d), jnp.float64))
+    v = np.stack([np.asarray(spectral.rademacher_probe(key, i, d, jnp.float64)) for i in range(64)])
     q = v / np.linalg.norm(v, axis=1, keepdims=True)
     for p in range(4):  # Gauss quadrature with m = 6 nodes is exact up to degree 2m − 1
         quad = (weights * nodes**p).sum(axis=1)
@@ -110,6 +110,39 @@ def test_block_top_eigenvalues_match_dense_blocks():
         np.testing.assert_allclose(float(info["block_top_eig"][f"['{layer}']"]), expected, rtol=1e-6)
     logged = somax.to_floats(info)
     assert "block_top_eig/['layer0']" in logged
+
+
+def test_unrolled_spectral_loops_equal_the_loops_and_blocks_by_id_equal_masks():
+    """``unroll=True`` (straight-line code) computes what the fori_loop / lax.map versions do,
+    and the blocks given as one id array give what (n_blocks, dim) masks give."""
+    rs = np.random.default_rng(0)
+    a = rs.standard_normal((9, 9))
+    matvec = _dense_matvec(a @ a.T)
+    key = jax.random.PRNGKey(2)
+    f64 = jnp.float64
+    ids = jnp.asarray([0, 0, 1, 2, 2, 2, 1, 0, 2])
+    masks = (ids[None, :] == jnp.arange(3)[:, None]).astype(f64)
+
+    @jax.jit
+    def both(key):  # one compiled program for every case
+        out = {
+            u: (
+                spectral.top_eigenvalues(matvec, 9, key, 2, 5, f64, unroll=u),
+                spectral.hutchinson_trace(matvec, 9, key, 4, f64, unroll=u),
+            )
+            for u in (False, True)
+        }
+        blocks = spectral.block_top_eigenvalues_by_id(matvec, ids, 3, key, 4, f64)
+        return out, blocks, spectral.block_top_eigenvalues(matvec, masks, key, 4, f64)
+
+    out, by_id, by_mask = both(key)
+    for x, y in zip(out[True], out[False], strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(by_id), np.asarray(by_mask), rtol=1e-10)
+    dense = np.asarray(a @ a.T)
+    for b in range(3):  # 4 Lanczos steps are exact on blocks of at most 4 entries
+        idx = np.flatnonzero(np.asarray(ids) == b)
+        np.testing.assert_allclose(float(by_mask[b]), np.linalg.eigvalsh(dense[np.ix_(idx, idx)]).max(), rtol=1e-8)
 
 
 def test_each_probe_fires_exactly_on_its_cadence_and_compiles_once():

@@ -2,7 +2,11 @@
 
 Each probe runs only on its own cadence (inside a ``lax.cond``) and uses the
 step's ``Linearization.matvec`` — never a second linearization. Vectors are
-flattened with ``ravel_pytree`` so Lanczos can keep a dense basis.
+flattened with ``ravel_pytree`` so Lanczos can keep a dense basis. Each probe's runs
+(trace probes, SLQ probes, layer blocks) go one after another, so an idle probe's
+``lax.cond`` reserves the temporaries of one run; the loops are unrolled by the CG
+solvers' ``"auto"`` rule (:func:`somax.solvers.cg.resolve_unroll`) applied to the probe's
+total number of curvature products (see :mod:`somax.estimators.spectral`).
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from somax.estimators import spectral
+from somax.solvers.cg import resolve_unroll
 from somax.specs import TelemetrySpec
 from somax.telemetry import InfoField
 
@@ -66,39 +72,67 @@ def spectral_values(
         return jax.random.fold_in(rng, 100 + i)
 
     nan = jnp.asarray(jnp.nan, float_dtype)
+    probe_vector = jnp.zeros((dim,), dtype)
+
+    def unrolled(products: int) -> bool:
+        """The CG solvers' ``"auto"`` rule on this probe's total number of products."""
+        return resolve_unroll("auto", products, matvec, probe_vector)
+
     out: dict[str, Any] = {}
     if t.trace_every_k != -1:
         est = spectral.hutchinson_trace if t.trace_estimator == "hutchinson" else spectral.hutchpp_trace
+        products = t.trace_probes if t.trace_estimator == "hutchinson" else 3 * max(1, t.trace_probes // 3)
+        unroll = unrolled(products)
         out["trace"] = gated(
-            gate("trace"), lambda: est(matvec, dim, key(0), t.trace_probes, dtype).astype(float_dtype), nan
+            gate("trace"),
+            lambda: est(matvec, dim, key(0), t.trace_probes, dtype, unroll=unroll).astype(float_dtype),
+            nan,
         )
     if t.eig_every_k != -1:
         sentinel = jnp.full((t.eig_k,), jnp.nan, float_dtype)
-        out["top_eigs"] = gated(
-            gate("eig"),
-            lambda: spectral.top_eigenvalues(matvec, dim, key(1), t.eig_k, t.eig_iters, dtype).astype(float_dtype),
-            sentinel,
-        )
+        unroll = unrolled(min(t.eig_iters, dim))
+
+        def top():
+            tops = spectral.top_eigenvalues(matvec, dim, key(1), t.eig_k, t.eig_iters, dtype, unroll=unroll)
+            return tops.astype(float_dtype)
+
+        out["top_eigs"] = gated(gate("eig"), top, sentinel)
     if t.density_every_k != -1:
         shape = (t.density_probes, t.density_iters)
         sentinel = (jnp.full(shape, jnp.nan, float_dtype), jnp.full(shape, jnp.nan, float_dtype))
+        unroll = unrolled(t.density_probes * t.density_iters)
 
         def density():
-            nodes, weights = spectral.slq_density(matvec, dim, key(2), t.density_probes, t.density_iters, dtype)
+            nodes, weights = spectral.slq_density(
+                matvec, dim, key(2), t.density_probes, t.density_iters, dtype, unroll=unroll
+            )
             return nodes.astype(float_dtype), weights.astype(float_dtype)
 
         out["density_nodes"], out["density_weights"] = gated(gate("density"), density, sentinel)
     if t.block_eig_every_k != -1:
         blocks = spectral.parameter_blocks(params)
-        masks = block_masks(params, blocks).astype(dtype)
+        ids = jnp.asarray(block_ids(params, blocks))
         sentinel = jnp.full((len(blocks),), jnp.nan, float_dtype)
-        tops = gated(
-            gate("block_eig"),
-            lambda: spectral.block_top_eigenvalues(matvec, masks, key(3), t.block_eig_iters, dtype).astype(float_dtype),
-            sentinel,
-        )
+        unroll = unrolled(len(blocks) * t.block_eig_iters)
+
+        def block_tops():
+            tops = spectral.block_top_eigenvalues_by_id(
+                matvec, ids, len(blocks), key(3), t.block_eig_iters, dtype, unroll=unroll
+            )
+            return tops.astype(float_dtype)
+
+        tops = gated(gate("block_eig"), block_tops, sentinel)
         out["block_top_eig"] = {name: tops[i] for i, name in enumerate(blocks)}
     return out
+
+
+def block_ids(params: Any, blocks: dict[str, list[int]]) -> np.ndarray:
+    """The block index of every entry of the flattened parameters, ``(dim,)`` int32 (host-side)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    of_leaf = np.empty(len(leaves), np.int32)
+    for b, indices in enumerate(blocks.values()):
+        of_leaf[indices] = b
+    return np.repeat(of_leaf, [int(np.size(x)) for x in leaves])
 
 
 def block_masks(params: Any, blocks: dict[str, list[int]]) -> jax.Array:
