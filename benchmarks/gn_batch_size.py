@@ -15,8 +15,11 @@ of a step one inner step each plus two held-out micro-batches for the line searc
 see the same ``N·b_inner`` examples as one batch. Hyperparameters are untuned defaults (the
 paper sweeps them per batch size), so the numbers show the shape of the curves, not a tuned
 comparison. The full profile is sized to run in about 40 minutes of CPU on a 2-core machine:
-``N ∈ {1, 2, 4, 8, 16}``, one seed, budgets of 500 (MNIST-1D) and 150 (text) outer steps,
-validation on MNIST-1D's 2000 test examples and on 256 held-out text sequences.
+``N ∈ {1, 2, 4, 8, 16}``, one seed per run (``--seed``: initialisation and data order;
+``--combine`` merges the JSON of several seeds into medians and ranges), budgets of 500
+(MNIST-1D) and 150 (text) outer steps, validation on MNIST-1D's 2000 test examples and on 256
+held-out text sequences. Most of a first run's time is compiling the 80 step programs; with
+JAX's persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``) further seeds take minutes.
 """
 
 from __future__ import annotations
@@ -247,6 +250,9 @@ def plot(result: dict[str, Any], path: str | Path) -> Path | None:
                     ax.plot(*zip(*hit), color=color, marker=marker, ls="none", ms=5)
                 if miss:
                     ax.plot(*zip(*miss), color=color, marker=marker, ls="none", ms=6, mfc="none")
+                spread = [(b, r["seed_min"], r["seed_max"]) for b, r in pts if "seed_min" in r]
+                for b, lo, hi in spread:  # combined seeds: the median, a bar from the fewest to the most steps
+                    ax.plot([b, b], [lo or cap, hi or cap], color=color, lw=0.8, alpha=0.7)
             bmin = entry["b_inner"] * min(result["micro_batch_counts"])
             bmax = entry["b_inner"] * max(result["micro_batch_counts"])
             ax.axhline(cap, color="0.6", lw=0.8, ls=":")
@@ -262,13 +268,35 @@ def plot(result: dict[str, Any], path: str | Path) -> Path | None:
             unit = "sequences" if tname == "char_transformer" else "examples"
             ax.set_xlabel(f"batch size b = N x {entry['b_inner']} ({unit})")
             ax.set_ylabel(f"outer steps to val. loss {entry['target']}")
-            ax.set_title(f"{tname} (open marker: not reached in {cap})", fontsize=9)
+            seeds = f"median of {len(result['seeds'])} seeds, bars: range; " if result.get("combined") else ""
+            ax.set_title(f"{tname} ({seeds}open marker: not reached in {cap})", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
         np.atleast_1d(axes)[0].legend(fontsize=7, ncol=2)
 
     from benchmarks.common import save_figure
 
     return save_figure(path, draw, 1, len(tasks_), figsize=(5.2 * len(tasks_), 4.2))
+
+
+def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of several seeds (same tasks, batch sizes and budgets) as one result: per method and
+    batch size the median of the steps to target (a miss counts as more than any hit; a median
+    that is a miss is None), the fewest and most steps (None: a miss) and every seed's count."""
+    out = {k: v for k, v in results[0].items() if k not in ("tasks", "seeds", "study_seconds", "cpu_seconds")}
+    out["seeds"] = [s for r in results for s in r["seeds"]]
+    out["combined"] = True
+    out["tasks"] = {}
+    for tname, entry in results[0]["tasks"].items():
+        runs = {}
+        for key in entry["runs"]:
+            per = [r["tasks"][tname]["runs"][key]["steps_to_target"] for r in results]
+            big = [np.inf if v is None else v for v in per]
+            med = float(np.median(big))
+            runs[key] = {"steps_to_target": None if not np.isfinite(med) else med, "seed_steps": per,
+                         "seed_min": None if not np.isfinite(min(big)) else min(big),
+                         "seed_max": None if not np.isfinite(max(big)) else max(big)}  # fmt: skip
+        out["tasks"][tname] = {k: v for k, v in entry.items() if k != "runs"} | {"runs": runs}
+    return out
 
 
 #: Profiles: micro-batch counts ``N`` and the outer-step budget per task.
@@ -290,7 +318,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ns", default=None, help="comma-separated micro-batch counts N (default: the profile's)")
     ap.add_argument("--max-steps", type=int, default=None, help="outer-step budget for every task")
     ap.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed (the data set is fixed)")
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="run nothing: combine these results of several seeds into --out (median and range) and its plot",
+    )
     args = ap.parse_args(argv)
+    if args.combine:
+        import json
+
+        result = combine([json.loads(Path(p).read_text()) for p in args.combine])
+        write_result(result, Path(args.out))
+        plot(result, Path(args.out).with_suffix(".png"))
+        return result
     profile = PROFILES["quick" if args.quick else "full"]
     ns = tuple(int(v) for v in args.ns.split(",")) if args.ns else profile["ns"]
     all_tasks, all_methods = tasks(args.quick, args.seed), methods()
@@ -298,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "gn_batch_size", "study": "gn_batch_size", "profile": "quick" if args.quick else "full",
         "machine": machine_info(), "blas_env": blas_env(), "micro_batch_counts": list(ns), "seeds": [args.seed],
-        "scale": "sized to run in about 40 minutes of CPU on a 2-core machine shared with other jobs: one seed, "
+        "scale": "sized to run in about 40 minutes of CPU on a 2-core machine shared with other jobs: one seed per run, "
                  "untuned hyperparameters, a 3-layer width-64 MLP and a 1-layer width-32 transformer, "
                  "outer-step budgets per task",
         "tasks": {},
