@@ -340,9 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "gn_batch_size", "study": "gn_batch_size", "profile": "quick" if args.quick else "full",
         "machine": machine_info(), "blas_env": blas_env(), "micro_batch_counts": list(ns), "seeds": [args.seed],
-        "scale": "sized to run in about 40 minutes of CPU on a 2-core machine shared with other jobs: one seed per run, "
-                 "untuned hyperparameters, a 3-layer width-64 MLP and a 1-layer width-32 transformer, "
-                 "outer-step budgets per task",
+        "scale": "sized to run in about 40 minutes of CPU on a 2-core machine shared with other jobs: "
+                 "one seed per run, untuned hyperparameters, a 3-layer width-64 MLP and a 1-layer width-32 "
+                 "transformer, outer-step budgets per task",
         "tasks": {},
     }  # fmt: skip
     for tname in args.tasks.split(","):
