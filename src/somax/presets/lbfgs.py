@@ -210,7 +210,9 @@ lbfgs = define_preset(
     Optax's zoom line search (strong Wolfe) on the batch loss. On a fixed (full) batch this is
     ``optax.lbfgs()`` iterate for iterate. Model: ``loss_fn(params, batch)``, or ``predict_fn``
     with ``loss="mse"``/``"ce"``; the gradient comes from one linearization per step, the line
-    search evaluates the loss and gradient at its trial points. Mini-batch pairs mix two
+    search evaluates the loss and gradient at its trial points (one evaluation per step more
+    than ``optax.lbfgs``'s own loop, which reuses the line search's last one: on a problem whose
+    gradient dominates the cost, a step costs up to twice Optax's). Mini-batch pairs mix two
     batches' gradients, so use full or large batches.
     """,
 )
