@@ -510,7 +510,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.probe_loops:
         if not args.tag and args.out == str(DEFAULT_OUT):
             out = out.with_name(f"{out.stem}.probe_loops{out.suffix}")
-        result = {"benchmark": "real_sizes/probe_loops", "machine": machine_info(),
+        machine = machine_info()
+        result = {"benchmark": "real_sizes/probe_loops", "machine": machine,
                   "config": {"profile": profile, "tag": args.tag, "models": list(cfg["models"]), "batch": cfg["batch"],
                              "rounds": cfg["rounds"], "warmup": cfg["warmup"], "max_seconds": cfg["max_seconds"]},
                   "probe_loops": [probe_loops(m, cfg) for m in cfg["models"]]}  # fmt: skip
@@ -523,7 +524,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.probe_memory:
         if not args.tag and args.out == str(DEFAULT_OUT):
             out = out.with_name(f"{out.stem}.probe_memory{out.suffix}")
-        result = {"benchmark": "real_sizes/probe_memory", "machine": machine_info(),
+        machine = machine_info()
+        result = {"benchmark": "real_sizes/probe_memory", "machine": machine,
                   "config": {"profile": profile, "tag": args.tag, "models": list(cfg["models"]), "batch": cfg["batch"],
                              "methods": list(PROBE_METHODS), "probes": PROBES},
                   "probe_memory": [probe_memory(m, cfg) for m in cfg["models"]]}  # fmt: skip
@@ -533,10 +535,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(table)
         print(f"\nwrote {out}")
         return result
+    machine = machine_info()  # the load average before the run (write_result adds the one after)
     points = [bench_model(m, cfg, args.compare_unroll) for m in cfg["models"]]
     result = {
         "benchmark": "real_sizes",
-        "machine": machine_info(),
+        "machine": machine,
         "config": {
             "profile": profile,
             "tag": args.tag,
