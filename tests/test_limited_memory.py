@@ -61,7 +61,7 @@ def test_no_pairs_is_the_base_operator():
     np.testing.assert_allclose(lbfgs_inverse(empty_pairs(like, 3), jnp.asarray(1.0), base)(v)["w"], 2.0 * v["w"])
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(2, 7),
     memory=st.integers(1, 6),
@@ -114,23 +114,19 @@ def test_cg_solver_reuses_its_pairs(unroll):
     assert int(pair_count(state.pairs)) == 8
 
 
-def test_preset_option_in_a_scan_and_validation():
-    params = mlp_init(jax.random.PRNGKey(0), (4, 8, 3))
+def test_preset_option_and_validation():
+    params = mlp_init(jax.random.PRNGKey(0), (4, 6, 3))
     batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (6, 4)), "y": jnp.arange(6) % 3}
-    method = somax.make("sgn_ce", predict_fn=mlp_apply, qn_memory=3, maxiter=3, tol=1e-8)
-    assert "memory=3" in str(method.plan)
+    method = somax.make("sgn_ce", predict_fn=mlp_apply, qn_memory=2, maxiter=2, tol=1e-8)
+    assert "memory=2" in str(method.plan)
     assert "memory" not in str(somax.make("sgn_ce", predict_fn=mlp_apply).plan)
-
-    def run(p, s):
-        def body(carry, _):
-            p, s, info = method.step(carry[0], batch, carry[1])
-            return (p, s), info["loss"]
-
-        return jax.lax.scan(body, (p, s), None, length=3)
-
-    (p, s), losses = jax.jit(run)(params, method.init(params))
-    assert np.all(np.diff(np.asarray(losses)) < 0)
-    assert int(pair_count(s.solver.pairs)) >= 1
+    step, state = jax.jit(method.step), method.init(params)
+    losses = []
+    for _ in range(3):
+        params, state, info = step(params, batch, state)
+        losses.append(float(info["loss"]))
+    assert losses[2] < losses[1] < losses[0]
+    assert int(pair_count(state.solver.pairs)) == 2
     with pytest.raises(ValueError, match="memory"):
         somax.assemble(curvature=somax.CurvatureSpec("ggn_ce", kwargs={"predict_fn": mlp_apply}),
                        solver=SolverSpec("cg", kwargs={"memory": -1}))  # fmt: skip
