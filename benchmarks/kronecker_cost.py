@@ -14,7 +14,7 @@ candidates keep their parameters and states from call to call (they train).
 
 Problems: ``mlp`` — MNIST-1D (``mnist1d`` package), ReLU MLP (40, 256, 256, 10), batch 128;
 ``cnn`` — ``load_digits`` 8×8×1 images, :func:`benchmarks.models.small_cnn` (3×3 conv 1→8,
-3×3 conv 8→16 stride 2, dense 1024→10), batch 128. float32.
+3×3 conv 8→16 stride 2, dense 256→10), batch 128. float32.
 
 Reported per candidate: median, p90 and mean of the per-step time (ms), the ratio to Adam
 (of medians, of p90s, and the paired median and p90 of per-round ratios) and the compile time
@@ -29,7 +29,8 @@ at the presets' ``λ = 1`` and at ``λ = 10⁻³``, and with K-FAC damped by ``�
 (``kfac_damping_scale = c``) for each ``c`` in the profile's ``scales``. Goal: with K-FAC ≤ 0.5×
 the products without.
 
-**Dense float64 check** (``--dense``): on a (40, 32, 32, 10) MNIST-1D MLP, batch 128, the dense
+**Dense float64 check** (``--dense``): on a (40, 32, 32, 10) MNIST-1D MLP and on the digits CNN,
+batch 128, the dense
 GGN ``G``, the K-FAC factors of the same batch and a textbook PCG in NumPy count the products to
 relative residual ``10⁻⁴`` with no preconditioner, with the exact layer blocks of ``G`` (the best
 any layer-block-diagonal preconditioner can do) and with K-FAC at ``μ = c·λ``, for
@@ -53,6 +54,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,7 +125,7 @@ def problem(name: str, width: int = 256, num_samples: int = 5000) -> tuple[bdata
             split,
             lambda key: small_cnn(key)[0],
             small_cnn(jax.random.PRNGKey(0))[1],
-            ("digits 8x8x1, CNN conv3x3(1->8) conv3x3(8->16, stride 2) dense(1024->10)"),
+            ("digits 8x8x1, CNN conv3x3(1->8) conv3x3(8->16, stride 2) dense(256->10)"),
         )
     raise ValueError(f"unknown problem {name!r}; known: mlp, cnn")
 
@@ -294,16 +296,23 @@ def _pcg_count(op: np.ndarray, b: np.ndarray, minv: Callable, tol: float = 1e-4,
     return maxiter
 
 
-def dense_study(cfg: dict[str, Any] = DENSE, num_samples: int = 5000) -> dict[str, Any]:
-    """float64, dense: PCG products on ``(G + λI) s = g`` for a small MNIST-1D MLP with no preconditioner,
-    the exact layer blocks of ``G`` (the best any layer-block-diagonal preconditioner can do) and K-FAC
-    damped with ``c·λ`` for each ``c`` in ``cfg["scales"]``, at initialisation and after ``sgn_ce`` steps."""
+def dense_study(cfg: dict[str, Any] = DENSE, num_samples: int = 5000, model: str = "mlp") -> dict[str, Any]:
+    """float64, dense: PCG products on ``(G + λI) s = g`` for a small MNIST-1D MLP (``model="mlp"``) or the
+    digits CNN (``"cnn"``) with no preconditioner, the exact layer blocks of ``G`` (the best any
+    layer-block-diagonal preconditioner can do) and K-FAC damped with ``c·λ`` for each ``c`` in
+    ``cfg["scales"]``, at initialisation and after ``sgn_ce`` steps."""
     from somax.curvature import ggn_ce
     from somax.estimators.kronecker import KFACFactors
 
     with jax.enable_x64(True):
-        split = _mnist1d(num_samples)
-        sizes = (split.x_train.shape[1], cfg["width"], cfg["width"], 10)
+        if model == "mlp":
+            split, predict = _mnist1d(num_samples), mlp_apply
+            sizes = (split.x_train.shape[1], cfg["width"], cfg["width"], 10)
+            params0 = mlp_init(jax.random.PRNGKey(0), sizes, jnp.float64)
+            desc = f"MNIST-1D, ReLU MLP {sizes}"
+        else:
+            split, init_cnn, predict, desc = problem("cnn")
+            params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), init_cnn(jax.random.PRNGKey(0)))
         rng = np.random.default_rng(2)
 
         def batch() -> dict[str, jax.Array]:
@@ -313,8 +322,8 @@ def dense_study(cfg: dict[str, Any] = DENSE, num_samples: int = 5000) -> dict[st
         @jax.jit
         def dense(params: Any, b: dict) -> tuple[jax.Array, jax.Array]:
             flat, unravel = jax.flatten_util.ravel_pytree(params)
-            jac = jax.jacfwd(lambda f: mlp_apply(unravel(f), b["x"]))(flat)  # (n, C, d)
-            prob = jax.nn.softmax(mlp_apply(params, b["x"]))
+            jac = jax.jacfwd(lambda f: predict(unravel(f), b["x"]))(flat)  # (n, C, d)
+            prob = jax.nn.softmax(predict(params, b["x"]))
             n = prob.shape[0]
             hess = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(prob) / n
             res = (prob - jax.nn.one_hot(b["y"], prob.shape[-1], dtype=prob.dtype)) / n
@@ -322,12 +331,12 @@ def dense_study(cfg: dict[str, Any] = DENSE, num_samples: int = 5000) -> dict[st
 
         @jax.jit
         def factors(params: Any, b: dict) -> Any:
-            lin = ggn_ce(predict_fn=mlp_apply).linearize(params, b)
+            lin = ggn_ce(predict_fn=predict).linearize(params, b)
             return KFACFactors().estimate(lin, None, ())[0]["layers"]
 
-        params = {"init": mlp_init(jax.random.PRNGKey(0), sizes, jnp.float64)}
+        params = {"init": params0}
         if cfg["train_steps"]:
-            trainer = somax.make("sgn_ce", mlp_apply)
+            trainer = somax.make("sgn_ce", predict)
             step, p = jax.jit(trainer.step), params["init"]
             s = trainer.init(p)
             for _ in range(cfg["train_steps"]):
@@ -340,7 +349,8 @@ def dense_study(cfg: dict[str, Any] = DENSE, num_samples: int = 5000) -> dict[st
             fs = jax.tree_util.tree_map(np.asarray, factors(w, b))
             blocks, start = [], 0
             for name in sorted(w):  # ravel_pytree order: layer0/b, layer0/w, layer1/b, …
-                nb, (n_in, n_out) = w[name]["b"].size, w[name]["w"].shape
+                nb, shape = w[name]["b"].size, w[name]["w"].shape
+                n_in, n_out = math.prod(shape[:-1]), shape[-1]
                 ib, iw = np.arange(start, start + nb), np.arange(start + nb, start + nb + n_in * n_out)
                 start += nb + n_in * n_out
                 ix = np.concatenate([iw.reshape(n_in, n_out), ib[None]], 0).reshape(-1)  # [W; bᵀ] row-major
@@ -376,7 +386,7 @@ def dense_study(cfg: dict[str, Any] = DENSE, num_samples: int = 5000) -> dict[st
                        "kfac": {f"{c:g}": _pcg_count(op, g, lambda v, mu=c * lam: kfac_inv(v, mu))
                                 for c in cfg["scales"]}}  # fmt: skip
                 rows.append(row)
-    return {"model": f"MNIST-1D, ReLU MLP {sizes}", "dtype": "float64", **{k: v for k, v in cfg.items()},
+    return {"model": desc, "dtype": "float64", **{k: v for k, v in cfg.items()},
             "ranks": ranks, "rows": rows}  # fmt: skip
 
 
@@ -406,11 +416,17 @@ def render_kfac_jax(result: dict[str, Any]) -> str:
 
 
 def render_dense(result: dict[str, Any]) -> str:
-    d = result["dense"]
-    cs = [f"{c:g}" for c in d["scales"]]
     load = _load(result["machine"].get("load_average"))
-    lines = [machine_line(result["machine"], markdown=True) + f"; load average {load}.",
-             "", f"**Dense float64 check** ({d['model']}, batch {d['batch']}): PCG products to relative residual "
+    lines = [machine_line(result["machine"], markdown=True) + f"; load average {load}."]
+    for key in ("dense", "dense_cnn"):
+        if result.get(key):
+            lines += ["", _render_dense_one(result[key])]
+    return "\n".join(lines)
+
+
+def _render_dense_one(d: dict[str, Any]) -> str:
+    cs = [f"{c:g}" for c in d["scales"]]
+    lines = [f"**Dense float64 check** ({d['model']}, batch {d['batch']}): PCG products to relative residual "
              "1e-4 on `(G + λI) s = g`.", "",
              "| parameters | λ | CG | exact layer blocks | " + " | ".join(f"K-FAC, μ = {c}·λ" for c in cs) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(cs)]  # fmt: skip
@@ -672,7 +688,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.render:
         result = json.loads(args.render.read_text())
-        print(render(result))
+        kind = result.get("benchmark")
+        print(
+            {"kronecker_cost_dense": render_dense, "kronecker_cost_kfac_jax": render_kfac_jax}.get(kind, render)(result)
+        )
         return result
     if args.kfac_jax:
         started, machine = time.time(), machine_info()
@@ -690,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.dense:
         started, machine = time.time(), machine_info()
         result = {"benchmark": "kronecker_cost_dense", "machine": machine, "config": {"blas_env": blas_env()},
-                  "dense": dense_study(), "wall_s": None}  # fmt: skip
+                  "dense": dense_study(), "dense_cnn": dense_study(model="cnn"), "wall_s": None}  # fmt: skip
         result["wall_s"] = time.time() - started
         stem = "kronecker_cost_dense" + (f"_{args.tag}" if args.tag else "")
         args.out.mkdir(parents=True, exist_ok=True)
