@@ -695,7 +695,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return result
     if args.kfac_jax:
         started, machine = time.time(), machine_info()
-        studies = [kfac_jax_study(args.kfac_jax, mode) for mode in args.kfac_jax_modes]
+        kj_cfg = {**KFAC_JAX, **({"rounds": args.rounds} if args.rounds else {})}
+        studies = [kfac_jax_study(args.kfac_jax, mode, kj_cfg) for mode in args.kfac_jax_modes]
         result = {"benchmark": "kronecker_cost_kfac_jax", "machine": machine, "config": {"blas_env": blas_env()},
                   "kfac_jax": studies, "wall_s": time.time() - started}  # fmt: skip
         stem = "kronecker_cost_kfac_jax" + (f"_{args.tag}" if args.tag else "")
