@@ -242,10 +242,10 @@ def test_unrolled_loop_on_pytrees():
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
-    n=st.sampled_from([1, 3, 8]),
+    n=st.sampled_from([1, 8]),  # few shapes and budgets: each pair is one more compile per loop form
     shift=st.floats(-1.5, 2.0),
     tol=st.sampled_from([0.0, 1e-12, 1e-6, 1e-2, 0.5]),
-    maxiter=st.sampled_from([1, 4, 12]),
+    maxiter=st.sampled_from([1, 12]),
     warm=st.booleans(),
 )
 def test_unrolled_loop_matches_while_loop_for_any_system(seed, n, shift, tol, maxiter, warm):
