@@ -16,7 +16,6 @@ import pytest
 from benchmarks import __main__ as cli
 from benchmarks import common
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY_MI = ["--tiny", "--dataset", "digits", "--configs", "adam", "sgn_const_light"]
 
 
