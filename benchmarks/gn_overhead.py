@@ -1,6 +1,6 @@
 """Cost of the full Gauss-Newton solver and of the ``lbfgs`` preset against hand-written floors.
 
-    python -m benchmarks gn_overhead [--quick | --smoke] [--out results/gn_overhead.json]
+    python -m benchmarks gn_overhead [--quick | --smoke] [--only gn|lbfgs] [--out results/gn_overhead.json]
 
 Two comparisons, each a set of interleaved side-by-side rounds (:mod:`benchmarks.harness`):
 median and p90 of the paired per-round ratios somax / floor (goal: ≤ 1.05×).
@@ -26,7 +26,8 @@ recorded). The Optax floor is Optax's documented loop, which takes the loss and 
 ``w_t`` from the line search's state (``optax.value_and_grad_from_state``: one loss-and-gradient
 evaluation per step when the first trial step is accepted); ``optax_recompute`` evaluates them
 afresh each step, the same arithmetic as a somax step, whose linearization computes them at
-``w_t`` before the line search.
+``w_t`` before the line search. ``somax_lbfgs_reuse`` is the preset with
+``reuse_line_search_value=True``, which takes them from its line search's state as Optax does.
 
 BLAS: run with ``OPENBLAS_NUM_THREADS=1`` (recorded in the JSON).
 """
@@ -257,27 +258,35 @@ def lbfgs_pair(n: int, d: int, cfg: dict[str, Any]) -> dict[str, Any]:
 
     method = somax.make("lbfgs", loss_fn=loss_fn)
     mstep = jax.jit(method.step)
-    st0, os0 = method.init(w0), opt.init(w0)
+    reuse = somax.make("lbfgs", loss_fn=loss_fn, reuse_line_search_value=True)
+    rstep = jax.jit(reuse.step)
+    st0, rs0, os0 = method.init(w0), reuse.init(w0), opt.init(w0)
     cyc = cfg["cycle"]
     # identical iterates over one cycle
-    pa, sa, pb, sb, pc, sc, diff, diff_rc = w0, st0, w0, os0, w0, os0, 0.0, 0.0
+    pa, sa, pb, sb, pc, sc, pr, sr = w0, st0, w0, os0, w0, os0, w0, rs0
+    diff = diff_rc = diff_reuse = 0.0
     trials = []  # the zoom line search's loss-and-gradient evaluations per step
     for _ in range(cyc):
         pa, sa, info = mstep(pa, batch, sa)
+        pr, sr, _ = rstep(pr, batch, sr)
         pb, sb = optax_step(pb, sb, batch)
         pc, sc = optax_recompute(pc, sc, batch)
         trials.append(int(optax.tree_utils.tree_get(sb, "num_linesearch_steps")))
         diff, diff_rc = max(diff, _tree_maxdiff(pa, pb)), max(diff_rc, _tree_maxdiff(pa, pc))
+        diff_reuse = max(diff_reuse, _tree_maxdiff(pr, pb))
     out: dict[str, Any] = {"n": n, "d": d, "l2": l2, "cycle": cyc, "dtype": "float32",
                            "max_abs_iterate_diff_vs_optax": diff, "max_abs_iterate_diff_vs_recompute": diff_rc,
+                           "max_abs_iterate_diff_reuse_vs_optax": diff_reuse,
                            "grad_norm_end_of_cycle": float(info["grad_norm"]),
                            "linesearch_evaluations_per_step": trials,
                            "value_and_grad_per_step": {"somax": 1 + float(np.mean(trials)),
-                                                       "optax_lbfgs": float(np.mean(trials)),
+                                                       "somax_reuse": float(np.mean(trials)) + 1 / cyc,
+                                                       "optax_lbfgs": float(np.mean(trials)) + 1 / cyc,
                                                        "optax_recompute": 1 + float(np.mean(trials))},
                            "load_average_start": list(os.getloadavg())}  # fmt: skip
     calls = {
         "somax_lbfgs": _stateful(lambda p, s: mstep(p, batch, s)[:2], lambda: (w0, st0), cyc),
+        "somax_lbfgs_reuse": _stateful(lambda p, s: rstep(p, batch, s)[:2], lambda: (w0, rs0), cyc),
         "optax_lbfgs": _stateful(lambda p, s: optax_step(p, s, batch), lambda: (w0, os0), cyc),
         "optax_recompute": _stateful(lambda p, s: optax_recompute(p, s, batch), lambda: (w0, os0), cyc),
     }
@@ -286,6 +295,7 @@ def lbfgs_pair(n: int, d: int, cfg: dict[str, Any]) -> dict[str, Any]:
     out["stats"] = t.stats()
     out["ratio_vs_optax"] = t.ratio("somax_lbfgs", "optax_lbfgs", KEYS)
     out["ratio_vs_recompute"] = t.ratio("somax_lbfgs", "optax_recompute", KEYS)
+    out["reuse_ratio_vs_optax"] = t.ratio("somax_lbfgs_reuse", "optax_lbfgs", KEYS)
     out["recompute_vs_optax"] = t.ratio("optax_recompute", "optax_lbfgs", KEYS)
     out["rounds"] = t.rounds
     out["load_average_end"] = list(os.getloadavg())
@@ -295,14 +305,15 @@ def lbfgs_pair(n: int, d: int, cfg: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run (a) and (b); print the paired ratios; write the JSON."""
     ap = study_parser(__doc__, quick="one small MLP, short runs", smoke="tiny sizes, a few rounds", out=DEFAULT_OUT)
+    ap.add_argument("--only", choices=("gn", "lbfgs"), help="run only comparison (a) gn or (b) lbfgs")
     args = ap.parse_args(argv)
     profile = profile_of(args)
     cfg = PROFILES[profile]
     t0 = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "gn_overhead", "machine": machine_info(), "blas_env": blas_env(),
-                              "config": {"profile": profile, **cfg}, "seeds": [0, 1],
+                              "config": {"profile": profile, "only": args.only, **cfg}, "seeds": [0, 1],
                               "gn": [], "lbfgs": []}  # fmt: skip
-    for mlp in cfg["mlps"]:
+    for mlp in cfg["mlps"] if args.only != "lbfgs" else ():
         sizes, b = tuple(mlp[:-1]), mlp[-1]
         for inner in cfg["inners"]:
             r = gn_pair(sizes, b, inner, cfg["micro_batches"], cfg)
@@ -319,13 +330,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{q['paired_median']:.3f}  p90 {q['paired_p90']:.3f}  "
                       f"({r[level]['stats'][f'somax_{level}']['median_ms']:.3f} vs "
                       f"{r[level]['stats'][f'floor_{level}']['median_ms']:.3f} ms)", flush=True)  # fmt: skip
-    for n, d in cfg["lbfgs"]:
+    for n, d in cfg["lbfgs"] if args.only != "gn" else ():
         r = lbfgs_pair(n, d, cfg)
         result["lbfgs"].append(r)
-        q, rc = r["ratio_vs_optax"], r["ratio_vs_recompute"]
+        q, rc, ru = r["ratio_vs_optax"], r["ratio_vs_recompute"], r["reuse_ratio_vs_optax"]
         print(f"lbfgs n={n} d={d}: somax/optax paired median {q['paired_median']:.3f} p90 {q['paired_p90']:.3f}; "
               f"somax/optax_recompute {rc['paired_median']:.3f} p90 {rc['paired_p90']:.3f}; "
-              f"iterate diff {r['max_abs_iterate_diff_vs_optax']:.2e}", flush=True)  # fmt: skip
+              f"somax reuse/optax {ru['paired_median']:.3f} p90 {ru['paired_p90']:.3f}; "
+              f"iterate diff {r['max_abs_iterate_diff_vs_optax']:.2e} "
+              f"(reuse {r['max_abs_iterate_diff_reuse_vs_optax']:.2e})", flush=True)  # fmt: skip
     result["study_seconds"] = time.perf_counter() - t0
     write_result(result, Path(args.out))
     return result

@@ -250,8 +250,29 @@ class Damping(Component):
 
 
 class LineSearch(Component):
-    """Step size ``α`` on the applied update: ``search(lin, w, u, dtype) → (α, L_B(w + αu))``."""
+    """Step size ``α`` on the applied update: ``search(lin, w, u, dtype) → (α, L_B(w + αu))``.
+
+    The step calls :meth:`update`, which is :meth:`search` for a stateless line search. A line
+    search may keep state (``init``; it lives in ``MethodState.line_search`` under the
+    ``on_reject``/``on_nonfinite`` policies). If that state holds the loss and gradient at the
+    accepted point, which on a fixed batch are those at the next step's parameters,
+    :meth:`known_value_and_grad` offers them to the next step, which then skips its own
+    loss-and-gradient evaluation. Both hooks default to the stateless behaviour.
+    """
 
     @abc.abstractmethod
     def search(self, lin: Linearization, params: PyTree, updates: PyTree, dtype: Any) -> tuple[jax.Array, jax.Array]:
         """``(α, loss at w + α u)``."""
+
+    def update(
+        self, lin: Linearization, params: PyTree, updates: PyTree, dtype: Any, state: PyTree
+    ) -> tuple[jax.Array, jax.Array, PyTree]:
+        """``(α, loss at w + α u, new_state)``; the default is :meth:`search` with the state unchanged."""
+        alpha, loss_after = self.search(lin, params, updates, dtype)
+        return alpha, loss_after, state
+
+    def known_value_and_grad(self, state: PyTree) -> tuple[jax.Array, jax.Array, PyTree] | None:
+        """``(ok, L, g)``: a loss and gradient at the step's parameters ``w_t`` that the state holds
+        (where the traced flag ``ok`` is true), which the step uses instead of evaluating them on
+        the batch; ``None`` (the default) when the line search never holds them."""
+        return None

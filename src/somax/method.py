@@ -42,7 +42,8 @@ class MethodState(NamedTuple):
 
     ``model_state`` carries the model's own state (e.g. BatchNorm statistics) from
     step to step; ``nonfinite_count`` counts steps rejected for a non-finite loss,
-    gradient or direction.
+    gradient or direction; ``line_search`` is the line search's state (``()`` for a
+    stateless one).
     """
 
     count: jax.Array
@@ -54,6 +55,7 @@ class MethodState(NamedTuple):
     tx: PyTree
     model_state: PyTree = ()
     nonfinite_count: jax.Array | int = 0
+    line_search: PyTree = ()
 
 
 #: What happens to the state that is not a component's on a rejected / non-finite step.
@@ -119,6 +121,7 @@ class SecondOrderMethod:
             tx=self.tx.init(work),
             model_state=model_state,
             nonfinite_count=jnp.zeros((), jnp.int32),
+            line_search=self.line_search.init(work) if self.line_search is not None else (),
         )
 
     def components(self) -> dict[str, Component]:
@@ -126,6 +129,8 @@ class SecondOrderMethod:
         out: dict[str, Component] = {"solver": self.solver, "precond": self.precond, "damping": self.damping}
         if self.estimator is not None:
             out["estimator"] = self.estimator
+        if self.line_search is not None:
+            out["line_search"] = self.line_search
         return out
 
     def _working(self, params: PyTree) -> PyTree:
@@ -178,7 +183,7 @@ class SecondOrderMethod:
         lam = state.damping.lam
         precond_state, estimator_state, inverse = self._precondition(lin, rng, state)
         direction, solver_state, solver_stats = self.solver.solve(lin, rhs, lam, inverse, state.solver)
-        updates, tx_state, finite = self._apply(lin, params, direction, state, values, fdt)
+        updates, tx_state, ls_state, finite = self._apply(lin, params, direction, state, values, fdt)
         rho = self._post_update(lin, params, direction, updates, count, values, fdt)
         damping_state, accepted = self._damp(state, rho, finite, lin, values)
         values.update(step=count, loss=lin.loss, lam=lam, **solver_stats)
@@ -192,6 +197,7 @@ class SecondOrderMethod:
             "estimator": estimator_state,
             "grad_tx": grad_tx_state,
             "tx": tx_state,
+            "line_search": ls_state,
             "model_state": lin.model_state if lin.model_state is not None else state.model_state,
         }
         new_state = self._finalize(state, new, updates, accepted, finite, lin, values)
@@ -225,14 +231,48 @@ class SecondOrderMethod:
         model_rng = None
         if self.curvature.uses_rng:
             model_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), state.count)  # fresh every step
-        try:
-            lin = self.curvature.linearize(params, batch, state.model_state, model_rng)
-        except (TypeError, ValueError) as e:
-            if type(e) not in (TypeError, ValueError):
-                raise
-            msg = f"step: evaluating the model and loss on the batch failed; batch: {describe_batch(batch)}. {e}"
-            raise type(e)(msg) from e
-        return lin if grad is None else dataclasses.replace(lin, grad=grad)
+
+        def linearize():
+            try:
+                return self.curvature.linearize(params, batch, state.model_state, model_rng)
+            except (TypeError, ValueError) as e:
+                if type(e) not in (TypeError, ValueError):
+                    raise
+                msg = f"step: evaluating the model and loss on the batch failed; batch: {describe_batch(batch)}. {e}"
+                raise type(e)(msg) from e
+
+        lin = linearize()
+        if grad is not None:
+            return dataclasses.replace(lin, grad=grad)
+        known = self.line_search.known_value_and_grad(state.line_search) if self.line_search is not None else None
+        if known is None:
+            return lin
+        return self._reuse(lin, linearize, known, state)
+
+    def _reuse(self, lin, linearize, known, state: MethodState):
+        """``lin`` with the loss and gradient the line search kept where its flag holds, else evaluated.
+
+        The choice is a ``lax.cond``, so a step that reuses them evaluates neither. ``lin``'s own
+        loss and gradient are dead code (removed when compiled); only its closures are used:
+        ``loss_at``, and the curvature products, whose linearization runs only if a solver or a
+        probe calls them.
+        """
+        if self.curvature.uses_rng or self.curvature.has_aux or jax.tree_util.tree_leaves(state.model_state):
+            raise ValueError(
+                f"step: the line search {type(self.line_search).__name__} reuses the previous step's loss and "
+                "gradient, which needs a deterministic loss (no model randomness, model state or auxiliary "
+                "outputs); turn that reuse off for this model"
+            )
+        ok, loss, grad = known
+
+        def evaluate() -> tuple[jax.Array, PyTree]:
+            fresh = linearize()
+            return fresh.loss, fresh.grad
+
+        like = jax.eval_shape(evaluate)
+        kept = lambda: jax.tree_util.tree_map(lambda x, t: jnp.asarray(x).astype(t.dtype), (loss, grad), like)  # noqa: E731
+        loss, grad = jax.lax.cond(jnp.asarray(ok, bool), kept, evaluate)
+        return dataclasses.replace(lin, loss=loss, grad=grad)
 
     def _precondition(self, lin, rng: Any, state: MethodState) -> tuple[PyTree, PyTree, Any]:
         """Statistic (estimator cadence) → ``update`` → ``refresh`` (own cadence) → ``M⁻¹`` for this λ."""
@@ -251,7 +291,7 @@ class SecondOrderMethod:
         precond_state = _gated(self.plan.gate("refresh", count), lambda: self.precond.refresh(refreshed), refreshed)
         return precond_state, estimator_state, self.precond.inverse(precond_state, state.damping.lam)
 
-    def _apply(self, lin, params, direction, state, values, fdt) -> tuple[PyTree, PyTree, jax.Array]:
+    def _apply(self, lin, params, direction, state, values, fdt) -> tuple[PyTree, PyTree, PyTree, jax.Array]:
         """Optax chain on ``s``, the non-finite guard, then the line search (or the ``loss_after`` probe)."""
         updates, tx_state = self.tx.update(direction, state.tx, params)
         grad_norm = tree_norm(lin.grad)
@@ -277,8 +317,9 @@ class SecondOrderMethod:
             values["update_capped"] = shrink < 1
         nan = jnp.asarray(jnp.nan, fdt)
         fire = cadence_gate(state.count, self.plan.cadences("loss_after") + self.plan.cadences("rho"))
+        ls_state = state.line_search
         if self.line_search is not None:
-            alpha, loss_after = self.line_search.search(lin, params, updates, fdt)
+            alpha, loss_after, ls_state = self.line_search.update(lin, params, updates, fdt, ls_state)
             updates = tree_scale(alpha, updates)
             update_norm = jnp.abs(alpha).astype(update_norm.dtype) * update_norm
             values["ls_alpha"] = alpha
@@ -290,7 +331,7 @@ class SecondOrderMethod:
             values["loss_after"] = jnp.where(jnp.asarray(fire), loss_after, nan)
             values["actual_decrease"] = lin.loss.astype(fdt) - values["loss_after"]
         values.update(grad_norm=grad_norm, update_norm=update_norm, batch_valid=valid)
-        return updates, tx_state, finite
+        return updates, tx_state, ls_state, finite
 
     def _post_update(self, lin, params, direction, updates, count, values, fdt) -> jax.Array:
         """Norms and the rho bundle, against the update actually applied; returns rho (``nan`` if off)."""
