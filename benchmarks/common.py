@@ -223,10 +223,15 @@ def study_parser(
     out: Path | None = None,
     out_help: str = "JSON output path",
     raw: bool = False,
+    tiny: bool = False,
+    tag: bool = False,
+    render: bool = False,
 ) -> argparse.ArgumentParser:
     """The command line every study shares: its description (the docstring's first paragraph),
-    ``--quick`` and ``--smoke`` (mutually exclusive; no ``--smoke`` when ``smoke`` is None) and
-    ``--out`` (default ``out``)."""
+    ``--quick`` and ``--smoke`` (mutually exclusive; no ``--smoke`` when ``smoke`` is None;
+    ``tiny=True`` spells it ``--tiny``, with ``--smoke`` as an alias), ``--out`` (default
+    ``out``), and on request ``--tag`` (a suffix of the output names) and ``--render JSON``
+    (print a saved result; see :func:`render_saved`)."""
     ap = argparse.ArgumentParser(
         description=(doc or "").split("\n\n")[0],
         formatter_class=argparse.RawTextHelpFormatter if raw else argparse.HelpFormatter,
@@ -234,11 +239,23 @@ def study_parser(
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help=quick)
     if smoke is not None:
-        mode.add_argument("--smoke", action="store_true", help=smoke)
+        flags = ("--tiny", "--smoke") if tiny else ("--smoke",)
+        mode.add_argument(*flags, dest="smoke", action="store_true", help=smoke)
     if out is not None:
         shown = out.relative_to(RESULTS_DIR.parent.parent) if out.is_relative_to(RESULTS_DIR.parent.parent) else out
         ap.add_argument("--out", type=Path, default=out, help=f"{out_help} (default {shown})")
+    if tag:
+        ap.add_argument("--tag", default="", help="suffix of the output file names")
+    if render:
+        ap.add_argument("--render", type=Path, metavar="JSON", help="print an existing result as Markdown and exit")
     return ap
+
+
+def render_saved(path: Path, render: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Print ``render(result)`` for the result saved at ``path`` and return the result."""
+    result = json.loads(Path(path).read_text())
+    print(render(result))
+    return result
 
 
 def profile_of(args: argparse.Namespace) -> str:

@@ -51,13 +51,11 @@ run only their study.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -68,7 +66,15 @@ import optax
 
 import somax
 from benchmarks import data as bdata
-from benchmarks.common import RESULTS_DIR, blas_env, machine_info, machine_line, write_result
+from benchmarks.common import (
+    RESULTS_DIR,
+    blas_env,
+    machine_info,
+    machine_line,
+    render_saved,
+    study_parser,
+    write_result,
+)
 from benchmarks.harness import first_call, interleaved
 from benchmarks.models import n_params, optax_step, small_cnn
 from somax.models import mlp_apply, mlp_init
@@ -664,13 +670,23 @@ def goal_line(result: dict[str, Any]) -> str:
             + ", ".join(parts) + ".")  # fmt: skip
 
 
+def _save_side_study(result: dict[str, Any], args: Any, stem: str, render_fn: Any) -> dict[str, Any]:
+    """Write ``result`` as ``<stem>[_<tag>].json`` and its Markdown table beside it; print the table."""
+    stem += f"_{args.tag}" if args.tag else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_result(result, args.out / f"{stem}.json", quiet=True)
+    result["machine"] = json.loads((args.out / f"{stem}.json").read_text())["machine"]
+    table = render_fn(result)
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    print(table)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line: ``python -m benchmarks kronecker_cost [--quick | --tiny] [--out DIR] [--no-cg]``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer rounds and batches (a few minutes)")
-    mode.add_argument("--tiny", "--smoke", action="store_true", help="seconds; what the test suite runs")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder (default benchmarks/results)")
+    ap = study_parser(__doc__, quick="fewer rounds and batches (a few minutes)",
+                      smoke="seconds; what the test suite runs", tiny=True, out=RESULTS_DIR, out_help="output folder",
+                      tag=True, render=True)  # fmt: skip
     ap.add_argument("--problems", nargs="+", choices=("mlp", "cnn"), help="override the profile's problems")
     ap.add_argument("--rounds", type=int, help="override the profile's rounds")
     ap.add_argument("--methods", nargs="+", choices=("adam", *METHODS[1:], *VARIANTS),
@@ -683,44 +699,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--kfac-jax", metavar="PYTHON", help="run only `kfac` against kfac-jax, whose environment's "
                     f"interpreter is PYTHON (install there: {' '.join(KFAC_JAX_PINS)})")  # fmt: skip
     ap.add_argument("--kfac-jax-modes", nargs="+", default=["ggn_exact"], choices=("ggn_exact", "fisher_empirical"))
-    ap.add_argument("--tag", default="", help="suffix of the output file names")
-    ap.add_argument("--render", type=Path, metavar="JSON", help="print an existing result as Markdown and exit")
     args = ap.parse_args(argv)
     if args.render:
-        result = json.loads(args.render.read_text())
-        kind = result.get("benchmark")
-        print(
-            {"kronecker_cost_dense": render_dense, "kronecker_cost_kfac_jax": render_kfac_jax}.get(kind, render)(result)
-        )
-        return result
+        renderers = {"kronecker_cost_dense": render_dense, "kronecker_cost_kfac_jax": render_kfac_jax}
+        return render_saved(args.render, lambda result: renderers.get(result.get("benchmark"), render)(result))
     if args.kfac_jax:
         started, machine = time.time(), machine_info()
         kj_cfg = {**KFAC_JAX, **({"rounds": args.rounds} if args.rounds else {})}
         studies = [kfac_jax_study(args.kfac_jax, mode, kj_cfg) for mode in args.kfac_jax_modes]
         result = {"benchmark": "kronecker_cost_kfac_jax", "machine": machine, "config": {"blas_env": blas_env()},
                   "kfac_jax": studies, "wall_s": time.time() - started}  # fmt: skip
-        stem = "kronecker_cost_kfac_jax" + (f"_{args.tag}" if args.tag else "")
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_result(result, args.out / f"{stem}.json", quiet=True)
-        result["machine"] = json.loads((args.out / f"{stem}.json").read_text())["machine"]
-        table = render_kfac_jax(result)
-        (args.out / f"{stem}.md").write_text(table + "\n")
-        print(table)
-        return result
+        return _save_side_study(result, args, "kronecker_cost_kfac_jax", render_kfac_jax)
     if args.dense:
         started, machine = time.time(), machine_info()
         result = {"benchmark": "kronecker_cost_dense", "machine": machine, "config": {"blas_env": blas_env()},
                   "dense": dense_study(), "dense_cnn": dense_study(model="cnn"), "wall_s": None}  # fmt: skip
         result["wall_s"] = time.time() - started
-        stem = "kronecker_cost_dense" + (f"_{args.tag}" if args.tag else "")
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_result(result, args.out / f"{stem}.json", quiet=True)
-        result["machine"] = json.loads((args.out / f"{stem}.json").read_text())["machine"]
-        table = render_dense(result)
-        (args.out / f"{stem}.md").write_text(table + "\n")
-        print(table)
-        return result
-    profile = "tiny" if args.tiny else "quick" if args.quick else "full"
+        return _save_side_study(result, args, "kronecker_cost_dense", render_dense)
+    profile = "tiny" if args.smoke else "quick" if args.quick else "full"
     cfg = dict(PROFILES[profile])
     if args.problems:
         cfg["problems"] = tuple(args.problems)

@@ -31,11 +31,8 @@ writes ``kronecker_time_to_target[_<dataset>].json``, ``.md`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -44,7 +41,16 @@ import numpy as np
 import optax
 
 import somax
-from benchmarks.common import RESULTS_DIR, blas_env, machine_info, machine_line, progress, write_result
+from benchmarks.common import (
+    RESULTS_DIR,
+    blas_env,
+    machine_info,
+    machine_line,
+    progress,
+    render_saved,
+    study_parser,
+    write_result,
+)
 from benchmarks.models import n_params
 from benchmarks.module_interactions import (
     Config,
@@ -242,24 +248,17 @@ def _load(v: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line: ``python -m benchmarks kronecker_time_to_target [--quick | --tiny] [--dataset D] [--out DIR]``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="2 seeds, 2 rates per method, 4 epochs")
-    mode.add_argument("--tiny", "--smoke", action="store_true", help="seconds; checks the script works")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder (default benchmarks/results)")
+    ap = study_parser(__doc__, quick="2 seeds, 2 rates per method, 4 epochs", smoke="seconds; checks the script works",
+                      tiny=True, out=RESULTS_DIR, out_help="output folder", tag=True, render=True)  # fmt: skip
     ap.add_argument("--dataset", default="mnist1d", choices=("mnist1d", "digits"))
     ap.add_argument("--methods", nargs="+", choices=METHODS, help="subset of methods (adam is always run)")
     ap.add_argument("--seeds", type=int, help="override the number of seeds")
     ap.add_argument("--epochs", type=int, help="override the number of epochs")
     ap.add_argument("--target-drop", type=float, default=0.01, help="target = Adam's accuracy − this")
-    ap.add_argument("--tag", default="", help="suffix of the output file names")
-    ap.add_argument("--render", type=Path, metavar="JSON", help="print an existing result as Markdown and exit")
     args = ap.parse_args(argv)
     if args.render:
-        result = json.loads(args.render.read_text())
-        print(render(result))
-        return result
-    profile = "tiny" if args.tiny else "quick" if args.quick else "full"
+        return render_saved(args.render, render)
+    profile = "tiny" if args.smoke else "quick" if args.quick else "full"
     cfg = dict(PROFILES[profile])
     if args.seeds is not None:
         cfg["seeds"] = args.seeds

@@ -42,9 +42,7 @@ configuration alike.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,7 +55,7 @@ import optax
 
 import somax
 from benchmarks import data as bdata
-from benchmarks.common import RESULTS_DIR, machine_info, progress, save_figure, write_result
+from benchmarks.common import RESULTS_DIR, machine_info, progress, render_saved, save_figure, study_parser, write_result
 from benchmarks.harness import timed
 from benchmarks.models import n_params, optax_step, paper_cnn_apply, paper_cnn_init
 from somax.models import mlp_apply, mlp_init
@@ -561,11 +559,9 @@ def plot_damping(result: dict[str, Any], path: Path) -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line: ``python -m benchmarks module_interactions [--quick | --tiny] [--out DIR]``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="2 seeds, 2 rates per configuration, 4 epochs (minutes)")
-    mode.add_argument("--tiny", "--smoke", action="store_true", help="seconds; what the test suite runs")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder (default benchmarks/results)")
+    ap = study_parser(__doc__, quick="2 seeds, 2 rates per configuration, 4 epochs (minutes)",
+                      smoke="seconds; what the test suite runs", tiny=True, out=RESULTS_DIR, out_help="output folder",
+                      raw=True, tag=True, render=True)  # fmt: skip
     ap.add_argument("--dataset", default="mnist1d", choices=("mnist1d", "digits", "fashion_mnist"))
     ap.add_argument("--download", action="store_true", help="fashion_mnist: download into the cache if missing")
     ap.add_argument("--configs", nargs="+", choices=CONFIG_NAMES, help="subset of configurations (default all)")
@@ -573,15 +569,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--epochs", type=int, help="override the number of epochs")
     ap.add_argument("--target", type=float, help="target test accuracy in [0, 1] (default: Adam's final − drop)")
     ap.add_argument("--target-drop", type=float, default=0.01, help="default target = Adam's accuracy − this")
-    ap.add_argument("--tag", default="", help="suffix of the output file names")
-    ap.add_argument("--render", type=Path, metavar="JSON", help="print an existing result as Markdown and exit")
     args = ap.parse_args(argv)
     if args.render:
-        result = json.loads(args.render.read_text())
-        print(render(result))
-        return result
+        return render_saved(args.render, render)
 
-    profile = "tiny" if args.tiny else "quick" if args.quick else "full"
+    profile = "tiny" if args.smoke else "quick" if args.quick else "full"
     cfg = dict(PROFILES[profile])
     if args.seeds is not None:
         cfg["seeds"] = args.seeds
