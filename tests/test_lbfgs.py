@@ -266,3 +266,16 @@ def test_reuse_line_search_value_needs_the_zoom_search():
     loss_fn = _logistic()[2]
     with pytest.raises(ValueError, match="reuse_line_search_value"):
         somax.presets.lbfgs(loss_fn=loss_fn, line_search="armijo", reuse_line_search_value=True)
+
+
+def test_reuse_state_has_shardings():
+    """``somax.sharding.state_shardings`` covers the kept value and gradient (one device here)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    params, _, loss_fn = _logistic()
+    method = somax.presets.lbfgs(loss_fn=loss_fn, reuse_line_search_value=True)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    rep = NamedSharding(mesh, PartitionSpec())
+    shardings = somax.sharding.state_shardings(method, mesh, params, jax.tree_util.tree_map(lambda _: rep, params))
+    state = jax.device_put(method.init(params), shardings)
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(method.init(params))

@@ -144,4 +144,5 @@ def state_shardings(
         tx=shard_like_params(shapes.tx, params, param_shardings, rep),
         model_state=jax.tree_util.tree_map(lambda _: rep, shapes.model_state),
         nonfinite_count=rep,
+        line_search=parts.get("line_search", ()),
     )
