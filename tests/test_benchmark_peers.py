@@ -8,10 +8,12 @@ pointed at a missing interpreter, which exercises the "unavailable" path without
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks import floor_and_peers, sophia_recombination
 
 
+@pytest.mark.usefixtures("fast_compile")  # smoke run: compile time dominates
 def test_floor_and_peers_smoke(tmp_path):
     out = tmp_path / "fp.json"
     result = floor_and_peers.main(
@@ -68,6 +70,7 @@ def test_hand_row_cholesky_matches_dense_ggn_solve():
     np.testing.assert_allclose(np.asarray(s_row), np.asarray(s_dense), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.usefixtures("fast_compile")  # smoke run: compile time dominates
 def test_sophia_recombination_smoke(tmp_path):
     out = tmp_path / "sr.json"
     sophia_recombination.main(

@@ -58,6 +58,7 @@ def test_cli_out_folder_for_file_studies():
     ]
 
 
+@pytest.mark.usefixtures("fast_compile")  # smoke run: compile time dominates
 def test_cli_end_to_end(tmp_path, monkeypatch):
     """``python -m benchmarks module_interactions --tiny`` writes JSON, PNG and the Markdown table
     (through the CLI's ``main`` in this process: a subprocess would import JAX again)."""
@@ -108,6 +109,7 @@ def test_module_interactions_builds_the_preset():
     np.testing.assert_allclose(state.tx.hyperparams["learning_rate"], 0.5)
 
 
+@pytest.mark.usefixtures("fast_compile")  # smoke run: compile time dominates
 def test_lane_scaling_quick_tiny(tmp_path, monkeypatch):
     """lane_scaling's quick mode through the CLI, on a one-point sweep and without the CE part."""
     lane_scaling = importlib.import_module("benchmarks.lane_scaling")

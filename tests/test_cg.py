@@ -239,7 +239,7 @@ def test_unrolled_loop_on_pytrees():
     _assert_same(*_both(_spd(7, 50.0), b, wrap=_tree_matvec, tol=1e-9, maxiter=10))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     n=st.sampled_from([1, 8]),  # few shapes and budgets: each pair is one more compile per loop form
