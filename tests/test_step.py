@@ -28,7 +28,7 @@ TEXTBOOK_TR = {"max_rel_update": None, "curvature_floor": None}
 
 def _direction(method, params, batch):
     state = method.init(params)
-    new, _, info = method.step(params, batch, state, jax.random.PRNGKey(0))
+    new, _, info = jax.jit(method.step)(params, batch, state, jax.random.PRNGKey(0))
     return flat(params) - flat(new), info
 
 
