@@ -187,6 +187,17 @@ def write_result(result: dict[str, Any], path: str | os.PathLike[str], *, quiet:
     return out
 
 
+def write_with_table(result: dict[str, Any], path: str | os.PathLike[str], render: Callable[[dict], str]) -> str:
+    """:func:`write_result` (quietly), then the Markdown table ``render(result)`` beside the JSON
+    (``.md``), printed and returned; ``result`` is rendered as it reads back from the JSON."""
+    out = write_result(result, path, quiet=True)
+    result["machine"] = json.loads(out.read_text()).get("machine", result.get("machine"))
+    table = render(result)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return table
+
+
 def save_figure(
     path: str | os.PathLike[str], draw: Callable[..., Any], *subplots: Any, dpi: int = 110, **subplot_kw: Any
 ) -> Path | None:

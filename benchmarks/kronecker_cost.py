@@ -73,7 +73,7 @@ from benchmarks.common import (
     machine_line,
     render_saved,
     study_parser,
-    write_result,
+    write_with_table,
 )
 from benchmarks.harness import first_call, interleaved
 from benchmarks.models import n_params, optax_step, small_cnn
@@ -674,11 +674,7 @@ def _save_side_study(result: dict[str, Any], args: Any, stem: str, render_fn: An
     """Write ``result`` as ``<stem>[_<tag>].json`` and its Markdown table beside it; print the table."""
     stem += f"_{args.tag}" if args.tag else ""
     args.out.mkdir(parents=True, exist_ok=True)
-    write_result(result, args.out / f"{stem}.json", quiet=True)
-    result["machine"] = json.loads((args.out / f"{stem}.json").read_text())["machine"]
-    table = render_fn(result)
-    (args.out / f"{stem}.md").write_text(table + "\n")
-    print(table)
+    write_with_table(result, args.out / f"{stem}.json", render_fn)
     return result
 
 
@@ -740,11 +736,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "goal": GOAL, "points": points, "cg_products": cg, "wall_s": time.time() - started}  # fmt: skip
     stem = "kronecker_cost" + (f"_{profile}" if profile != "full" else "") + (f"_{args.tag}" if args.tag else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    write_result(result, args.out / f"{stem}.json", quiet=True)
-    result["machine"] = json.loads((args.out / f"{stem}.json").read_text())["machine"]
-    table = render(result)
-    (args.out / f"{stem}.md").write_text(table + "\n")
-    print(table)
+    write_with_table(result, args.out / f"{stem}.json", render)
     print(f"wrote {args.out / (stem + '.json')} and .md")
     return result
 

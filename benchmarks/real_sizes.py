@@ -59,7 +59,7 @@ import optax
 
 import somax
 from benchmarks import models as M
-from benchmarks.common import RESULTS_DIR, machine_info, save_figure, summarize, write_result
+from benchmarks.common import RESULTS_DIR, machine_info, save_figure, summarize, write_result, write_with_table
 from benchmarks.harness import first_call, interleaved, ratio
 from somax.specs import SolverSpec
 
@@ -515,10 +515,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   "config": {"profile": profile, "tag": args.tag, "models": list(cfg["models"]), "batch": cfg["batch"],
                              "rounds": cfg["rounds"], "warmup": cfg["warmup"], "max_seconds": cfg["max_seconds"]},
                   "probe_loops": [probe_loops(m, cfg) for m in cfg["models"]]}  # fmt: skip
-        write_result(result, out, quiet=True)
-        table = render_probe_loops(result)
-        out.with_suffix(".md").write_text(table + "\n")
-        print(table)
+        write_with_table(result, out, render_probe_loops)
         print(f"\nwrote {out}")
         return result
     if args.probe_memory:
@@ -529,10 +526,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   "config": {"profile": profile, "tag": args.tag, "models": list(cfg["models"]), "batch": cfg["batch"],
                              "methods": list(PROBE_METHODS), "probes": PROBES},
                   "probe_memory": [probe_memory(m, cfg) for m in cfg["models"]]}  # fmt: skip
-        write_result(result, out, quiet=True)
-        table = render_probe_memory(result)
-        out.with_suffix(".md").write_text(table + "\n")
-        print(table)
+        write_with_table(result, out, render_probe_memory)
         print(f"\nwrote {out}")
         return result
     machine = machine_info()  # the load average before the run (write_result adds the one after)
