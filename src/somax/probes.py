@@ -5,8 +5,9 @@ step's ``Linearization.matvec`` — never a second linearization. Vectors are
 flattened with ``ravel_pytree`` so Lanczos can keep a dense basis. Each probe's runs
 (trace probes, SLQ probes, layer blocks) go one after another, so an idle probe's
 ``lax.cond`` reserves the temporaries of one run; the loops are unrolled by the CG
-solvers' ``"auto"`` rule (:func:`somax.solvers.cg.resolve_unroll`) applied to the probe's
-total number of curvature products (see :mod:`somax.estimators.spectral`).
+solvers' ``"auto"`` rule (:func:`somax.solvers.cg.auto_unroll`; the product's convolutions are
+counted once) applied to the probe's total number of curvature products (see
+:mod:`somax.estimators.spectral`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from somax.estimators import spectral
-from somax.solvers.cg import resolve_unroll
+from somax.solvers.cg import auto_unroll, count_convolutions
 from somax.specs import TelemetrySpec
 from somax.telemetry import InfoField
 
@@ -72,11 +73,13 @@ def spectral_values(
         return jax.random.fold_in(rng, 100 + i)
 
     nan = jnp.asarray(jnp.nan, float_dtype)
-    probe_vector = jnp.zeros((dim,), dtype)
+    convolutions: list[int] = []  # counted at most once (one trace of the product), on first use
 
     def unrolled(products: int) -> bool:
         """The CG solvers' ``"auto"`` rule on this probe's total number of products."""
-        return resolve_unroll("auto", products, matvec, probe_vector)
+        if not convolutions:
+            convolutions.append(count_convolutions(matvec, jnp.zeros((dim,), dtype)))
+        return auto_unroll(products, convolutions[0])
 
     out: dict[str, Any] = {}
     if t.trace_every_k != -1:

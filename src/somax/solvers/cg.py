@@ -66,6 +66,7 @@ __all__ = [
     "AUTO_UNROLL_MAXITER",
     "has_convolution",
     "resolve_unroll",
+    "auto_unroll",
     "count_convolutions",
     "AUTO_UNROLL_CONVOLUTIONS",
 ]
@@ -140,7 +141,14 @@ def resolve_unroll(unroll: bool | str, maxiter: int, matvec: Callable[[PyTree], 
         return bool(unroll)
     if jax.default_backend() != "cpu" or maxiter > AUTO_UNROLL_MAXITER:
         return False
-    convolutions = count_convolutions(matvec, b)
+    return auto_unroll(maxiter, count_convolutions(matvec, b))
+
+
+def auto_unroll(maxiter: int, convolutions: int) -> bool:
+    """The ``"auto"`` rule for a loop of ``maxiter`` products with ``convolutions`` convolutions each
+    (counted once by the caller, e.g. with :func:`count_convolutions`)."""
+    if jax.default_backend() != "cpu" or maxiter > AUTO_UNROLL_MAXITER:
+        return False
     return 0 < maxiter * convolutions <= AUTO_UNROLL_CONVOLUTIONS
 
 
