@@ -85,6 +85,7 @@ class SoftmaxCELoss(OutputLoss):
         return z.shape[:-1]
 
     def check(self, z: jax.Array, y: jax.Array) -> jax.Array:
+        """Integer labels are returned as they are; probability vectors cast to ``z.dtype``."""
         y = jnp.asarray(y)
         if z.ndim < 2:
             raise ValueError(f"ce: logits must have shape (B, C) or (B, T, C), got {z.shape}")
@@ -93,7 +94,7 @@ class SoftmaxCELoss(OutputLoss):
                 raise ValueError(
                     f"ce: integer labels y of shape {y.shape} must have shape {z.shape[:-1]} for logits {z.shape}"
                 )
-            return jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)
+            return y
         if y.shape != z.shape:
             raise ValueError(
                 f"ce: one-hot labels y of shape {y.shape} must match logits {z.shape} "
@@ -111,10 +112,23 @@ class SoftmaxCELoss(OutputLoss):
         tol = 16 * jnp.finfo(y.dtype).eps * z.shape[-1]
         return jnp.all(y >= 0) & jnp.all(jnp.sum(y, axis=-1) <= 1 + tol)
 
+    @staticmethod
+    def labels(z: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(y, m)``: the label vectors and their mass ``m = Σ_c y_c`` (shape ``z.shape[:-1] + (1,)``).
+
+        Integer labels become one-hot rows with ``m = 1`` (``0`` for a label outside ``[0, C)``,
+        whose one-hot row is zero); the mass is read off the integers, not summed from the rows.
+        """
+        if jnp.issubdtype(y.dtype, jnp.integer):
+            c = z.shape[-1]
+            mass = ((y >= 0) & (y < c)).astype(z.dtype)[..., None]
+            return jax.nn.one_hot(y, c, dtype=z.dtype), mass
+        return y, jnp.sum(y, axis=-1, keepdims=True)
+
     def pointwise(self, z: jax.Array, y: jax.Array) -> Pointwise:
         logp = jax.nn.log_softmax(z, axis=-1)
         p = jnp.exp(logp)
-        mass = jnp.sum(y, axis=-1, keepdims=True)
+        y, mass = self.labels(z, y)
 
         def hvp(v: jax.Array) -> jax.Array:
             pv = p * v
@@ -144,7 +158,7 @@ class SoftmaxCELoss(OutputLoss):
             raise ValueError(f"ce: the row-space factor needs at least 2 classes, got logits of shape {z.shape}")
         logp = jax.lax.stop_gradient(jax.nn.log_softmax(z, axis=-1))
         q = jnp.exp(0.5 * logp)
-        mass = jnp.sum(y, axis=-1, keepdims=True)
+        y, mass = self.labels(z, y)
         root_m = jnp.sqrt(jnp.maximum(mass, 0.0))
         w = q.at[..., -1].add(1.0)
         denom = 1.0 + q[..., -1:]
