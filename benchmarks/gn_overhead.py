@@ -10,8 +10,8 @@ cross-entropy, an MLP) against a jitted hand-written iteration doing the same ar
 linearize the model at ``θ_t`` on the micro-batch (``jax.linearize``), one JVP ``J_k Δ``, the
 closed-form ``g_z`` and ``H_z J_k Δ`` of the softmax, one VJP (``jax.linear_transpose``), ``+λΔ``,
 the Optax update of the inner optimizer at ``θ_t + Δ``, and the inner loss (a second floor,
-``floor_inner_label_mass``, also weights each example by its label mass ``Σ_c y_c`` as somax's
-cross-entropy does). Two levels:
+``floor_inner_label_mass``, also weights each example by its label mass ``Σ_c y_c`` summed from
+the one-hot rows, which somax's cross-entropy reads off integer labels instead). Two levels:
 
 * ``inner``: the solver's scan body alone (``GNInnerSolver._step``) vs the floor's, on fixed inputs;
 * ``step``: a whole ``gn`` step (``N`` micro-batches, 5-point held-out line search, warm start)
@@ -97,8 +97,8 @@ def _ce(z: Any, y: Any) -> Any:
 def _floor_iteration(tx: optax.GradientTransformation, lam: float, label_mass: bool = False) -> Callable:
     """The hand-written inner iteration: ``((Δ, s), (x, y)) → ((Δ', s'), inner loss)`` at ``θ``.
 
-    ``label_mass``: also weight each example's ``g_z`` and ``H_z`` by its label mass ``Σ_c y_c``
-    (1 for integer labels), as somax's cross-entropy does to support soft and masked labels.
+    ``label_mass``: also weight each example's ``g_z`` and ``H_z`` by its label mass ``Σ_c y_c``,
+    summed from the one-hot rows (what that reduction costs).
     """
 
     def it(theta, carry, data):

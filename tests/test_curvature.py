@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from oracles import (
     classification_batch,
     dense_ggn,
@@ -15,7 +17,7 @@ from oracles import (
     tiny_mlp,
 )
 
-from somax.curvature import ggn_ce, ggn_mse, hessian
+from somax.curvature import SoftmaxCELoss, ggn_ce, ggn_mse, hessian
 
 
 def _probe(params, key=7):
@@ -125,3 +127,29 @@ def test_bad_batch_and_targets_are_named():
     assert np.isfinite(float(lin.loss))
     with pytest.raises(TypeError, match="hessian"):
         hessian(predict_fn=predict)
+
+
+@settings(max_examples=12, deadline=None)
+@given(labels=st.lists(st.integers(-2, 5), min_size=1, max_size=6), seed=st.integers(0, 2**16))
+def test_ce_integer_labels_equal_their_one_hot_rows(labels, seed):
+    """Integer labels (their mass read off the integers) and their one-hot rows (mass summed) give the
+    same loss, gradient, ``H_z`` products and row factor in float64, a label outside ``[0, C)`` included
+    (its one-hot row is zero: the position has mass 0)."""
+    c = 4
+    y = jnp.asarray(labels, jnp.int32)
+    rs = np.random.default_rng(seed)
+    z = jnp.asarray(rs.standard_normal((len(labels), c)) * 3)
+    v = jnp.asarray(rs.standard_normal(z.shape))
+    r = jnp.asarray(rs.standard_normal((len(labels), c - 1)))
+    onehot = jax.nn.one_hot(y, c, dtype=z.dtype)  # zero rows for -2, -1, 4, 5
+    loss = SoftmaxCELoss()
+    a, b = loss.prepare(z, y), loss.prepare(z, onehot)
+    np.testing.assert_allclose(a.value, b.value, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(a.grad, b.grad, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(a.hvp(v), b.hvp(v), rtol=1e-14, atol=1e-15)
+    fa, fb = loss.row_factor(z, y), loss.row_factor(z, onehot)
+    np.testing.assert_allclose(fa.residual, fb.residual, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(fa.apply(v), fb.apply(v), rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(fa.apply_t(r), fb.apply_t(r), rtol=1e-14, atol=1e-15)
+    in_range = (np.asarray(labels) >= 0) & (np.asarray(labels) < c)
+    np.testing.assert_array_equal(np.asarray(loss.labels(z, y)[1][:, 0]), in_range.astype(float))
