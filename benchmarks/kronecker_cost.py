@@ -40,8 +40,9 @@ of ``G``, of each ``G_ℓℓ`` and of each ``A ⊗ S``. Writes ``kronecker_cost_
 **Against kfac-jax** (``--kfac-jax PYTHON``, ``PYTHON`` the interpreter of a virtual environment
 with ``kfac-jax==0.0.8``, ``jax==0.8.3``, ``jaxlib==0.8.3``, which kfac-jax needs): ``kfac`` and
 kfac-jax's ``Optimizer`` on the MNIST-1D MLP, same initial parameters and batches, statistics
-every step, inverses every 10 steps, constant damping 0.1, learning rate 0.01, momentum 0.9, no
-adaptive rules; one 10-step cycle of dispatched steps per timed call, the two timed alternately
+every step, inverses every 10 steps (somax: eigendecompositions, and a second candidate with
+``kfac_cache_inverse=True``), constant damping 0.1, learning rate 0.01, momentum 0.9, no adaptive
+rules; one 10-step cycle of dispatched steps per timed call, the candidates timed alternately
 (kfac-jax in its own process, over a pipe). Writes ``kronecker_cost_kfac_jax.json`` / ``.md``.
 
 ``python -m benchmarks kronecker_cost [--quick | --tiny] [--out DIR] [--only-cg | --no-cg]
@@ -136,9 +137,12 @@ def problem(name: str, width: int = 256, num_samples: int = 5000) -> tuple[bdata
     raise ValueError(f"unknown problem {name!r}; known: mlp, cnn")
 
 
-#: named variants of a preset (``--methods``): ``shampoo_b<k>`` is Shampoo with ``block_size = k``
+#: named variants of a preset (``--methods``): ``shampoo_b<k>`` is Shampoo with ``block_size = k``;
+#: ``kfac_cached`` is K-FAC with π-damping and cached damped inverses (``_ef``: empirical-Fisher factors)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    f"shampoo_b{k}": ("shampoo", {"block_size": k}) for k in (32, 64, 128)
+    **{f"shampoo_b{k}": ("shampoo", {"block_size": k}) for k in (32, 64, 128)},
+    "kfac_cached": ("kfac", {"kfac_damping": "pi", "kfac_cache_inverse": True}),
+    "kfac_cached_ef": ("kfac", {"kfac_damping": "pi", "kfac_cache_inverse": True, "fisher": "empirical"}),
 }
 
 
@@ -415,9 +419,15 @@ def render_kfac_jax(result: dict[str, Any]) -> str:
         for k, st in r["per_step"].items():
             lines.append(f"| {k} | {st['median_ms']:.2f} | {st['p90_ms']:.2f} | {r['first_call_s'][k]:.1f} | "
                          f"{r['final_loss'][k]:.4f} |")  # fmt: skip
-        q = r["ratio"]
-        lines += ["", f"somax / kfac-jax: paired median **{q['paired_median']:.2f}×** (p90 {q['paired_p90']:.2f}×); "
-                  f"ratio of medians {q['median']:.2f}×, of p90s {q['p90']:.2f}×.", ""]  # fmt: skip
+        lines.append("")
+        for label, key in (("somax", "ratio"), ("somax with cached inverses", "ratio_cached_inverses")):
+            if key in r:
+                q = r[key]
+                lines.append(
+                    f"{label} / kfac-jax: paired median **{q['paired_median']:.2f}×** (p90 {q['paired_p90']:.2f}×); "
+                    f"ratio of medians {q['median']:.2f}×, of p90s {q['p90']:.2f}×."
+                )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -519,10 +529,11 @@ def kfac_jax_study(python: str, mode: str = "ggn_exact", cfg: dict[str, Any] = K
     """``kfac`` against kfac-jax (``python``: its virtual environment's interpreter), one cadence cycle per call.
 
     Same model (MNIST-1D ReLU MLP, the same initial parameters), the same ``steps`` batches every
-    cycle, statistics every step, inverses (somax: eigendecompositions) every ``refresh`` steps,
-    constant damping, learning rate and momentum (no adaptive rules on either side). Both sides
-    dispatch one jitted step per training step and wait for the parameters at the end of the cycle;
-    the two are timed alternately, round by round (the kfac-jax side times itself in its process).
+    cycle, statistics every step, inverses every ``refresh`` steps (somax: eigendecompositions by
+    default, and a second somax candidate with ``kfac_cache_inverse=True``: the damped inverses, as
+    kfac-jax), constant damping, learning rate and momentum (no adaptive rules on either side). Every
+    side dispatches one jitted step per training step and waits for the parameters at the end of the
+    cycle; they are timed alternately, round by round (the kfac-jax side times itself in its process).
     somax's factors use the GGN rows (``fisher="ggn"``) against kfac-jax's ``estimation_mode``
     ``"ggn_exact"``; ``"fisher_empirical"`` pairs with ``fisher="empirical"``.
     """
@@ -540,22 +551,32 @@ def kfac_jax_study(python: str, mode: str = "ggn_exact", cfg: dict[str, Any] = K
     fisher = {"ggn_exact": "ggn", "fisher_empirical": "empirical"}[mode]
     options = dict(learning_rate=cfg["lr"], momentum=cfg["momentum"], lam0=cfg["damping"], beta=cfg["ema"],
                    refresh_every_k=cfg["refresh"], kfac_damping="pi", fisher=fisher)  # fmt: skip
-    method = build_method("kfac", predict, **options)
-    step = jax.jit(method.step)
     batches = [{"x": jnp.asarray(x), "y": jnp.asarray(y)} for x, y in zip(xs, ys)]
-    holder = {"p": jax.tree_util.tree_map(jnp.asarray, params0)}
-    t0 = time.perf_counter()
-    holder["s"] = jax.jit(method.init)(holder["p"])
-    holder["p"], holder["s"], _ = step(holder["p"], batches[0], holder["s"])
-    jax.block_until_ready(holder["p"])
-    somax_first = time.perf_counter() - t0
+    holders: dict[str, dict[str, Any]] = {}
+    somax_first: dict[str, float] = {}
 
-    def somax_cycle(i: int) -> Any:
-        p, s = holder["p"], holder["s"]
-        for b in batches:
-            p, s, info = step(p, b, s)
-        holder["p"], holder["s"], holder["loss"] = p, s, info["loss"]
-        return p
+    def somax_side(name: str, **extra: Any) -> Callable[[int], Any]:
+        """One somax variant: compiled and stepped once (first-call time), then one cycle per call."""
+        method = build_method("kfac", predict, **options, **extra)
+        step = jax.jit(method.step)
+        holder = holders[name] = {"p": jax.tree_util.tree_map(jnp.asarray, params0)}
+        t0 = time.perf_counter()
+        holder["s"] = jax.jit(method.init)(holder["p"])
+        holder["p"], holder["s"], _ = step(holder["p"], batches[0], holder["s"])
+        jax.block_until_ready(holder["p"])
+        somax_first[name] = time.perf_counter() - t0
+
+        def cycle(i: int) -> Any:
+            p, s = holder["p"], holder["s"]
+            for b in batches:
+                p, s, info = step(p, b, s)
+            holder["p"], holder["s"], holder["loss"] = p, s, info["loss"]
+            return p
+
+        return cycle
+
+    cached = "somax kfac, cached inverses"
+    sides = {"somax kfac": somax_side("somax kfac"), cached: somax_side(cached, kfac_cache_inverse=True)}
 
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "problem.npz")
@@ -577,8 +598,7 @@ def kfac_jax_study(python: str, mode: str = "ggn_exact", cfg: dict[str, Any] = K
         try:
             info = ask({"cmd": "setup", "data": data, "options": {**cfg, "mode": mode}})
             peer = SelfTimed(lambda i: ask({"cmd": "run"})["seconds"])
-            timings = interleaved({"somax kfac": somax_cycle, "kfac-jax": peer}, rounds=cfg["rounds"],
-                                  warmup=cfg["warmup"])  # fmt: skip
+            timings = interleaved({**sides, "kfac-jax": peer}, rounds=cfg["rounds"], warmup=cfg["warmup"])
             last = ask({"cmd": "run"})
         finally:
             try:
@@ -589,10 +609,11 @@ def kfac_jax_study(python: str, mode: str = "ggn_exact", cfg: dict[str, Any] = K
     per_step = {k: _stats(np.asarray(v) / cfg["steps"]) for k, v in timings.wall_ms.items()}
     return {"model": desc, "batch": batch, "mode": mode, "somax_fisher": fisher, **cfg,
             "versions": {"kfac_jax": info["kfac_jax"], "jax_kfac_side": info["jax"], "jax_somax_side": jax.__version__},
-            "first_call_s": {"somax kfac": somax_first, "kfac-jax": info["first_call_s"]},
+            "first_call_s": {**somax_first, "kfac-jax": info["first_call_s"]},
             "per_step": per_step, "ratio": timings.ratio("somax kfac", "kfac-jax", _RATIO_KEYS),
+            "ratio_cached_inverses": timings.ratio("somax kfac, cached inverses", "kfac-jax", _RATIO_KEYS),
             "rounds_run": timings.rounds,
-            "final_loss": {"somax kfac": float(holder["loss"]), "kfac-jax": last["loss"]}}  # fmt: skip
+            "final_loss": {**{k: float(h["loss"]) for k, h in holders.items()}, "kfac-jax": last["loss"]}}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- output

@@ -388,13 +388,15 @@ def test_kfac_factors_equal_per_example_definitions():
         np.testing.assert_allclose(stats[name][1], S, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("damping", ["eigen", "pi"])
+@pytest.mark.parametrize("damping", ["eigen", "pi", "pi_cached"])
 def test_kfac_single_dense_mse_equals_dense_damped_solve(damping):
     """z = x W + b with MSE: G = A ⊗ I exactly; eigen-damping gives (G + λI)⁻¹ g; π-damping,
-    here with ``damping_scale = 2`` (μ = 2λ), gives (A + π√μ I)⁻¹ ⊗ (I + √μ/π I)⁻¹ g."""
+    here with ``damping_scale = 2`` (μ = 2λ), gives (A + π√μ I)⁻¹ ⊗ (I + √μ/π I)⁻¹ g, from the
+    eigenbases or from the cached inverses (``cache_inverse``)."""
     lam = 0.3
     scale = 1.0 if damping == "eigen" else 2.0
-    kw = {"eps": 0.0, "damping": damping, "eigh_dtype": "float64", "damping_scale": scale}
+    kw = {"eps": 0.0, "damping": damping[:2] if damping == "pi_cached" else damping, "eigh_dtype": "float64",
+          "damping_scale": scale, "cache_inverse": damping == "pi_cached"}  # fmt: skip
     method = somax.assemble(
         curvature=CurvatureSpec("ggn_mse", kwargs={"predict_fn": _linear_model}),
         precondition=PrecondSpec("kfac", kwargs=kw),
@@ -417,6 +419,36 @@ def test_kfac_single_dense_mse_equals_dense_damped_solve(damping):
         pi, mu = np.sqrt(np.trace(A) / A.shape[0]), scale * lam
         want = np.linalg.solve(A + pi * np.sqrt(mu) * np.eye(5), gm) / (1 + np.sqrt(mu) / pi)
     np.testing.assert_allclose(s, want, rtol=1e-10, atol=1e-12)
+
+
+def test_kfac_cached_inverses_use_the_refresh_lambda():
+    """``cache_inverse``: the Kronecker block applies ``(A + π√μ_r I)⁻¹ V (S + √μ_r/π I)⁻¹`` with the
+    ``λ_r`` of the last refresh, whatever ``λ`` the step has; the diagonal fallback uses the step's ``λ``;
+    ``refresh_uses_lam`` is declared only in that mode; eigen-damping with it is refused."""
+    from somax.estimators.kronecker import LayerFactors
+    from somax.precond.kfac import KFAC
+
+    rng = np.random.default_rng(5)
+    params = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros((3,))}, "scale": jnp.zeros((2,))}
+    xa, xs = rng.normal(size=(7, 5)), rng.normal(size=(6, 3))
+    A, S = xa.T @ xa / 7, xs.T @ xs / 6
+    diag = {"dense": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3)}, "scale": np.array([0.5, 2.0])}
+    stat = {"layers": {"['dense']['kernel']": LayerFactors(jnp.asarray(A), jnp.asarray(S))},
+            "diagonal": jax.tree_util.tree_map(jnp.asarray, diag)}  # fmt: skip
+    pre = KFAC(damping="pi", cache_inverse=True, beta=0.0, eps=0.0, eigh_dtype="float64", damping_scale=2.0)
+    assert pre.refresh_uses_lam and not KFAC(damping="pi").refresh_uses_lam
+    lam_r, lam_now = 0.3, 7.0
+    state = pre.refresh(pre.update(pre.init(params), stat), jnp.asarray(lam_r))
+    v = {"dense": {"kernel": rng.normal(size=(4, 3)), "bias": rng.normal(size=3)}, "scale": rng.normal(size=2)}
+    out = pre.inverse(state, jnp.asarray(lam_now))(jax.tree_util.tree_map(jnp.asarray, v))
+    mu, pi = 2.0 * lam_r, np.sqrt((np.trace(A) / 5) / (np.trace(S) / 3))
+    vm = np.concatenate([v["dense"]["kernel"], v["dense"]["bias"][None]], 0)
+    want = np.linalg.solve(A + pi * np.sqrt(mu) * np.eye(5), vm) @ np.linalg.inv(S + np.sqrt(mu) / pi * np.eye(3))
+    np.testing.assert_allclose(out["dense"]["kernel"], want[:4], rtol=1e-10)
+    np.testing.assert_allclose(out["dense"]["bias"], want[4], rtol=1e-10)
+    np.testing.assert_allclose(out["scale"], v["scale"] / (diag["scale"] + 2.0 * lam_now), rtol=1e-12)
+    with pytest.raises(ValueError, match="cache_inverse=True needs damping='pi'"):
+        KFAC(cache_inverse=True)
 
 
 def _cg_iterations(A: np.ndarray, b: np.ndarray, tol: float, maxiter: int) -> int:

@@ -180,20 +180,26 @@ class Preconditioner(Component):
 
     Declarations: ``consumes`` (statistics it accepts, any one), ``default_estimator``
     (the estimator kind used when the method names none), ``refresh_every_k``
-    (``-1``: ``refresh`` is never called), ``provides_inverse`` (``False``: no ``M⁻¹``).
+    (``-1``: ``refresh`` is never called), ``provides_inverse`` (``False``: no ``M⁻¹``),
+    ``refresh_uses_lam`` (``refresh`` is called as ``refresh(state, lam)`` with the step's
+    ``λ``, for a preconditioner that bakes the damping into what it caches).
     """
 
     consumes: ClassVar[tuple[str, ...]] = ()
     default_estimator: ClassVar[str | None] = None
     refresh_every_k: int = OFF
     provides_inverse: ClassVar[bool] = True
+    refresh_uses_lam: ClassVar[bool] = False
 
     def update(self, state: PyTree, statistic: PyTree, lin: Linearization) -> PyTree:
         """Fold a new statistic into the state (on the estimator's cadence)."""
         return state
 
-    def refresh(self, state: PyTree) -> PyTree:
-        """Rebuild what ``inverse`` applies (a factorisation, an eigenbasis) on ``refresh_every_k``."""
+    def refresh(self, state: PyTree, lam: jax.Array | None = None) -> PyTree:
+        """Rebuild what ``inverse`` applies (a factorisation, an eigenbasis) on ``refresh_every_k``.
+
+        ``lam`` (the step's ``λ``) is passed only when ``refresh_uses_lam`` is true.
+        """
         return state
 
     @abc.abstractmethod

@@ -287,8 +287,12 @@ class SecondOrderMethod:
 
             fire = self.plan.gate("estimator", count)
             precond_state, estimator_state = _gated(fire, update, (precond_state, estimator_state))
-        refreshed = precond_state
-        precond_state = _gated(self.plan.gate("refresh", count), lambda: self.precond.refresh(refreshed), refreshed)
+        refreshed, lam = precond_state, state.damping.lam
+        if self.precond.refresh_uses_lam:
+            rebuild = lambda: self.precond.refresh(refreshed, lam)  # noqa: E731
+        else:
+            rebuild = lambda: self.precond.refresh(refreshed)  # noqa: E731
+        precond_state = _gated(self.plan.gate("refresh", count), rebuild, refreshed)
         return precond_state, estimator_state, self.precond.inverse(precond_state, state.damping.lam)
 
     def _apply(self, lin, params, direction, state, values, fdt) -> tuple[PyTree, PyTree, PyTree, jax.Array]:

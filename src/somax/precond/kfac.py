@@ -24,6 +24,14 @@ every step the current ``λ`` (plus the floor ``eps``) is applied without a refr
 
       M⁻¹ V = Q_A [ (Q_Aᵀ V Q_S) / ((λ_A + π√λ)(λ_S + √λ/π)ᵀ) ] Q_Sᵀ.
 
+With ``cache_inverse=True`` (``damping="pi"`` only; kfac-jax's default form) each refresh
+caches the two damped inverses ``(A + π√μ I)⁻¹`` and ``(S + √μ/π I)⁻¹`` themselves (Cholesky,
+``μ`` from the refresh step's ``λ``), and a step applies ``M⁻¹ V = (A + π√μ I)⁻¹ V (S + √μ/π I)⁻¹``:
+two matrix products per layer instead of four, and a Cholesky instead of an ``eigh`` per
+factor at refresh. The price: a ``λ`` that changes between refreshes (an adaptive damping
+policy) reaches the Kronecker blocks only at the next refresh (the diagonal fallback uses the
+current ``λ``).
+
 Both are symmetric positive definite and linear, so K-FAC preconditions CG (``kfac_cg``)
 as well as the diagonal lane (``s = M⁻¹ g̃``, preset ``kfac``). ``damping_scale = c`` uses
 ``μ = c·λ`` in place of ``λ`` in both formulas (the solve keeps ``λ``). As CG's preconditioner
@@ -44,9 +52,10 @@ leaf, and every leaf of an inactive candidate, falls back to the diagonal rule
 ``M⁻¹ v = v / (d̂ + λ)`` with ``d̂`` the bias-corrected EMA of the statistic's ``n·g⊙g``.
 :meth:`KFAC.describe` lists the assignment (with the model and an input, the final one).
 
-Cost per step: per layer four products ``O(d_in² d_out + d_in d_out²)`` for ``M⁻¹``; per
-statistic one batched pass over the model with ``m/b`` rows per example; per refresh
-one ``eigh`` of each factor ``O(d_in³ + d_out³)``. Memory ``2(d_in² + d_out²)`` per layer.
+Cost per step: per layer four products ``O(d_in² d_out + d_in d_out²)`` for ``M⁻¹`` (two with
+``cache_inverse``); per statistic one batched pass over the model with ``m/b`` rows per example;
+per refresh one ``eigh`` (or Cholesky) of each factor ``O(d_in³ + d_out³)``. Memory
+``2(d_in² + d_out²)`` per layer.
 
 References:
   Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
@@ -114,8 +123,9 @@ def kfac_blocks(params: PyTree) -> list[KFACBlock]:
 class KFACState(NamedTuple):
     """``blocks``: per candidate block ``{"A", "S", "QA", "lamA", "QS", "lamS", "active"}``
     (factors as EMAs, eigendecompositions cached at the last refresh, ``active`` 1 when the
-    layer was confirmed by the statistic); ``diag``: the fallback EMA (params-shaped);
-    ``count``: updates folded in."""
+    layer was confirmed by the statistic; with ``cache_inverse`` the damped inverses
+    ``"Ainv"``, ``"Sinv"`` replace the eigendecompositions); ``diag``: the fallback EMA
+    (params-shaped); ``count``: updates folded in."""
 
     blocks: list
     diag: PyTree
@@ -136,7 +146,9 @@ class KFAC(Preconditioner):
       damping_scale: ``c``: the preconditioner is damped with ``μ = c·λ + eps`` instead of
         ``λ + eps`` (``c > 1`` trusts the Kronecker curvature less; see the module docstring).
       refresh_every_k: recompute the eigendecompositions on steps ``0, k, 2k, …``.
-      eigh_dtype: ``"float32"`` or ``"float64"``.
+      eigh_dtype: ``"float32"`` or ``"float64"``: the dtype of the refresh's decompositions.
+      cache_inverse: with ``damping="pi"``, cache the damped factor inverses at each refresh
+        (for that step's ``λ``) instead of eigendecompositions (module docstring).
     """
 
     beta: float = 0.95
@@ -145,6 +157,7 @@ class KFAC(Preconditioner):
     damping_scale: float = 1.0
     refresh_every_k: int = 1
     eigh_dtype: str = "float32"
+    cache_inverse: bool = False
 
     consumes = (KFAC_FACTORS,)
     default_estimator = "kfac_factors"
@@ -158,6 +171,16 @@ class KFAC(Preconditioner):
         validate.number(f"{where}: damping_scale", self.damping_scale, minimum=0.0)
         validate.cadence(f"{where}: refresh_every_k", self.refresh_every_k)
         validate.choice(f"{where}: eigh_dtype", self.eigh_dtype, ("float32", "float64"))
+        validate.boolean(f"{where}: cache_inverse", self.cache_inverse)
+        if self.cache_inverse and self.damping != "pi":
+            raise ValueError(
+                f"{where}: cache_inverse=True needs damping='pi' (got {self.damping!r}): the exact "
+                "eigen-damped (A⊗S + λI)⁻¹ does not factor into two cached inverses"
+            )
+
+    @property
+    def refresh_uses_lam(self) -> bool:  # type: ignore[override]
+        return self.cache_inverse
 
     def describe(self, params: PyTree, predict_fn: Any = None, inputs: Any = None) -> str:
         """One line per leaf: ``kfac A d_in×d_in ⊗ S d_out×d_out`` (with its bias) or ``diagonal``.
@@ -186,12 +209,14 @@ class KFAC(Preconditioner):
         blocks = []
         for blk in kfac_blocks(params):
             dt = stat_dtype(leaves[blk.kernel].dtype)
-            blocks.append({
-                "A": jnp.zeros((blk.d_in, blk.d_in), dt), "S": jnp.zeros((blk.n_out, blk.n_out), dt),
-                "QA": jnp.eye(blk.d_in, dtype=dt), "lamA": jnp.zeros((blk.d_in,), dt),
-                "QS": jnp.eye(blk.n_out, dtype=dt), "lamS": jnp.zeros((blk.n_out,), dt),
-                "active": jnp.zeros((), dt),
-            })  # fmt: skip
+            factors = {"A": jnp.zeros((blk.d_in, blk.d_in), dt), "S": jnp.zeros((blk.n_out, blk.n_out), dt),
+                       "active": jnp.zeros((), dt)}  # fmt: skip
+            if self.cache_inverse:
+                cached = {"Ainv": jnp.eye(blk.d_in, dtype=dt), "Sinv": jnp.eye(blk.n_out, dtype=dt)}
+            else:
+                cached = {"QA": jnp.eye(blk.d_in, dtype=dt), "lamA": jnp.zeros((blk.d_in,), dt),
+                          "QS": jnp.eye(blk.n_out, dtype=dt), "lamS": jnp.zeros((blk.n_out,), dt)}  # fmt: skip
+            blocks.append({**factors, **cached})
         diag = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, stat_dtype(x.dtype)), params)
         return KFACState(blocks, diag, jnp.zeros((), jnp.int32))
 
@@ -216,14 +241,25 @@ class KFAC(Preconditioner):
     def _correction(self, count: jax.Array, dtype: Any) -> jax.Array:
         return 1.0 - jnp.asarray(self.beta, dtype) ** jnp.maximum(count, 1).astype(dtype)
 
-    def refresh(self, state: KFACState) -> KFACState:
+    def refresh(self, state: KFACState, lam: jax.Array | None = None) -> KFACState:
         blocks = []
         for st in state.blocks:
-            corr = self._correction(state.count, st["A"].dtype)
-            QA, lamA = eig_factor(st["A"] / corr, self.eigh_dtype)
-            QS, lamS = eig_factor(st["S"] / corr, self.eigh_dtype)
+            dt = st["A"].dtype
+            corr = self._correction(state.count, dt)
+            A, S = st["A"] / corr, st["S"] / corr
+            if self.cache_inverse:
+                pi, sq = _pi_damping(jnp.trace(A) / A.shape[0], jnp.trace(S) / S.shape[0], self._mu(lam, dt))
+                blocks.append({**st, "Ainv": _damped_inverse(A, pi * sq, self.eigh_dtype),
+                               "Sinv": _damped_inverse(S, sq / pi, self.eigh_dtype)})  # fmt: skip
+                continue
+            QA, lamA = eig_factor(A, self.eigh_dtype)
+            QS, lamS = eig_factor(S, self.eigh_dtype)
             blocks.append({**st, "QA": QA, "lamA": lamA, "QS": QS, "lamS": lamS})
         return KFACState(blocks, state.diag, state.count)
+
+    def _mu(self, lam: jax.Array, dtype: Any) -> jax.Array:
+        """``μ = c·λ + eps``, the damping of the preconditioner."""
+        return self.damping_scale * lam.astype(dtype) + self.eps
 
     def inverse(self, state: KFACState, lam: jax.Array):
         def apply(v: PyTree) -> PyTree:
@@ -231,27 +267,18 @@ class KFAC(Preconditioner):
             diag = jax.tree_util.tree_leaves(state.diag)
             out = []
             for x, d in zip(leaves, diag):
-                damp = self.damping_scale * lam.astype(d.dtype) + self.eps
-                den = d / self._correction(state.count, d.dtype) + damp
+                den = d / self._correction(state.count, d.dtype) + self._mu(lam, d.dtype)
                 out.append((x.astype(d.dtype) / den).astype(x.dtype))
             for blk, st in zip(kfac_blocks(v), state.blocks):
                 dt = st["A"].dtype
-                damp = self.damping_scale * lam.astype(dt) + self.eps
                 kern = leaves[blk.kernel]
                 mat = kern.reshape(blk.n_in, blk.n_out).astype(dt)
                 if blk.bias is not None:
                     mat = jnp.concatenate([mat, leaves[blk.bias].astype(dt)[None, :]], axis=0)
-                rot = st["QA"].T @ mat @ st["QS"]
-                if self.damping == "eigen":
-                    den = st["lamA"][:, None] * st["lamS"][None, :] + damp
+                if self.cache_inverse:
+                    sol = st["Ainv"] @ mat @ st["Sinv"]
                 else:
-                    mean_a = jnp.sum(st["lamA"]) / blk.d_in
-                    mean_s = jnp.sum(st["lamS"]) / blk.n_out
-                    tiny = jnp.finfo(dt).tiny
-                    pi = jnp.sqrt(jnp.maximum(mean_a, tiny) / jnp.maximum(mean_s, tiny))
-                    sq = jnp.sqrt(damp)
-                    den = (st["lamA"] + pi * sq)[:, None] * (st["lamS"] + sq / pi)[None, :]
-                sol = st["QA"] @ (rot / den) @ st["QS"].T
+                    sol = self._eigen_solve(st, mat, self._mu(lam, dt))
                 on = st["active"] > 0
                 out[blk.kernel] = jnp.where(on, sol[: blk.n_in].reshape(kern.shape).astype(kern.dtype),
                                             out[blk.kernel])  # fmt: skip
@@ -260,6 +287,31 @@ class KFAC(Preconditioner):
             return jax.tree_util.tree_unflatten(treedef, out)
 
         return apply
+
+    def _eigen_solve(self, st: dict, mat: jax.Array, damp: jax.Array) -> jax.Array:
+        """``M⁻¹ V`` in the cached eigenbases (module docstring's two formulas)."""
+        rot = st["QA"].T @ mat @ st["QS"]
+        if self.damping == "eigen":
+            den = st["lamA"][:, None] * st["lamS"][None, :] + damp
+        else:
+            pi, sq = _pi_damping(jnp.mean(st["lamA"]), jnp.mean(st["lamS"]), damp)
+            den = (st["lamA"] + pi * sq)[:, None] * (st["lamS"] + sq / pi)[None, :]
+        return st["QA"] @ (rot / den) @ st["QS"].T
+
+
+def _pi_damping(mean_a: jax.Array, mean_s: jax.Array, mu: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(π, √μ)`` with ``π = √((tr A / d_in) / (tr S / d_out))`` [Martens & Grosse 2015, §6.3]."""
+    tiny = jnp.finfo(mu.dtype).tiny
+    return jnp.sqrt(jnp.maximum(mean_a, tiny) / jnp.maximum(mean_s, tiny)), jnp.sqrt(mu)
+
+
+def _damped_inverse(mat: jax.Array, shift: jax.Array, dtype: str) -> jax.Array:
+    """``(sym(mat) + shift·I)⁻¹`` by Cholesky in ``dtype``, symmetrised, cast back (``shift > 0``)."""
+    work = mat.astype(jnp.float64 if dtype == "float64" else jnp.float32)
+    work = 0.5 * (work + work.T) + shift.astype(work.dtype) * jnp.eye(work.shape[0], dtype=work.dtype)
+    factor = jax.scipy.linalg.cho_factor(work, lower=True)
+    inv = jax.scipy.linalg.cho_solve(factor, jnp.eye(work.shape[0], dtype=work.dtype))
+    return (0.5 * (inv + inv.T)).astype(mat.dtype)
 
 
 def _confirmed(blk: KFACBlock, layers: Any) -> bool:

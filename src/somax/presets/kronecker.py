@@ -194,6 +194,12 @@ _KFAC_OPTIONS = {
     "beta": Option(0.95, float, "EMA decay of the factors ``A``, ``S`` (and of the fallback diagonal)."),
     "kfac_damping": Option("eigen", str, 'how λ enters: ``"eigen"`` (exact ``(A⊗S + λI)⁻¹``) or ``"pi"``.'),
     "kfac_damping_scale": Option(1.0, float, "``c``: K-FAC is damped with ``c·λ`` (the solve keeps ``λ``)."),
+    "kfac_cache_inverse": Option(
+        False,
+        bool,
+        'with ``kfac_damping="pi"``: cache the damped factor inverses at each refresh (two '
+        "products per layer and step instead of four; λ reaches the blocks at refreshes only).",
+    ),
     "refresh_every_k": _REFRESH,
     "eval_every_k": Option(1, int, "evaluate the factors every this many steps."),
     "fisher": Option("ggn", str, '``"ggn"`` (GGN square-root rows) or ``"empirical"`` (empirical Fisher).'),
@@ -209,6 +215,7 @@ def _kfac_parts(o: Mapping[str, Any]) -> dict[str, Any]:
                 "beta": o["beta"],
                 "damping": o["kfac_damping"],
                 "damping_scale": o["kfac_damping_scale"],
+                "cache_inverse": o["kfac_cache_inverse"],
                 "refresh_every_k": o["refresh_every_k"],
                 "eigh_dtype": o["eigh_dtype"],
             },
