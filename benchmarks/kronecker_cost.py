@@ -138,11 +138,13 @@ def problem(name: str, width: int = 256, num_samples: int = 5000) -> tuple[bdata
 
 
 #: named variants of a preset (``--methods``): ``shampoo_b<k>`` is Shampoo with ``block_size = k``;
-#: ``kfac_cached`` is K-FAC with π-damping and cached damped inverses (``_ef``: empirical-Fisher factors)
+#: ``kfac_cached`` is K-FAC with π-damping and cached damped inverses (``_ef``: empirical-Fisher factors,
+#: ``_mc``: Monte-Carlo Fisher factors)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     **{f"shampoo_b{k}": ("shampoo", {"block_size": k}) for k in (32, 64, 128)},
     "kfac_cached": ("kfac", {"kfac_damping": "pi", "kfac_cache_inverse": True}),
     "kfac_cached_ef": ("kfac", {"kfac_damping": "pi", "kfac_cache_inverse": True, "fisher": "empirical"}),
+    "kfac_cached_mc": ("kfac", {"kfac_damping": "pi", "kfac_cache_inverse": True, "fisher": "mc"}),
 }
 
 
@@ -170,9 +172,12 @@ def _adam_cycle(loss: Callable, lr: float = 1e-3) -> tuple[Callable, Callable]:
 
 
 def _method_cycle(method: somax.SecondOrderMethod) -> Callable:
+    # a fixed key where the plan draws random numbers: the estimators fold in their own counters
+    rng = (jax.random.PRNGKey(0),) if method.plan.needs_rng else ()
+
     def cycle(params, state, batches):
         def body(carry, batch):
-            p, s, info = method.step(carry[0], batch, carry[1])
+            p, s, info = method.step(carry[0], batch, carry[1], *rng)
             return (p, s), info["loss"]
 
         (params, state), losses = jax.lax.scan(body, (params, state), batches)

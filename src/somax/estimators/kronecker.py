@@ -19,7 +19,12 @@
   GGN ``G = Jᵀ H_z J`` [Martens & Grosse 2015]; with one example and one position it is
   that block exactly. Every other leaf gets ``n · g ⊙ g`` (a diagonal, empirical-Fisher
   scale estimate) as a fallback statistic. With ``fisher="empirical"`` the rows are the
-  per-example loss gradients instead (``δ = ∂ℓ_i/∂y``, empirical Fisher).
+  per-example loss gradients instead (``δ = ∂ℓ_i/∂y``, empirical Fisher); with
+  ``fisher="mc"`` they are the loss gradients at labels ``ŷ`` drawn from the model's
+  predictive distribution (one draw per position and evaluation, weighted by ``√w_p`` as in
+  ``CurvatureSpec("fisher")``): the Monte-Carlo Fisher of the original K-FAC, whose
+  expectation is the GGN rows' ``S`` for the negative log-likelihood losses (``ce``, ``mse``,
+  ``bce``, hard labels), at the cost of one row per example instead of ``C − 1``.
 
 References:
   Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
@@ -41,6 +46,7 @@ import numpy as np
 from somax import validate
 from somax.contracts import Estimator
 from somax.curvature.base import Linearization
+from somax.estimators.base import EstimatorState, init_state, refresh_key
 from somax.registry import ESTIMATORS
 
 PyTree = Any
@@ -87,12 +93,15 @@ class LayerFactors(NamedTuple):
     S: jax.Array
 
 
-def kfac_statistics(lin: Linearization, layers: Any, fisher: str = "ggn") -> dict[str, LayerFactors]:
+def kfac_statistics(
+    lin: Linearization, layers: Any, fisher: str = "ggn", key: jax.Array | None = None
+) -> dict[str, LayerFactors]:
     """``{kernel path: LayerFactors(A, S)}`` for the dense/conv ``layers`` at the step's linearization.
 
     ``A = 1/(nT) Σ ā āᵀ`` and ``S = 1/n Σ δ δᵀ`` as in the module docstring. ``fisher="ggn"``:
     the ``δ`` are the layer-output gradients of the rows of the GGN square-root factor
-    ``R`` (``H_z = RᵀR/n``); ``"empirical"``: of the per-example loss gradients ``n ∂L/∂z_i``.
+    ``R`` (``H_z = RᵀR/n``); ``"empirical"``: of the per-example loss gradients ``n ∂L/∂z_i``;
+    ``"mc"``: of ``√w_p ∇_z ℓ_p(z_p, ŷ_p)`` with ``ŷ_p`` drawn from the model with ``key``.
     Needs a GGN linearization (``lin.output_loss``, ``lin.extras``).
     """
     from somax.curvature.layer_signals import layer_inputs_and_output_grads, row_cotangents
@@ -104,6 +113,8 @@ def kfac_statistics(lin: Linearization, layers: Any, fisher: str = "ggn") -> dic
     dtype = lin.outputs.dtype
     if fisher == "ggn":
         cot = row_cotangents(factor, lin.outputs.shape[1:], dtype)  # (b, rows, *out)
+    elif fisher == "mc":
+        cot = _sampled_gradients(lin, key)[:, None]
     else:
         cot = factor.apply_t(factor.residual)[:, None]  # Rᵀ r = n ∇_z L: per-example loss gradients
     signals = layer_inputs_and_output_grads(predict, params, x, cot, layers)
@@ -115,6 +126,25 @@ def kfac_statistics(lin: Linearization, layers: Any, fisher: str = "ggn") -> dic
         S = jnp.einsum("nctk,nctl->kl", delta, delta) / n
         out[name] = LayerFactors(A, S)
     return out
+
+
+def _sampled_gradients(lin: Linearization, key: jax.Array) -> jax.Array:
+    """``√w_p ∇_z ℓ_p(z_p, ŷ_p)`` per position, ``ŷ_p`` one draw from the model's predictive distribution."""
+    from somax.curvature.fisher import SAMPLERS
+
+    loss, z = lin.output_loss, jax.lax.stop_gradient(lin.outputs)
+    if loss.name not in SAMPLERS:
+        raise TypeError(
+            f"EstimatorSpec('kfac_factors', fisher='mc') draws labels from the model, which needs a sampler for "
+            f"the output loss {loss.name!r}; known: {', '.join(SAMPLERS)} (or use fisher='ggn')"
+        )
+    draw = SAMPLERS[loss.name](key, z, 1)[0]
+    grad = loss.pointwise(z, loss.check(z, draw)).grad  # unnormalised, positions' shape + output axes
+    w, _ = loss._weights(z, lin.weights)
+    if w is not None:
+        root = jnp.sqrt(jnp.maximum(w, 0.0))
+        grad = grad * root.reshape(root.shape + (1,) * (grad.ndim - root.ndim))
+    return grad.astype(z.dtype)
 
 
 def _row_permutation(layer: Any, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -158,24 +188,32 @@ class KFACFactors(Estimator):
 
     Args:
       eval_every_k: evaluate on steps ``0, k, 2k, …``.
-      fisher: ``"ggn"`` (the GGN square-root rows; the default) or ``"empirical"``
-        (the per-example loss gradients: empirical Fisher, one row per example).
+      fisher: ``"ggn"`` (the GGN square-root rows; the default), ``"empirical"`` (the
+        per-example loss gradients: empirical Fisher, one row per example) or ``"mc"`` (loss
+        gradients at labels drawn from the model: Monte-Carlo Fisher, one row per example;
+        the step needs an ``rng``).
     """
 
     eval_every_k: int = 1
     fisher: str = "ggn"
 
     produces = KFAC_FACTORS
-    uses_rng = False
     needs_model_outputs = True
 
     def __post_init__(self) -> None:
         validate.cadence("EstimatorSpec('kfac_factors'): eval_every_k", self.eval_every_k)
-        validate.choice("EstimatorSpec('kfac_factors'): fisher", self.fisher, ("ggn", "empirical"))
+        validate.choice("EstimatorSpec('kfac_factors'): fisher", self.fisher, ("ggn", "empirical", "mc"))
 
     @property
     def every_k(self) -> int:  # type: ignore[override]
         return self.eval_every_k
+
+    @property
+    def uses_rng(self) -> bool:  # type: ignore[override]
+        return self.fisher == "mc"
+
+    def init(self, params: PyTree) -> PyTree:
+        return init_state() if self.fisher == "mc" else ()
 
     def estimate(self, lin: Linearization, rng: jax.Array | None, state: PyTree) -> tuple[PyTree, PyTree]:
         from somax.curvature.layers import discover_layers
@@ -189,7 +227,12 @@ class KFACFactors(Estimator):
                 perm = _row_permutation(layer, tuple(leaves[layer.leaf].shape))
                 if perm is not None:
                     perms[name] = perm
-        stats = kfac_statistics(lin, list(perms), self.fisher) if perms else {}
+        key = None
+        if self.fisher == "mc":
+            if rng is None:
+                raise ValueError("EstimatorSpec('kfac_factors', fisher='mc') draws labels: the step needs an rng")
+            key, state = refresh_key(rng, state), EstimatorState(state.refreshes + 1)
+        stats = kfac_statistics(lin, list(perms), self.fisher, key) if perms else {}
         stats = {name: _to_leaf_order(f, perms[name]) for name, f in stats.items()}
         factor_n = lin.output_loss.row_factor(lin.outputs, lin.targets, lin.weights).n
         diag = jax.tree_util.tree_map(lambda g: jnp.asarray(factor_n, g.dtype) * g * g, lin.grad)

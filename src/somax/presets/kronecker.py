@@ -202,7 +202,12 @@ _KFAC_OPTIONS = {
     ),
     "refresh_every_k": _REFRESH,
     "eval_every_k": Option(1, int, "evaluate the factors every this many steps."),
-    "fisher": Option("ggn", str, '``"ggn"`` (GGN square-root rows) or ``"empirical"`` (empirical Fisher).'),
+    "fisher": Option(
+        "ggn",
+        str,
+        '``"ggn"`` (GGN square-root rows), ``"empirical"`` (empirical Fisher) or ``"mc"`` (Monte-Carlo Fisher: '
+        "labels drawn from the model, one row per example; the step needs an rng).",
+    ),
     "eigh_dtype": _EIGH,
 }
 
