@@ -66,9 +66,12 @@ from somax.specs import SolverSpec
 __all__ = ["main", "PROFILES", "METHODS", "GOALS", "MODELS"]
 
 DEFAULT_OUT = RESULTS_DIR / "real_sizes.json"
-METHODS = ("adam", "sgdm", "sgn_ce_light", "sgn_ce_heavy", "egn_ce_cg", "adahessian", "sophia_g", "sophia_h")
+#: ``<diag preset>_amortized``: the preset with ``amortize_estimator=True`` (one slice of the batch per step)
+AMORTIZED = ("adahessian_amortized", "sophia_g_amortized", "sophia_h_amortized")
+METHODS = ("adam", "sgdm", "sgn_ce_light", "sgn_ce_heavy", "egn_ce_cg", "adahessian", "sophia_g", "sophia_h",
+           *AMORTIZED)  # fmt: skip
 CG_METHODS = ("sgn_ce_light", "sgn_ce_heavy", "egn_ce_cg")
-DIAG_METHODS = ("adahessian", "sophia_g", "sophia_h")
+DIAG_METHODS = ("adahessian", "sophia_g", "sophia_h", *AMORTIZED)
 PIECES = ("grad", "ggnvp")
 MODELS = ("mlp", "cnn28", "resnet20", "transformer")
 #: the study's goals (see docs/benchmarks.md, "Real model sizes")
@@ -161,7 +164,9 @@ def make_method(name: str, predict: Callable, unroll: Any = None, telemetry: Any
     elif name == "egn_ce_cg":
         method = somax.make("egn_ce_cg", predict_fn=predict, learning_rate=0.1, **extra)
     elif name in DIAG_METHODS:
-        method = somax.make(name, predict_fn=predict, loss="ce", eval_every_k=10, **extra)
+        preset = name.removesuffix("_amortized")
+        method = somax.make(preset, predict_fn=predict, loss="ce", eval_every_k=10,
+                            amortize_estimator=name in AMORTIZED, **extra)  # fmt: skip
     else:
         raise ValueError(f"unknown method {name!r}; known: {METHODS}")
     if unroll is not None:

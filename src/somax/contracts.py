@@ -162,13 +162,17 @@ class Estimator(Component):
     """Produces the statistic named ``produces`` from the step's linearization, every ``every_k`` steps.
 
     Declarations: ``produces``, ``every_k`` (``-1`` never), ``needs_model_outputs``
-    (needs ``z`` and the VJP: rejected with the Hessian), ``uses_rng``.
+    (needs ``z`` and the VJP: rejected with the Hessian), ``uses_rng``, ``amortize`` (the
+    step estimates on one of ``every_k`` slices of the batch at every step and hands the mean
+    over to the preconditioner on the cadence: :mod:`somax.estimators.amortized`; only for
+    a params-shaped statistic).
     """
 
     produces: ClassVar[str]
     every_k: int = 1
     needs_model_outputs: ClassVar[bool] = False
     uses_rng: ClassVar[bool] = True
+    amortize: bool = False
 
     @abc.abstractmethod
     def estimate(self, lin: Linearization, rng: jax.Array | None, state: PyTree) -> tuple[PyTree, PyTree]:

@@ -25,6 +25,7 @@ import optax
 
 from somax._tree import scalar_dtype, tree_norm, tree_scale, tree_vdot, tree_where, tree_zeros_like
 from somax.contracts import Component, Curvature, Damping, Estimator, LineSearch, Preconditioner, Solver
+from somax.estimators import amortized
 from somax.plan import Plan, cadence_gate
 from somax.probes import block_names, spectral_values
 from somax.specs import TelemetrySpec
@@ -116,13 +117,19 @@ class SecondOrderMethod:
             solver=self.solver.init(work),
             precond=self.precond.init(work),
             damping=self.damping.init(work, self.lam0),
-            estimator=self.estimator.init(work) if self.estimator is not None else (),
+            estimator=self._estimator_init(work),
             grad_tx=self.grad_tx.init(work) if self.grad_tx is not None else (),
             tx=self.tx.init(work),
             model_state=model_state,
             nonfinite_count=jnp.zeros((), jnp.int32),
             line_search=self.line_search.init(work) if self.line_search is not None else (),
         )
+
+    def _estimator_init(self, work: PyTree) -> PyTree:
+        if self.estimator is None:
+            return ()
+        inner = self.estimator.init(work)
+        return amortized.init_amortized(inner, work) if self.estimator.amortize else inner
 
     def components(self) -> dict[str, Component]:
         """The components that own a field of :class:`MethodState`, by field name."""
@@ -181,7 +188,7 @@ class SecondOrderMethod:
         if self.grad_tx is not None:
             rhs, grad_tx_state = self.grad_tx.update(lin.grad, state.grad_tx, params)
         lam = state.damping.lam
-        precond_state, estimator_state, inverse = self._precondition(lin, rng, state)
+        precond_state, estimator_state, inverse = self._precondition(lin, rng, state, params, batch)
         direction, solver_state, solver_stats = self.solver.solve(lin, rhs, lam, inverse, state.solver)
         updates, tx_state, ls_state, finite = self._apply(lin, params, direction, state, values, fdt)
         rho = self._post_update(lin, params, direction, updates, count, values, fdt)
@@ -274,11 +281,13 @@ class SecondOrderMethod:
         loss, grad = jax.lax.cond(jnp.asarray(ok, bool), kept, evaluate)
         return dataclasses.replace(lin, loss=loss, grad=grad)
 
-    def _precondition(self, lin, rng: Any, state: MethodState) -> tuple[PyTree, PyTree, Any]:
+    def _precondition(self, lin, rng: Any, state: MethodState, params: PyTree, batch: Any) -> tuple[Any, Any, Any]:
         """Statistic (estimator cadence) → ``update`` → ``refresh`` (own cadence) → ``M⁻¹`` for this λ."""
         precond_state, estimator_state, count = state.precond, state.estimator, state.count
         est = self.estimator
-        if est is not None:
+        if est is not None and est.amortize:
+            precond_state, estimator_state = self._amortized_estimate(lin, rng, state, params, batch)
+        elif est is not None:
             key = jax.random.fold_in(rng, 1) if est.uses_rng and rng is not None else None
 
             def update() -> tuple[PyTree, PyTree]:
@@ -294,6 +303,25 @@ class SecondOrderMethod:
             rebuild = lambda: self.precond.refresh(refreshed)  # noqa: E731
         precond_state = _gated(self.plan.gate("refresh", count), rebuild, refreshed)
         return precond_state, estimator_state, self.precond.inverse(precond_state, state.damping.lam)
+
+    def _amortized_estimate(self, lin, rng: Any, state: MethodState, params: PyTree, batch: Any):
+        """The estimator on slice ``t mod k`` of the batch, every step; the mean to ``update`` on the cadence.
+
+        No ``lax.cond``: the preconditioner's update is computed every step and kept where the
+        cadence fires (:mod:`somax.estimators.amortized`).
+        """
+        est, acc, count = self.estimator, state.estimator, state.count
+        sub = amortized.batch_slice(batch, count, est.every_k)
+        model_rng = None
+        if self.curvature.uses_rng:
+            model_rng = jax.random.fold_in(jax.random.fold_in(rng, 3), count)
+        lin_slice = self.curvature.linearize(params, sub, state.model_state, model_rng)
+        key = jax.random.fold_in(rng, 1) if est.uses_rng and rng is not None else None
+        statistic, inner = est.estimate(lin_slice, key, acc.inner)
+        fire = self.plan.gate("estimator", count)
+        mean, acc = amortized.hand_over(amortized.accumulate(acc, statistic, inner), fire)
+        updated = self.precond.update(state.precond, mean, lin)
+        return tree_where(fire, updated, state.precond), acc
 
     def _apply(self, lin, params, direction, state, values, fdt) -> tuple[PyTree, PyTree, PyTree, jax.Array]:
         """Optax chain on ``s``, the non-finite guard, then the line search (or the ``loss_after`` probe)."""

@@ -38,17 +38,23 @@ __all__ = [
 
 @dataclass(frozen=True, kw_only=True)
 class RefreshCounted(Estimator):
-    """Shared by the randomised estimators: the ``eval_every_k`` cadence and a refresh counter.
+    """Shared by the randomised estimators: the ``eval_every_k`` cadence, a refresh counter and
+    ``amortize`` (one of ``eval_every_k`` slices of the batch at every step instead of the whole
+    batch on the cadence: :mod:`somax.estimators.amortized`).
 
     Subclasses set ``kind`` (the registered name, for error messages) and ``produces``.
     """
 
     eval_every_k: int = 1
+    amortize: bool = False
 
     kind: ClassVar[str] = "estimator"
 
     def __post_init__(self) -> None:
         validate.cadence(f"EstimatorSpec({self.kind!r}): eval_every_k", self.eval_every_k)
+        validate.boolean(f"EstimatorSpec({self.kind!r}): amortize", self.amortize)
+        if self.amortize and self.eval_every_k == -1:
+            raise ValueError(f"EstimatorSpec({self.kind!r}): amortize=True needs a cadence, got eval_every_k=-1")
 
     @property
     def every_k(self) -> int:  # type: ignore[override]

@@ -249,6 +249,13 @@ DIAG_OPTIONS: dict[str, Option] = {
         "refresh the diagonal curvature estimate every this many steps (steps 0, k, "
         "2k, …); the estimate is kept in between.",
     ),
+    "amortize_estimator": Option(
+        False,
+        bool,
+        "estimate on one of ``eval_every_k`` slices of the batch at every step and hand the mean over on "
+        "the cadence, instead of the whole batch every ``eval_every_k`` steps: nothing in the step is "
+        "conditional (on a CPU a convolution network's refresh inside a conditional is many times slower).",
+    ),
     "grad_clip_norm": Option(
         None, float | None, "clip the gradient to this global norm before the momentum; None: no clip."
     ),

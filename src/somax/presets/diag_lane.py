@@ -66,6 +66,11 @@ def _ggn_curvature(preset: str, o: Mapping[str, Any]) -> CurvatureSpec:
     return CurvatureSpec(kind, kwargs=kwargs)
 
 
+def _cadence(o: Mapping[str, Any]) -> dict[str, Any]:
+    """The estimator's ``eval_every_k`` and, when set, ``amortize`` from the preset options."""
+    return {"eval_every_k": o["eval_every_k"], **({"amortize": True} if o["amortize_estimator"] else {})}
+
+
 def _sophia(preset: str, curvature, estimator: str, count_key: str):
     """Sophia (Alg. 3 of Liu et al.) from specs; ``curvature``/``estimator`` pick H, G or N."""
 
@@ -75,7 +80,7 @@ def _sophia(preset: str, curvature, estimator: str, count_key: str):
         _positive(preset, "eps", o["eps"])
         return assemble(
             curvature=curvature(preset, o),
-            estimator=EstimatorSpec(estimator, kwargs={count_key: o[count_key], "eval_every_k": o["eval_every_k"]}),
+            estimator=EstimatorSpec(estimator, kwargs={count_key: o[count_key], **_cadence(o)}),
             precondition=PrecondSpec(
                 "diag_ema",
                 kwargs={"beta": o["b2"], "gamma": o["gamma"], "eps": o["eps"], "bias_correction": False},
@@ -235,7 +240,7 @@ def _adahessian(o: Mapping[str, Any]) -> SecondOrderMethod:
         raise ValueError(f"{preset}: eps must be a number >= 0, got {o['eps']!r}")
     return assemble(
         curvature=_hessian_curvature(preset, o),
-        estimator=EstimatorSpec("hutchinson", kwargs={"n_probes": o["n_probes"], "eval_every_k": o["eval_every_k"]}),
+        estimator=EstimatorSpec("hutchinson", kwargs={"n_probes": o["n_probes"], **_cadence(o)}),
         precondition=PrecondSpec(
             "diag_ema",
             kwargs={

@@ -45,7 +45,7 @@ from somax.specs import DampingSpec, EstimatorSpec, PrecondSpec, SolverSpec
 __all__ = ["shampoo", "soap", "kfac", "kfac_cg", "muon"]
 
 _MODEL = {**MODEL_OPTIONS, "loss": _GGN_LOSS, **BATCH_OPTIONS}
-_DIAG = {k: v for k, v in DIAG_OPTIONS.items() if k != "eval_every_k"}
+_DIAG = {k: v for k, v in DIAG_OPTIONS.items() if k not in ("eval_every_k", "amortize_estimator")}
 _REFRESH = Option(10, int, "recompute the eigendecompositions every this many steps (steps 0, k, 2k, …).")
 _EIGH = Option("float32", str, 'dtype of the ``eigh``: ``"float32"`` or ``"float64"`` (needs ``jax_enable_x64``).')
 
