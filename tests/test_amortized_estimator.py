@@ -114,3 +114,5 @@ def test_bad_batches_and_cadences_are_named():
         batch_slice({"x": np.zeros((4, 2)), "y": np.zeros(3)}, jnp.asarray(0), 2)
     with pytest.raises(ValueError, match="amortize=True needs a cadence"):
         somax.make("sophia_g", predict_fn=lambda p, x: x, eval_every_k=-1, amortize_estimator=True)
+    with pytest.raises(ValueError, match="amortize must be True or False"):
+        somax.make("sophia_h", predict_fn=lambda p, x: x, loss="ce", amortize_estimator="yes")

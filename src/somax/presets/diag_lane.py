@@ -68,7 +68,8 @@ def _ggn_curvature(preset: str, o: Mapping[str, Any]) -> CurvatureSpec:
 
 def _cadence(o: Mapping[str, Any]) -> dict[str, Any]:
     """The estimator's ``eval_every_k`` and, when set, ``amortize`` from the preset options."""
-    return {"eval_every_k": o["eval_every_k"], **({"amortize": True} if o["amortize_estimator"] else {})}
+    amortize = o["amortize_estimator"]  # validated by the estimator (True or False)
+    return {"eval_every_k": o["eval_every_k"], **({} if amortize is False else {"amortize": amortize})}
 
 
 def _sophia(preset: str, curvature, estimator: str, count_key: str):
