@@ -40,12 +40,17 @@ def classification_batch(key=1, b=6, d_in=3, c=4, one_hot=False, dtype=jnp.float
 
 def dense_ggn(predict, params, batch, loss: str) -> np.ndarray:
     """Materialised ``1/b Σ J_iᵀ H_z,i J_i`` via the full Jacobian and output Hessian."""
+    return np.asarray(dense_ggn_array(predict, params, batch, loss))
+
+
+def dense_ggn_array(predict, params, batch, loss: str) -> jax.Array:
+    """:func:`dense_ggn` as a JAX array (traceable: jit it to skip the eager per-op dispatch)."""
     flat, unravel = ravel_pytree(params)
     z = predict(params, batch["x"])
     jac = jax.jacfwd(lambda w: predict(unravel(w), batch["x"]).reshape(-1))(flat)  # (B*C, d)
     out = {"mse": MSELoss(), "ce": SoftmaxCELoss()}[loss]
     hz = jax.hessian(lambda zz: out.value(zz.reshape(z.shape), batch["y"]))(z.reshape(-1))  # (B*C, B*C)
-    return np.asarray(jac.T @ hz @ jac)
+    return jac.T @ hz @ jac
 
 
 def dense_hessian(loss_fn, params, batch) -> np.ndarray:
