@@ -18,7 +18,7 @@ def _dense_ggn_with_hz(predict, params, x, hz_fn):
     w, unravel = ravel_pytree(params)
     z = predict(params, x)
     jac = jax.jacfwd(lambda v: predict(unravel(v), x).reshape(-1))(w)
-    return np.asarray(jac.T @ hz_fn(z) @ jac)
+    return jac.T @ hz_fn(z) @ jac
 
 
 def _probe(params):
@@ -57,12 +57,18 @@ def test_new_losses_ggn_matches_dense_oracle(name):
         np.testing.assert_allclose(float(loss.value(predict(params, x), y, w)), float(jnp.sum(w * per) / w.sum()))
     batch = {"x": x, "y": y} if w is None else {"x": x, "y": y, "w": w}
     curv = ggn(loss=loss, predict_fn=predict, weight_key=None if w is None else "w")
-    lin = curv.linearize(params, batch)
-    G = _dense_ggn_with_hz(predict, params, x, hz)
-    v = _probe(params)
-    np.testing.assert_allclose(flat(lin.matvec(v)), G @ flat(v), rtol=1e-9, atol=1e-12)
-    g = jax.grad(lambda p: loss.value(predict(p, x), y, w))(params)
-    np.testing.assert_allclose(flat(lin.grad), flat(g), rtol=1e-9, atol=1e-14)
+
+    @jax.jit  # one program for the method's and the oracle's sides (eager dispatch dominated this test)
+    def sides(params, batch):
+        lin = curv.linearize(params, batch)
+        v = _probe(params)
+        g = jax.grad(lambda p: loss.value(predict(p, x), y, w))(params)
+        G = _dense_ggn_with_hz(predict, params, x, hz)
+        return lin.matvec(v), G @ ravel_pytree(v)[0], lin.grad, g
+
+    hv, gv, lin_grad, g = sides(params, batch)
+    np.testing.assert_allclose(flat(hv), np.asarray(gv), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(flat(lin_grad), flat(g), rtol=1e-9, atol=1e-14)
 
 
 def test_weighted_row_factor_matches_weighted_ggn():
@@ -70,12 +76,18 @@ def test_weighted_row_factor_matches_weighted_ggn():
     x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
     y, w = jnp.array([0, 1, 2, 1, 0]), jnp.array([1.0, 0.0, 2.0, 1.0, 0.5])
     z = predict(params, x)
-    f = SoftmaxCELoss().row_factor(z, y, w)
-    R = jax.jacfwd(lambda zz: f.apply(zz.reshape(z.shape)).reshape(-1))(jnp.zeros(z.size))
-    hz = jax.hessian(lambda zz: SoftmaxCELoss().value(zz.reshape(z.shape), y, w))(z.reshape(-1))
-    np.testing.assert_allclose(np.asarray(R.T @ R) / float(f.n), np.asarray(hz), atol=1e-12)
-    grad_z = jax.grad(lambda zz: SoftmaxCELoss().value(zz, y, w))(z)
-    np.testing.assert_allclose(np.asarray(f.apply_t(f.residual)), float(f.n) * np.asarray(grad_z), atol=1e-12)
+
+    @jax.jit  # one program (eager dispatch of the Jacobian and Hessian dominated this test)
+    def pieces(z, y, w):
+        f = SoftmaxCELoss().row_factor(z, y, w)
+        R = jax.jacfwd(lambda zz: f.apply(zz.reshape(z.shape)).reshape(-1))(jnp.zeros(z.size))
+        hz = jax.hessian(lambda zz: SoftmaxCELoss().value(zz.reshape(z.shape), y, w))(z.reshape(-1))
+        grad_z = jax.grad(lambda zz: SoftmaxCELoss().value(zz, y, w))(z)
+        return R.T @ R / f.n, hz, f.apply_t(f.residual), f.n * grad_z
+
+    gram, hz, rt_r, n_grad = pieces(z, y, w)
+    np.testing.assert_allclose(np.asarray(gram), np.asarray(hz), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(rt_r), np.asarray(n_grad), atol=1e-12)
 
 
 def _dropout_model():
