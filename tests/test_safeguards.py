@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
-from oracles import classification_batch, dense_ggn, tiny_mlp
+from oracles import classification_batch, dense_ggn_array, tiny_mlp
 
 import somax
 from somax.models import mlp_apply, mlp_init
@@ -25,10 +25,11 @@ from somax.specs import CurvatureSpec, DampingSpec, SolverSpec
 
 
 def _min_norm_step(predict, params, batch, lam):
-    g = np.asarray(ravel_pytree(jax.grad(_mse(predict, batch))(params))[0], np.float64)
+    g = np.asarray(ravel_pytree(jax.jit(jax.grad(_mse(predict, batch)))(params))[0], np.float64)
     p64 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)
     b64 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), batch)
-    return np.linalg.pinv(dense_ggn(predict, p64, b64, "mse") + lam * np.eye(g.size)) @ g
+    G = np.asarray(jax.jit(lambda p, b: dense_ggn_array(predict, p, b, "mse"))(p64, b64))
+    return np.linalg.pinv(G + lam * np.eye(g.size)) @ g
 
 
 def _mse(predict, batch):
