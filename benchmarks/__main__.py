@@ -56,6 +56,7 @@ STUDIES: dict[str, Study] = {
     ),
     "gn_batch_size": Study("gn_batch_size", "full Gauss-Newton vs Adam, Muon, SOAP, sgn_ce: steps to target vs batch"),
     "gn_overhead": Study("gn_overhead", "gn inner iteration and lbfgs step vs hand-written / optax floors (<= 1.05x)"),
+    "kron_peers": Study("kron_peers", "kfac, shampoo, soap vs optax Muon and PSGD-Kron: per-step cost, time to target"),
     "qn_precond": Study("qn_precond", "CG preconditioned by its own curvature pairs (memory): CG iterations saved"),
 }
 

@@ -32,7 +32,7 @@ writes ``kronecker_time_to_target[_<dataset>].json``, ``.md`` and ``.png``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -138,7 +138,18 @@ def steps_to_target(curve: dict[str, list], target: float) -> int | None:
     return None
 
 
-def run_study(dataset: str, cfg: dict[str, Any], methods: Sequence[str], target_drop: float) -> dict[str, Any]:
+def run_study(
+    dataset: str,
+    cfg: dict[str, Any],
+    methods: Sequence[str],
+    target_drop: float,
+    extra: Mapping[str, Callable[[Callable], Any]] | None = None,
+) -> dict[str, Any]:
+    """The protocol of the module docstring for ``methods`` (``"adam"`` among them). ``extra`` maps further
+    method names to ``make(predict) -> trainer`` (``init(params, lr)`` and the jitted chunk ``run`` of
+    :class:`benchmarks.module_interactions.Trainer`), e.g. another Optax optimizer; they count as first-order
+    and need a grid in ``cfg["grids"]``."""
+    extra = dict(extra or {})
     split, init_params, predict, model_desc = _problem(dataset, cfg, download=False)
     n_val = max(1, len(split.x_train) // 10)
     sets = {
@@ -147,7 +158,7 @@ def run_study(dataset: str, cfg: dict[str, Any], methods: Sequence[str], target_
         "test": (jnp.asarray(split.x_test), jnp.asarray(split.y_test)),
     }
     accuracy = _accuracy_fn(predict)
-    trainers = {m: trainer_for(m, predict) for m in methods}
+    trainers = {m: extra[m](predict) if m in extra else trainer_for(m, predict) for m in methods}
     compile_s: dict[str, float] = {}
     search: dict[str, list[dict[str, Any]]] = {}
     jobs = [(name, lr) for name in methods for lr in cfg["grids"][name]]
@@ -171,7 +182,8 @@ def run_study(dataset: str, cfg: dict[str, Any], methods: Sequence[str], target_
         s = summarize_config(runs[m], target)
         steps = [steps_to_target(r["curve"], target) for r in runs[m]]
         reached = [k for k in steps if k is not None]
-        summary[m] = {"kind": "first" if m in FIRST_ORDER else "sgn", "lr": selected[m], "compile_s": compile_s[m],
+        kind = "first" if m in FIRST_ORDER or m in extra else "sgn"
+        summary[m] = {"kind": kind, "lr": selected[m], "compile_s": compile_s[m],
                       **s, "steps_to_target": steps, "steps_to_target_median": float(np.median(reached)) if reached
                       else None}  # fmt: skip
     adam_t = summary["adam"]["time_to_target_median_s"]
