@@ -65,8 +65,19 @@ from benchmarks.common import (
     study_parser,
     write_with_table,
 )
-from benchmarks.harness import first_call, interleaved
-from benchmarks.kronecker_cost import CYCLE, _cycles, _method_cycle, _stats, build_method, ce_loss, problem
+from benchmarks.harness import interleaved
+from benchmarks.kronecker_cost import (
+    CYCLE,
+    _cycles,
+    _method_cycle,
+    _stats,
+    build_method,
+    ce_loss,
+    cycle_candidate,
+    optax_cycle,
+    per_step_table,
+    problem,
+)
 from benchmarks.models import n_params, optax_step
 
 __all__ = ["main", "render", "PROFILES", "OptaxTrainer", "import_kron"]
@@ -151,20 +162,6 @@ COST_LR = {"adam": 1e-3, "muon": 0.02, "psgd_kron": 1e-3, "psgd_kron_p1": 1e-3, 
 COST_METHODS = ("adam", "muon", "psgd_kron", "psgd_kron_p1", "psgd_kron_layers", *SOMAX)
 
 
-def _optax_cycle(loss: Callable, tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
-    init, step = optax_step(loss, tx)
-
-    def cycle(params, state, batches):
-        def body(carry, batch):
-            p, s, loss_value = step(carry[0], batch, carry[1])
-            return (p, s), loss_value
-
-        (params, state), losses = jax.lax.scan(body, (params, state), batches)
-        return params, state, losses
-
-    return init, cycle
-
-
 def _quiet(fn: Callable, *args: Any) -> Any:
     """``fn(*args)`` with stdout silenced (distributed-kron prints its state sizes at ``init``)."""
     import contextlib
@@ -187,22 +184,13 @@ def bench_problem(name: str, cfg: dict[str, Any], factories: dict[str, Callable]
             method = build_method(m, predict)
             fn, state = _method_cycle(method), jax.jit(method.init)(params0)
         else:
-            init, fn = _optax_cycle(loss, factories[m](COST_LR[m]))
+            init, fn = optax_cycle(loss, factories[m](COST_LR[m]))
             state = _quiet(init, params0)
         try:
-            out, ms, _, compiled = first_call(fn, (params0, state, cycles[0]), cfg.get("compiler_options"))
+            calls[m], compile_s[m] = cycle_candidate(fn, params0, state, cycles, cfg.get("compiler_options"))
         except jax.errors.JaxRuntimeError as err:  # recorded, and the candidate left out of the rounds
             failed[m] = str(err).splitlines()[0][:300]
             print(f"{name}: {m} failed: {failed[m]}")
-            continue
-        compile_s[m] = ms["compile"] / 1e3
-        holder = {"p": out[0], "s": out[1]}
-
-        def call(i: int, holder=holder, compiled=compiled) -> Any:
-            holder["p"], holder["s"], losses = compiled(holder["p"], holder["s"], cycles[i % len(cycles)])
-            return losses
-
-        calls[m] = call
     load0 = os.getloadavg()
     timings = interleaved(calls, rounds=cfg["rounds"], warmup=cfg["warmup"], max_seconds=cfg["max_seconds"])
     per_step = {m: [t / CYCLE for t in ts] for m, ts in timings.wall_ms.items()}
@@ -279,18 +267,7 @@ def render(result: dict[str, Any]) -> str:
         lines += [f"**{pt['problem']}**: {pt['model']}, {pt['n_params']} parameters, batch {pt['batch']}; "
                   f"{pt['rounds']} rounds of {CYCLE} steps (per-step time = call / {CYCLE}); load average "
                   f"{_load(pt['load_average'][0])} before the timed rounds, {_load(pt['load_average'][1])} after.",
-                  "", "| method | median ms | p90 ms | mean ms | / Adam (medians) | / Adam (p90s) | "
-                  "/ Adam paired median | paired p90 | compile s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for name, st in pt["stats"].items():
-            r = pt["ratio_to_adam"].get(name)
-            rtxt = (
-                "| – | – | – | –"
-                if r is None
-                else (f"| {r['median']:.2f} | {r['p90']:.2f} | **{r['paired_median']:.2f}** | {r['paired_p90']:.2f}")
-            )
-            lines.append(f"| `{name}` | {st['median_ms']:.3f} | {st['p90_ms']:.3f} | {st['mean_ms']:.3f} {rtxt} "
-                         f"| {pt['compile_s'][name]:.1f} |")  # fmt: skip
+                  "", *per_step_table(pt, digits=3)]  # fmt: skip
         vs = ", ".join(f"`{k}` {r['paired_median']:.2f}× (p90 {r['paired_p90']:.2f}×)"
                        for k, r in pt["psgd_kron_vs_somax"].items())  # fmt: skip
         for k, msg in pt.get("failed", {}).items():

@@ -80,7 +80,19 @@ from benchmarks.harness import first_call, interleaved
 from benchmarks.models import n_params, optax_step, small_cnn
 from somax.models import mlp_apply, mlp_init
 
-__all__ = ["main", "render", "PROFILES", "METHODS", "GOAL", "build_method", "problem", "ce_loss"]
+__all__ = [
+    "main",
+    "render",
+    "PROFILES",
+    "METHODS",
+    "GOAL",
+    "build_method",
+    "problem",
+    "ce_loss",
+    "per_step_table",
+    "optax_cycle",
+    "cycle_candidate",
+]
 
 #: candidates of the cost study (``adam`` is the baseline)
 METHODS = ("adam", "kfac", "shampoo", "soap", "kfac_cg", "sgn_ce", "muon")
@@ -158,7 +170,12 @@ def build_method(name: str, predict: Callable, **options: Any) -> somax.SecondOr
 
 
 def _adam_cycle(loss: Callable, lr: float = 1e-3) -> tuple[Callable, Callable]:
-    init, step = optax_step(loss, optax.adam(lr))
+    return optax_cycle(loss, optax.adam(lr))
+
+
+def optax_cycle(loss: Callable, tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
+    """``(init, cycle)``: ``cycle(params, state, batches)`` runs ``tx``'s steps over ``batches`` in a ``lax.scan``."""
+    init, step = optax_step(loss, tx)
 
     def cycle(params, state, batches):
         def body(carry, batch):
@@ -210,15 +227,7 @@ def bench_problem(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
         else:
             method = build_method(m, predict)
             fn, state = _method_cycle(method), jax.jit(method.init)(params0)
-        out, ms, _, compiled = first_call(fn, (params0, state, cycles[0]), cfg.get("compiler_options"))
-        compile_s[m] = ms["compile"] / 1e3
-        holder = {"p": out[0], "s": out[1]}
-
-        def call(i: int, holder=holder, compiled=compiled) -> Any:
-            holder["p"], holder["s"], losses = compiled(holder["p"], holder["s"], cycles[i % len(cycles)])
-            return losses
-
-        calls[m] = call
+        calls[m], compile_s[m] = cycle_candidate(fn, params0, state, cycles, cfg.get("compiler_options"))
     timings = interleaved(calls, rounds=cfg["rounds"], warmup=cfg["warmup"], max_seconds=cfg["max_seconds"])
     per_step = {m: [t / CYCLE for t in ts] for m, ts in timings.wall_ms.items()}
     stats = {m: _stats(ts) for m, ts in per_step.items()}
@@ -226,6 +235,20 @@ def bench_problem(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
               for m in cfg["methods"] if m != "adam" and "adam" in cfg["methods"]}  # fmt: skip
     return {"problem": name, "model": desc, "n_params": n_params(params0), "batch": cfg["batch"],
             "rounds": timings.rounds, "stats": stats, "ratio_to_adam": ratios, "compile_s": compile_s}  # fmt: skip
+
+
+def cycle_candidate(fn: Callable, params0: Any, state: Any, cycles: Sequence[Any],
+                    compiler_options: dict[str, Any] | None = None) -> tuple[Callable[[int], Any], float]:  # fmt: skip
+    """``(call, compile seconds)``: ``fn(params, state, batches)`` compiled on the first cycle; ``call(i)``
+    runs cycle ``i`` from the state the previous call left (a harness candidate)."""
+    out, ms, _, compiled = first_call(fn, (params0, state, cycles[0]), compiler_options)
+    holder = {"p": out[0], "s": out[1]}
+
+    def call(i: int) -> Any:
+        holder["p"], holder["s"], losses = compiled(holder["p"], holder["s"], cycles[i % len(cycles)])
+        return losses
+
+    return call, ms["compile"] / 1e3
 
 
 def _stats(ms: Sequence[float]) -> dict[str, float]:
@@ -624,6 +647,23 @@ def kfac_jax_study(python: str, mode: str = "ggn_exact", cfg: dict[str, Any] = K
 # --------------------------------------------------------------------------- output
 
 
+def per_step_table(pt: dict[str, Any], digits: int = 2) -> list[str]:
+    """One problem's per-step table (times in ms with ``digits`` decimals, ratios to Adam, compile time)."""
+    lines = ["| method | median ms | p90 ms | mean ms | / Adam (medians) | / Adam (p90s) | "
+             "/ Adam paired median | paired p90 | compile s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, st in pt["stats"].items():
+        r = pt["ratio_to_adam"].get(name)
+        rtxt = (
+            "| – | – | – | –"
+            if r is None
+            else (f"| {r['median']:.2f} | {r['p90']:.2f} | **{r['paired_median']:.2f}** | {r['paired_p90']:.2f}")
+        )
+        ms = " | ".join(f"{st[k]:.{digits}f}" for k in ("median_ms", "p90_ms", "mean_ms"))
+        lines.append(f"| `{name}` | {ms} {rtxt} | {pt['compile_s'][name]:.1f} |")
+    return lines
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["machine"]
     load = m.get("load_average"), m.get("load_average_end")
@@ -632,19 +672,7 @@ def render(result: dict[str, Any]) -> str:
     for pt in result["points"]:
         lines += [f"**{pt['problem']}**: {pt['model']}, {pt['n_params']} parameters, batch {pt['batch']}; "
                   f"{pt['rounds']} rounds of {CYCLE} steps (per-step time = call / {CYCLE}).", "",
-                  "| method | median ms | p90 ms | mean ms | / Adam (medians) | / Adam (p90s) | "
-                  "/ Adam paired median | paired p90 | compile s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for name, st in pt["stats"].items():
-            r = pt["ratio_to_adam"].get(name)
-            rtxt = (
-                "| – | – | – | –"
-                if r is None
-                else (f"| {r['median']:.2f} | {r['p90']:.2f} | **{r['paired_median']:.2f}** | {r['paired_p90']:.2f}")
-            )
-            lines.append(f"| `{name}` | {st['median_ms']:.2f} | {st['p90_ms']:.2f} | {st['mean_ms']:.2f} {rtxt} "
-                         f"| {pt['compile_s'][name]:.1f} |")  # fmt: skip
-        lines.append("")
+                  *per_step_table(pt), ""]  # fmt: skip
     if result["points"]:
         lines.append(goal_line(result))
     cg = result.get("cg_products")
