@@ -497,6 +497,22 @@ def test_kfac_cached_inverses_use_the_refresh_lambda():
         KFAC(cache_inverse=True)
 
 
+def test_kfac_cached_inverse_of_an_indefinite_factor_falls_back_to_the_clipped_eigenbasis():
+    """A factor with an eigenvalue below ``−shift`` (rounding of a large EMA): Cholesky fails, and the
+    cached inverse is ``Q diag(1/(max(λ, 0) + shift)) Qᵀ``, finite."""
+    from somax.precond.kfac import _damped_inverse
+
+    rng = np.random.default_rng(2)
+    q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    lam = np.array([-1e-2, 0.0, 1.0, 3.0])
+    mat, shift = (q * lam) @ q.T, 1e-3
+    got = np.asarray(_jit(lambda m, c: _damped_inverse(m, c, "float64"))(jnp.asarray(mat), jnp.asarray(shift)))
+    np.testing.assert_allclose(got, (q / (np.maximum(lam, 0) + shift)) @ q.T, rtol=1e-9)
+    pd = (q * np.abs(lam)) @ q.T
+    got = np.asarray(_jit(lambda m, c: _damped_inverse(m, c, "float64"))(jnp.asarray(pd), jnp.asarray(shift)))
+    np.testing.assert_allclose(got, np.linalg.inv(pd + shift * np.eye(4)), rtol=1e-9)
+
+
 def _cg_iterations(A: np.ndarray, b: np.ndarray, tol: float, maxiter: int) -> int:
     """Textbook CG on ``A s = b`` from ``s = 0`` with somax's stopping rule ``‖r‖ ≤ tol‖b‖``: iterations."""
     s, r = np.zeros_like(b), b.copy()

@@ -306,11 +306,23 @@ def _pi_damping(mean_a: jax.Array, mean_s: jax.Array, mu: jax.Array) -> tuple[ja
 
 
 def _damped_inverse(mat: jax.Array, shift: jax.Array, dtype: str) -> jax.Array:
-    """``(sym(mat) + shift·I)⁻¹`` by Cholesky in ``dtype``, symmetrised, cast back (``shift > 0``)."""
+    """``(sym(mat) + shift·I)⁻¹`` by Cholesky in ``dtype``, symmetrised, cast back (``shift > 0``).
+
+    A factor whose rounding left an eigenvalue below ``−shift`` (Cholesky fails: non-finite
+    entries) gets ``Q diag(1/(max(λ, 0) + shift)) Qᵀ`` from ``eigh`` instead, as the eigenbasis
+    form would have used.
+    """
     work = mat.astype(jnp.float64 if dtype == "float64" else jnp.float32)
-    work = 0.5 * (work + work.T) + shift.astype(work.dtype) * jnp.eye(work.shape[0], dtype=work.dtype)
-    factor = jax.scipy.linalg.cho_factor(work, lower=True)
-    inv = jax.scipy.linalg.cho_solve(factor, jnp.eye(work.shape[0], dtype=work.dtype))
+    work = 0.5 * (work + work.T)
+    eye = jnp.eye(work.shape[0], dtype=work.dtype)
+    shift = shift.astype(work.dtype)
+    inv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(work + shift * eye, lower=True), eye)
+
+    def clipped() -> jax.Array:
+        lam, q = jnp.linalg.eigh(work)
+        return (q / (jnp.maximum(lam, 0.0) + shift)) @ q.T
+
+    inv = jax.lax.cond(jnp.all(jnp.isfinite(inv)), lambda: inv, clipped)
     return (0.5 * (inv + inv.T)).astype(mat.dtype)
 
 
