@@ -148,7 +148,7 @@ def _jitted(unroll, maxiter, stabilise_every=0, wrap=None):
         return conjugate_gradient(mv, b, x0=x0, precond=precond, tol=tol, maxiter=maxiter,
                                   stabilise_every=stabilise_every, unroll=unroll)  # fmt: skip
 
-    return jax.jit(solve)
+    return jax.jit(solve, compiler_options={"xla_backend_optimization_level": 0})  # compile time dominates
 
 
 def _both(a, b, *, x0=None, diag=None, wrap=None, tol=1e-8, maxiter=16, stabilise_every=0):
