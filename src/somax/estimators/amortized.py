@@ -22,9 +22,9 @@ Why: nothing in the step is conditional any more, at the price of one forward pa
 estimator's products on ``m`` examples per step. XLA:CPU runs a convolution's weight
 gradient many times slower inside a ``cond`` (or loop) body than at the top level of the
 program, so on convolutional networks a whole-batch refresh in a ``cond`` cost tens of
-ordinary steps; amortized, a Sophia-G step costs 1.14–1.21× and a Sophia-H or AdaHessian step
-1.17–1.35× an Adam step on a 28×28 CNN and ResNet-20 (``docs/diagonal_lane.md``). On an accelerator the plain cadence is not
-penalised.
+ordinary steps; amortized, a Sophia-G step costs 1.14–1.21× and a Sophia-H or AdaHessian
+step 1.17–1.35× an Adam step on a 28×28 CNN and ResNet-20 (``docs/diagonal_lane.md``). On an
+accelerator the plain cadence is not penalised.
 
 The totals are kept beside the estimator's own state (:class:`AmortizedState`) and follow
 the estimator's ``on_reject``/``on_nonfinite`` policies.
