@@ -62,7 +62,8 @@ def cases(full: bool = False):
     """name → (method, problem, tolerance). Tolerances are float32 (CG amplifies round-off).
 
     Default: one method per family and lane (SGN, Newton-CG: parameter lane; EGN with
-    row-Cholesky and row-CG: row lane; Sophia-H: diagonal lane with Hutchinson probes),
+    row-Cholesky and row-CG: row lane; Sophia-H: diagonal lane with Hutchinson probes, amortized
+    over two slices of the batch),
     with the rho bundle + trust region (SGN, EGN) and Hutchinson trace telemetry
     (Newton-CG). ``full`` adds cross-entropy and Sophia-G (sampled labels).
     """
@@ -72,7 +73,12 @@ def cases(full: bool = False):
         "newton_cg": (somax.make("newton_cg", loss_fn=_mse_loss, telemetry=TRACE), _mse_problem, 1e-5),
         "egn_mse": (somax.make("egn_mse", predict_fn=mlp_apply, telemetry=RHO, **tr), _mse_problem, 1e-5),
         "egn_mse_cg": (somax.make("egn_mse_cg", predict_fn=mlp_apply, maxiter=20), _mse_problem, 5e-5),
-        "sophia_h": (somax.make("sophia_h", loss_fn=_mse_loss, eval_every_k=1, learning_rate=0.05), _mse_problem, 1e-5),
+        # amortized: the Hutchinson estimate on one of two batch slices per step (a slice of a sharded batch)
+        "sophia_h": (
+            somax.make("sophia_h", loss_fn=_mse_loss, eval_every_k=2, amortize_estimator=True, learning_rate=0.05),
+            _mse_problem,
+            1e-5,
+        ),
     }
     if full:
         out.update(
