@@ -78,9 +78,9 @@ from benchmarks.kronecker_cost import (
     per_step_table,
     problem,
 )
-from benchmarks.models import n_params, optax_step
+from benchmarks.models import n_params
 
-__all__ = ["main", "render", "PROFILES", "OptaxTrainer", "import_kron"]
+__all__ = ["main", "render", "PROFILES", "optax_trainer", "import_kron"]
 
 XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
 SOMAX = ("kfac", "shampoo", "soap")
@@ -203,32 +203,15 @@ def bench_problem(name: str, cfg: dict[str, Any], factories: dict[str, Callable]
             "compile_s": compile_s, "failed": failed, "load_average": [list(load0), list(os.getloadavg())]}  # fmt: skip
 
 
-class OptaxTrainer:
-    """An Optax optimizer as a :class:`benchmarks.module_interactions.Trainer`: the learning rate is an
-    injected hyperparameter (one compile for every rate and seed)."""
+def optax_trainer(name: str, make: Callable[..., optax.GradientTransformation], predict: Callable) -> Any:
+    """An Optax optimizer as a first-order :class:`benchmarks.module_interactions.Trainer` (the learning
+    rate an injected hyperparameter: one compile for every rate and seed); ``init`` is silenced."""
+    from benchmarks.module_interactions import Config, Trainer
 
-    def __init__(self, make: Callable[..., optax.GradientTransformation], predict: Callable) -> None:
-        from benchmarks.module_interactions import _set_lr
-
-        self._set_lr = _set_lr
-        tx = optax.inject_hyperparams(make)(learning_rate=1.0)
-        self.tx = tx
-        _, step = optax_step(ce_loss(predict), tx)
-
-        def run(params, state, x, y, idx, key):
-            def body(carry, i):
-                p, s, loss = step(carry[0], {"x": x[i], "y": y[i]}, carry[1])
-                nan = jax.numpy.full((), jax.numpy.nan, loss.dtype)
-                return (p, s), (loss, nan, nan)
-
-            (params, state), out = jax.lax.scan(body, (params, state), idx)
-            return params, state, out
-
-        self.run = jax.jit(run)
-        self.predict = predict
-
-    def init(self, params: Any, lr: float) -> Any:
-        return self._set_lr(_quiet(self.tx.init, params), lr)
+    trainer = Trainer(Config(name, "adam"), predict, make=make)
+    init = trainer._init
+    trainer._init = lambda params, lr: _quiet(init, params, lr)
+    return trainer
 
 
 TARGET_METHODS = ("adam", "muon", "psgd_kron", "psgd_kron_sched", *SOMAX)
@@ -244,7 +227,7 @@ def target_study(profile: str, factories: dict[str, Callable], seeds: int | None
     cfg["grids"] = {**cfg["grids"], **{k: v[lo : lo + n_rates] for k, v in PEER_GRIDS.items()}}
     if seeds is not None:
         cfg["seeds"] = seeds
-    extra = {m: (lambda predict, m=m: OptaxTrainer(factories[m], predict)) for m in PEER_GRIDS}
+    extra = {m: (lambda predict, m=m: optax_trainer(m, factories[m], predict)) for m in PEER_GRIDS}
     out = ttt.run_study("mnist1d", cfg, list(TARGET_METHODS), 0.01, extra=extra)
     out.pop("runs")
     return {"config": {k: v for k, v in cfg.items() if k != "grids"}, "grids": cfg["grids"], **out}

@@ -173,7 +173,11 @@ class Trainer:
     (``nan`` for the first-order baselines).
     """
 
-    def __init__(self, config: Config, predict: Callable) -> None:
+    def __init__(
+        self, config: Config, predict: Callable, make: Callable[..., optax.GradientTransformation] | None = None
+    ) -> None:
+        """``make``: for a first-order ``config``, the Optax factory ``make(learning_rate=…)`` to use
+        instead of ``optax.sgd`` / ``optax.adam``."""
         self.config = config
         if config.second_order:
             method = build_sgn(config, predict)
@@ -190,7 +194,7 @@ class Trainer:
 
             self.method: somax.SecondOrderMethod | None = method
         else:
-            base = optax.sgd if config.kind == "sgd" else optax.adam
+            base = make if make is not None else optax.sgd if config.kind == "sgd" else optax.adam
             tx_init, first_order = optax_step(lambda q, batch: _ce(predict(q, batch["x"]), batch["y"]),
                                               optax.inject_hyperparams(base)(learning_rate=1.0))  # fmt: skip
             self._init = lambda params, lr: _set_lr(tx_init(params), lr)
