@@ -235,9 +235,7 @@ class SecondOrderMethod:
             )
         if grad is not None:
             grad = _external_grad(grad, params)  # checked before the model runs
-        model_rng = None
-        if self.curvature.uses_rng:
-            model_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), state.count)  # fresh every step
+        model_rng = self._model_rng(rng, state.count, stream=2)
 
         def linearize():
             try:
@@ -255,6 +253,13 @@ class SecondOrderMethod:
         if known is None:
             return lin
         return self._reuse(lin, linearize, known, state)
+
+    def _model_rng(self, rng: Any, count: jax.Array, stream: int) -> Any:
+        """The model's key for one linearization (``stream``: which one), fresh every step; ``None``
+        when the model draws no random numbers."""
+        if not self.curvature.uses_rng:
+            return None
+        return jax.random.fold_in(jax.random.fold_in(rng, stream), count)
 
     def _reuse(self, lin, linearize, known, state: MethodState):
         """``lin`` with the loss and gradient the line search kept where its flag holds, else evaluated.
@@ -302,7 +307,7 @@ class SecondOrderMethod:
         else:
             rebuild = lambda: self.precond.refresh(refreshed)  # noqa: E731
         precond_state = _gated(self.plan.gate("refresh", count), rebuild, refreshed)
-        return precond_state, estimator_state, self.precond.inverse(precond_state, state.damping.lam)
+        return precond_state, estimator_state, self.precond.inverse(precond_state, lam)
 
     def _amortized_estimate(self, lin, rng: Any, state: MethodState, params: PyTree, batch: Any):
         """The estimator on slice ``t mod k`` of the batch, every step; the mean to ``update`` on the cadence.
@@ -312,10 +317,7 @@ class SecondOrderMethod:
         """
         est, acc, count = self.estimator, state.estimator, state.count
         sub = amortized.batch_slice(batch, count, est.every_k)
-        model_rng = None
-        if self.curvature.uses_rng:
-            model_rng = jax.random.fold_in(jax.random.fold_in(rng, 3), count)
-        lin_slice = self.curvature.linearize(params, sub, state.model_state, model_rng)
+        lin_slice = self.curvature.linearize(params, sub, state.model_state, self._model_rng(rng, count, stream=3))
         key = jax.random.fold_in(rng, 1) if est.uses_rng and rng is not None else None
         statistic, inner = est.estimate(lin_slice, key, acc.inner)
         fire = self.plan.gate("estimator", count)
