@@ -149,11 +149,16 @@ def problem(name: str, width: int = 256, num_samples: int = 5000) -> tuple[bdata
     raise ValueError(f"unknown problem {name!r}; known: mlp, cnn")
 
 
-#: named variants of a preset (``--methods``): ``shampoo_b<k>`` is Shampoo with ``block_size = k``;
-#: ``kfac_cached`` is K-FAC with π-damping and cached damped inverses (``_ef``: empirical-Fisher factors,
-#: ``_mc``: Monte-Carlo Fisher factors)
+#: named variants of a preset (``--methods``): ``shampoo_b<k>`` is Shampoo with ``block_size = k``,
+#: ``_s<k>`` with the factors folded every ``k`` steps, ``shampoo_eig`` with the eigenbases kept
+#: instead of the roots (four products per matrix and step, ``cache_roots=False``); ``kfac_cached``
+#: is K-FAC with π-damping and cached damped inverses (``_ef``: empirical-Fisher factors, ``_mc``:
+#: Monte-Carlo Fisher factors)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     **{f"shampoo_b{k}": ("shampoo", {"block_size": k}) for k in (32, 64, 128)},
+    "shampoo_eig": ("shampoo", {"cache_roots": False}),
+    "shampoo_s10": ("shampoo", {"factor_every_k": 10}),
+    "shampoo_b128_s10": ("shampoo", {"block_size": 128, "factor_every_k": 10}),
     "kfac_cached": ("kfac", {"kfac_damping": "pi", "kfac_cache_inverse": True}),
     "kfac_cached_ef": ("kfac", {"kfac_damping": "pi", "kfac_cache_inverse": True, "fisher": "empirical"}),
     "kfac_cached_mc": ("kfac", {"kfac_damping": "pi", "kfac_cache_inverse": True, "fisher": "mc"}),

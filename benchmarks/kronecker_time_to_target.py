@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import somax
+from benchmarks import data as bdata
 from benchmarks.common import (
     RESULTS_DIR,
     blas_env,
@@ -51,7 +51,8 @@ from benchmarks.common import (
     study_parser,
     write_result,
 )
-from benchmarks.models import n_params
+from benchmarks.kronecker_cost import build_method
+from benchmarks.models import mnist1d_cnn_apply, mnist1d_cnn_init, n_params, small_cnn
 from benchmarks.module_interactions import (
     Config,
     Trainer,
@@ -71,11 +72,11 @@ FIRST_ORDER = ("adam", "sgd", "muon")
 
 #: equal-size learning-rate grids, around each method's default
 LR_GRIDS: dict[str, tuple[float, ...]] = {
-    "adam": (3e-4, 1e-3, 3e-3, 1e-2),
+    "adam": (1e-3, 3e-3, 1e-2, 3e-2),
     "sgd": (0.03, 0.1, 0.3, 1.0),
     "muon": (0.005, 0.01, 0.02, 0.05),
-    "kfac": (0.01, 0.03, 0.1, 0.3),
-    "shampoo": (3e-4, 1e-3, 3e-3, 1e-2),
+    "kfac": (3e-3, 0.01, 0.03, 0.1),
+    "shampoo": (1e-3, 3e-3, 1e-2, 3e-2),
     "soap": (1e-3, 3e-3, 1e-2, 3e-2),
     "kfac_cg": (0.1, 0.3, 1.0, 2.0),
     "sgn_ce": (0.1, 0.3, 1.0, 2.0),
@@ -103,7 +104,7 @@ class PresetTrainer:
     chunk ``run(params, state, x, y, idx, key)`` returning per-step losses, update norms and λ."""
 
     def __init__(self, name: str, predict: Callable) -> None:
-        base = somax.make(name, predict, learning_rate=1.0)
+        base = build_method(name, predict, learning_rate=1.0)
         self.method = base.replace(tx=optax.chain(base.tx, optax.inject_hyperparams(optax.scale)(step_size=1.0)))
         method = self.method
 
@@ -138,6 +139,27 @@ def steps_to_target(curve: dict[str, list], target: float) -> int | None:
     return None
 
 
+DATASETS = ("mnist1d", "mnist1d_cnn", "digits", "digits_cnn")
+
+
+def problem(dataset: str, cfg: dict[str, Any]) -> tuple[Any, Callable, Callable, str]:
+    """``(split, init(key) -> params, predict, description)``: the module-interactions MLPs
+    (``mnist1d``, ``digits``), the 1-D CNN of :func:`benchmarks.models.mnist1d_cnn_init` on MNIST-1D
+    (``mnist1d_cnn``) or the small CNN of :func:`benchmarks.models.small_cnn` on 8×8 digits
+    (``digits_cnn``)."""
+    if dataset == "mnist1d_cnn":
+        split = bdata.mnist1d(0, num_samples=cfg["num_samples"])
+        desc = "1-D CNN: conv w5 s2 (1->32), conv w3 s2 (32->32) x2, dense (160->10)"
+        return split, mnist1d_cnn_init, mnist1d_cnn_apply, desc
+    if dataset == "digits_cnn":
+        s = bdata.digits(0)
+        img = lambda x: x.reshape(-1, 8, 8, 1)  # noqa: E731
+        split = bdata.Split(img(s.x_train), s.y_train, img(s.x_test), s.y_test)
+        desc = "CNN: conv3x3 (1->8), conv3x3 s2 (8->16), dense (256->10)"
+        return split, lambda key: small_cnn(key)[0], small_cnn(jax.random.PRNGKey(0))[1], desc
+    return _problem(dataset, cfg, download=False)
+
+
 def run_study(
     dataset: str,
     cfg: dict[str, Any],
@@ -150,7 +172,7 @@ def run_study(
     :class:`benchmarks.module_interactions.Trainer`), e.g. another Optax optimizer; they count as first-order
     and need a grid in ``cfg["grids"]``."""
     extra = dict(extra or {})
-    split, init_params, predict, model_desc = _problem(dataset, cfg, download=False)
+    split, init_params, predict, model_desc = problem(dataset, cfg)
     n_val = max(1, len(split.x_train) // 10)
     sets = {
         "train": (jnp.asarray(split.x_train[:-n_val]), jnp.asarray(split.y_train[:-n_val])),
@@ -186,7 +208,9 @@ def run_study(
         summary[m] = {"kind": kind, "lr": selected[m], "compile_s": compile_s[m],
                       **s, "steps_to_target": steps, "steps_to_target_median": float(np.median(reached)) if reached
                       else None}  # fmt: skip
-    adam_t = summary["adam"]["time_to_target_median_s"]
+    # Adam's reference: the median over the seeds that reach the target (all of them unless
+    # `reached` says otherwise), which is the stricter reference when a seed of Adam misses it.
+    adam_t = summary["adam"]["time_to_target_median_reached_s"]
     for m in methods:
         t = summary[m]["time_to_target_median_s"]
         summary[m]["ratio_to_adam"] = t / adam_t if t is not None and adam_t else None
@@ -262,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line: ``python -m benchmarks kronecker_time_to_target [--quick | --tiny] [--dataset D] [--out DIR]``."""
     ap = study_parser(__doc__, quick="2 seeds, 2 rates per method, 4 epochs", smoke="seconds; checks the script works",
                       tiny=True, out=RESULTS_DIR, out_help="output folder", tag=True, render=True)  # fmt: skip
-    ap.add_argument("--dataset", default="mnist1d", choices=("mnist1d", "digits"))
+    ap.add_argument("--dataset", default="mnist1d", choices=DATASETS)
     ap.add_argument("--methods", nargs="+", choices=METHODS, help="subset of methods (adam is always run)")
     ap.add_argument("--seeds", type=int, help="override the number of seeds")
     ap.add_argument("--epochs", type=int, help="override the number of epochs")

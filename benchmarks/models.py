@@ -41,6 +41,8 @@ __all__ = [
     "to_device",
     "n_params",
     "small_cnn",
+    "mnist1d_cnn_init",
+    "mnist1d_cnn_apply",
     "paper_cnn_init",
     "paper_cnn_apply",
     "vdot",
@@ -145,6 +147,42 @@ def small_cnn(key: jax.Array, *, in_channels: int = 1, image_size: int = 8) -> t
 
     params = cnn_init(key, in_channels=in_channels, channels=SMALL_CNN_CHANNELS, image_size=image_size)
     return params, cnn_apply
+
+
+MNIST1D_CNN_CHANNELS = 32
+
+
+def mnist1d_cnn_init(key: jax.Array, *, length: int = 40, channels: int = MNIST1D_CNN_CHANNELS) -> dict:
+    """A 1-D CNN for MNIST-1D after Greydanus (2020): convolutions of width 5, 3, 3 (stride 2,
+    ``channels`` channels, SAME) with ReLU, then dense to 10 logits; He-initialised.
+
+    The signal is an image of height 1 (``(n, 1, length, 1)``, kernels ``(1, w, C_in, C_out)``), so
+    the convolutions are 2-D ``conv_general_dilated`` and K-FAC's KFC factors apply to them.
+    """
+    k = jax.random.split(key, 4)
+    params: dict[str, dict[str, jax.Array]] = {}
+    c_in, size = 1, length
+    for i, width in enumerate((5, 3, 3)):
+        std = jnp.sqrt(2.0 / (width * c_in))
+        params[f"conv{i}"] = {
+            "w": jax.random.normal(k[i], (1, width, c_in, channels)) * std,
+            "b": jnp.zeros((channels,)),
+        }
+        c_in, size = channels, -(-size // 2)
+    flat = size * channels
+    params["dense"] = {"w": jax.random.normal(k[3], (flat, 10)) * jnp.sqrt(1.0 / flat), "b": jnp.zeros((10,))}
+    return params
+
+
+def mnist1d_cnn_apply(params: dict, x: jax.Array) -> jax.Array:
+    """Forward pass of :func:`mnist1d_cnn_init`'s network on ``(n, length)`` signals; returns logits."""
+    h = x.reshape(x.shape[0], 1, x.shape[-1], 1)
+    for i in range(3):
+        layer = params[f"conv{i}"]
+        h = jax.lax.conv_general_dilated(h, layer["w"], (1, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h = jax.nn.relu(h + layer["b"])
+    h = h.reshape(h.shape[0], -1)
+    return h @ params["dense"]["w"] + params["dense"]["b"]
 
 
 def paper_cnn_init(key: jax.Array, *, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> dict:

@@ -70,7 +70,12 @@ def methods() -> dict:
     """name → (method, tolerance, 8-device parameter mode)."""
     return {
         "kfac": (somax.make("kfac", predict, loss="mse", refresh_every_k=2, learning_rate=0.05), 1e-4, "fsdp"),
-        "shampoo": (somax.make("shampoo", predict, loss="mse", refresh_every_k=2, block_size=4), 1e-4, "replicated"),
+        # eps = 1e-2: the cached roots (L + εI)^{-1/4} amplify rounding in L's near-null space by ~ε^{-5/4}
+        "shampoo": (
+            somax.make("shampoo", predict, loss="mse", refresh_every_k=2, block_size=4, eps=1e-2),
+            1e-4,
+            "replicated",
+        ),
         "soap": (somax.make("soap", predict, loss="mse", precondition_frequency=2), 1e-4, "replicated"),
         "kfac_cg": (
             somax.make("kfac_cg", predict, loss="mse", refresh_every_k=2, maxiter=8, learning_rate=0.5),

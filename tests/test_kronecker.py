@@ -189,6 +189,107 @@ def test_shampoo_blocks_large_sides_dense_oracle_per_block():
         np.testing.assert_allclose(np.asarray(out[k]).reshape(G.shape), want, rtol=1e-10, atol=1e-13)
 
 
+_CACHED = Shampoo(eps=1e-2, max_dim=6, block_size=3, cache_roots=True, eigh_dtype="float64")
+
+
+@_jit
+def _cached_once(g, v, lam_refresh, lam_now):
+    """One update + refresh at ``lam_refresh`` of the cached-roots Shampoo, then ``M⁻¹ v`` at ``lam_now``."""
+    state = _CACHED.refresh(_CACHED.update(_CACHED.init(g), g), lam_refresh)
+    return _CACHED.inverse(state, lam_now)(v)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), lam_refresh=st.floats(0.0, 2.0), lam_now=st.floats(0.0, 2.0))
+def test_shampoo_cached_roots_dense_oracle(seed, lam_refresh, lam_now):
+    """``cache_roots``: per block ``(L + (ε+λ_r)I)^{-1/4} V (R + (ε+λ_r)I)^{-1/4}`` with the refresh
+    step's λ_r, whatever λ the step has; a diagonal side (longer than ``max_dim``) scales by
+    ``(diag L + ε + λ)^{-1/4}`` with the step's λ; the diagonal rule of a vector likewise."""
+    eps, bs = 1e-2, 3
+    rng = np.random.default_rng(seed)
+    g = {"m": rng.normal(size=(6, 5)), "wide": rng.normal(size=(5, 7)), "v": rng.normal(size=(4,))}
+    v = {k: rng.normal(size=x.shape) for k, x in g.items()}
+    assert _CACHED.refresh_uses_lam
+    out = _cached_once(_dev(g), _dev(v), jnp.asarray(lam_refresh), jnp.asarray(lam_now))
+    shift_r, shift = eps + lam_refresh, eps + lam_now
+    want = np.zeros((6, 5))
+    for i in range(0, 6, bs):
+        for j in range(0, 5, bs):
+            Gb, Vb = g["m"][i : i + bs, j : j + bs], v["m"][i : i + bs, j : j + bs]
+            want[i : i + bs, j : j + bs] = _inv_root(Gb @ Gb.T, shift_r) @ Vb @ _inv_root(Gb.T @ Gb, shift_r)
+    np.testing.assert_allclose(np.asarray(out["m"]), want, rtol=1e-9, atol=1e-12)
+    want = np.zeros((5, 7))  # 7 > max_dim: a diagonal right side with the step's λ, rows in blocks of 3
+    for i in range(0, 5, bs):
+        Gb, Vb = g["wide"][i : i + bs], v["wide"][i : i + bs]
+        want[i : i + bs] = _inv_root(Gb @ Gb.T, shift_r) @ Vb * (np.sum(Gb * Gb, axis=0) + shift) ** -0.25
+    np.testing.assert_allclose(np.asarray(out["wide"]), want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(out["v"]), v["v"] / np.sqrt(g["v"] ** 2 + shift), rtol=1e-12)
+
+
+def test_shampoo_factor_cadence_keeps_grafting_and_diagonal_every_step():
+    """``factor_every_k=2``, refresh every step: the matrix roots come from the factors of steps
+    0, 2, 4 only, while the bias's diagonal rule and the grafting moment fold in every step."""
+    eps, beta, k = 1e-3, 0.9, 2
+    pre = Shampoo(beta=beta, eps=eps, factor_every_k=k, eigh_dtype="float64")
+    method = _shampoo_method(pre)
+    params = _lin_params()
+    state = _jit(method.init)(params)
+    step = _jit(method.step)
+    L, R, h = np.zeros((4, 4)), np.zeros((3, 3)), np.zeros(3)
+    for t in range(5):
+        batch = _data(10 + t)
+        g = _mse_grad(params, batch)
+        G, gb = np.asarray(g["w"]), np.asarray(g["b"])
+        if t % k == 0:
+            L, R = beta * L + G @ G.T, beta * R + G.T @ G
+        h = beta * h + gb**2
+        new, state, _ = step(params, batch, state)
+        s = _direction(new, params, 0.1)
+        np.testing.assert_allclose(s["w"], _inv_root(L, eps) @ G @ _inv_root(R, eps), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(s["b"], gb / np.sqrt(h + eps), rtol=1e-10, atol=1e-12)
+        params = new
+
+    graft = Shampoo(factor_every_k=3, graft="rmsprop", graft_beta=0.5, eigh_dtype="float64")
+    gs = [{"m": jnp.asarray(np.random.default_rng(i).normal(size=(3, 2)))} for i in range(3)]
+
+    @_jit
+    def three_updates(gs):
+        state = graft.init(gs[0])
+        for g in gs:
+            state = graft.update(state, g)
+        return state.graft["m"]
+
+    nu = np.zeros((3, 2))
+    for g in gs:
+        nu = 0.5 * nu + 0.5 * np.asarray(g["m"]) ** 2
+    np.testing.assert_allclose(np.asarray(three_updates(gs)), nu, rtol=1e-12)
+
+
+def test_shampoo_preset_cached_roots_match_eigenbases():
+    """The preset's default (cached roots, λ = 0) takes the same steps as the eigenbasis form."""
+    rng = np.random.default_rng(5)
+    params = {"w1": jnp.asarray(rng.normal(size=(5, 8)) * 0.5), "w2": jnp.asarray(rng.normal(size=(8, 3)) * 0.5)}
+    batch = {"x": jnp.asarray(rng.normal(size=(16, 5))), "y": jnp.asarray(rng.integers(0, 3, 16))}
+
+    def predict(p, x):
+        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    @_jit
+    def run(params):
+        out = []
+        for cached in (True, False):
+            m = somax.make("shampoo", predict, cache_roots=cached, refresh_every_k=2, eigh_dtype="float64")
+            p, s = params, m.init(params)
+            for _ in range(4):
+                p, s, _ = m.step(p, batch, s)
+            out.append(p)
+        return out
+
+    cached, eig = run(params)
+    for key in params:
+        np.testing.assert_allclose(np.asarray(cached[key]), np.asarray(eig[key]), rtol=1e-10, atol=1e-12)
+
+
 def test_shampoo_grafting_norms():
     """Per leaf ‖s‖ = ‖v / (√ν̂ + ε_g)‖ (adam: ν̂ bias-corrected; rmsprop: not)."""
     rng = np.random.default_rng(3)

@@ -22,7 +22,12 @@ eigenvalues are clipped to 0). At every step, for the current damping ``λ``,
 
 with the outer product of the two scalings (no matrix root is ever formed, and λ can
 change between refreshes). The roots are stale between refreshes: the state's ``Q, Λ``
-change only on refresh steps. A side longer than ``max_dim`` keeps only the diagonal
+change only on refresh steps. With ``cache_roots=True`` each refresh instead forms the
+roots themselves, ``P_L = Q_L (Λ_L + ε + λ)^{−1/4} Q_Lᵀ`` and ``P_R`` likewise, with the
+refresh step's ``λ``, and every step applies ``M⁻¹ V = P_L V P_R``: two matrix products per
+leaf instead of four (Gupta et al.'s form); a λ that changes between refreshes reaches the
+matrix roots only at the next refresh (exact when λ is constant, as in the ``shampoo``
+preset, where λ = 0). A side longer than ``max_dim`` keeps only the diagonal
 of its factor (``diag(L) = β diag(L) + Σ_j G_ij²``) and is scaled by
 ``(diag(L) + ε + λ)^{−1/4}`` without a rotation. With ``block_size = b``, a side longer
 than ``b`` (and at most ``max_dim``) is cut into blocks of ``b`` (the last one shorter):
@@ -46,8 +51,9 @@ positively homogeneous but not linear: use it in the diagonal lane (``SolverSpec
 ``s = M⁻¹ g̃``), not as a PCG preconditioner (``graft=None`` is linear and symmetric
 positive definite, and can precondition CG).
 
-Cost per step: per matrix leaf four products ``O(m²n + mn²)`` for ``M⁻¹`` and two for
-the update (``G Gᵀ``, ``Gᵀ G``); per refresh one ``eigh`` of each side, ``O(m³ + n³)``.
+Cost per step: per matrix leaf four products ``O(m²n + mn²)`` for ``M⁻¹`` (two with
+``cache_roots``) and two for the update (``G Gᵀ``, ``Gᵀ G``; every ``factor_every_k`` updates);
+per refresh one ``eigh`` of each side, ``O(m³ + n³)``.
 Memory: ``2(m² + n²)`` per matrix leaf.
 
 References:
@@ -201,7 +207,8 @@ class ShampooState(NamedTuple):
     or ``"h"`` for the diagonal rule; a matrix leaf's factors carry the block grid as leading
     axes, ``(n_row_blocks, n_col_blocks, b, b)``, or ``(…, b)`` for a diagonal side);
     ``roots``: per leaf the eigendecompositions cached at the last refresh (``"QL"``,
-    ``"lamL"``, ``"QR"``, ``"lamR"``; a diagonal side or leaf caches its diagonal as
+    ``"lamL"``, ``"QR"``, ``"lamR"``; with ``cache_roots`` a full side caches its root
+    ``"PL"``/``"PR"`` instead; a diagonal side or leaf caches its diagonal as
     ``"lamL"``/``"lamR"``/``"h"``); ``graft``: the grafting second moment ``ν``
     (params-shaped, or ``()``); ``count``: updates folded in."""
 
@@ -212,8 +219,14 @@ class ShampooState(NamedTuple):
 
 
 def _apply_kron(x: jax.Array, roots: dict, lay: LeafLayout, shift: jax.Array, power: float) -> jax.Array:
-    """Per block ``Q_L [(Λ_L + shift)^{−p} ⊙ (Q_Lᵀ X Q_R) ⊙ (Λ_R + shift)^{−p}] Q_Rᵀ`` on the leaf as a matrix."""
-    mat = to_blocks(x.reshape(lay.rows, lay.cols).astype(roots["lamL"].dtype), lay)
+    """Per block ``Q_L [(Λ_L + shift)^{−p} ⊙ (Q_Lᵀ X Q_R) ⊙ (Λ_R + shift)^{−p}] Q_Rᵀ`` on the leaf as a matrix
+    (``P_L X P_R`` where the roots are cached; a diagonal side scales by ``(Λ + shift)^{−p}``)."""
+    dt = next(v.dtype for k, v in roots.items() if k in ("lamL", "PL"))
+    mat = to_blocks(x.reshape(lay.rows, lay.cols).astype(dt), lay)
+    if "PL" in roots or "PR" in roots:
+        mat = roots["PL"] @ mat if "PL" in roots else mat * ((roots["lamL"] + shift) ** -power)[..., :, None]
+        mat = mat @ roots["PR"] if "PR" in roots else mat * ((roots["lamR"] + shift) ** -power)[..., None, :]
+        return from_blocks(mat, lay).reshape(x.shape).astype(x.dtype)
     if lay.left_full:
         mat = jnp.swapaxes(roots["QL"], -1, -2) @ mat
     if lay.right_full:
@@ -242,6 +255,13 @@ class Shampoo(Preconditioner):
         most ``max_dim``) is cut into blocks of ``block_size``, each block of the matrix with
         its own factors (``eigh`` of ``block_size²`` matrices instead of one of the whole side).
       refresh_every_k: recompute the eigendecompositions on steps ``0, k, 2k, …``.
+      factor_every_k: fold the statistic into the matrix factors ``L``, ``R`` on every
+        ``factor_every_k``-th update only (updates ``0, k, 2k, …``; the products ``G Gᵀ``,
+        ``Gᵀ G`` skipped in between); the diagonal rule's ``h`` and the grafting moment ``ν``
+        fold in every update, so that grafting's ``v / (√ν̂ + ε_g)`` never meets a stale ``ν``.
+      cache_roots: form the roots ``(L + (ε+λ)I)^{−1/4}``, ``(R + (ε+λ)I)^{−1/4}`` at each refresh
+        with that step's ``λ`` (two products per leaf and step instead of four; λ reaches the
+        matrix roots at refreshes only).
       eigh_dtype: ``"float32"`` or ``"float64"`` (needs ``jax_enable_x64``).
       graft: ``None``, ``"adam"`` or ``"rmsprop"``: per-leaf norm of the diagonal method's direction.
       graft_beta: ``β₂`` of the grafting second moment.
@@ -253,6 +273,8 @@ class Shampoo(Preconditioner):
     max_dim: int = 2048
     block_size: int | None = None
     refresh_every_k: int = 1
+    factor_every_k: int = 1
+    cache_roots: bool = False
     eigh_dtype: str = "float32"
     graft: str | None = None
     graft_beta: float = 0.999
@@ -270,10 +292,16 @@ class Shampoo(Preconditioner):
         if self.block_size is not None:
             validate.integer(f"{where}: block_size", self.block_size, minimum=1)
         validate.cadence(f"{where}: refresh_every_k", self.refresh_every_k)
+        validate.integer(f"{where}: factor_every_k", self.factor_every_k, minimum=1)
+        validate.boolean(f"{where}: cache_roots", self.cache_roots)
         validate.choice(f"{where}: eigh_dtype", self.eigh_dtype, ("float32", "float64"))
         validate.choice(f"{where}: graft", self.graft, (None, "adam", "rmsprop"))
         validate.number(f"{where}: graft_beta", self.graft_beta, minimum=0.0, maximum=1.0, exclusive_maximum=True)
         validate.number(f"{where}: graft_eps", self.graft_eps, minimum=0.0)
+
+    @property
+    def refresh_uses_lam(self) -> bool:  # type: ignore[override]
+        return self.cache_roots
 
     def layouts(self, params: PyTree) -> list[LeafLayout]:
         """The :class:`LeafLayout` of every leaf of ``params`` (``tree_leaves`` order)."""
@@ -298,27 +326,43 @@ class Shampoo(Preconditioner):
             grid = lay.grid
             for side, size, full in (("L", lay.row_block, lay.left_full), ("R", lay.col_block, lay.right_full)):
                 st[side] = jnp.zeros((*grid, size, size) if full else (*grid, size), dt)
+                eye = jnp.broadcast_to(jnp.eye(size, dtype=dt), (*grid, size, size))
+                if full and self.cache_roots:
+                    rt["P" + side] = eye
+                    continue
                 rt["lam" + side] = jnp.zeros((*grid, size), dt)
                 if full:
-                    rt["Q" + side] = jnp.broadcast_to(jnp.eye(size, dtype=dt), (*grid, size, size))
+                    rt["Q" + side] = eye
             stats.append(st)
             roots.append(rt)
         graft = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, stat_dtype(x.dtype)), params) if self.graft else ()
         return ShampooState(stats, roots, graft, jnp.zeros((), jnp.int32))
 
-    def update(self, state: ShampooState, statistic: PyTree, lin: Any = None) -> ShampooState:
-        grads = jax.tree_util.tree_leaves(statistic)
-        stats = []
-        for g, st, lay in zip(grads, state.stats, self.layouts(statistic)):
+    def _fold_factors(self, stats: list, statistic: PyTree) -> list:
+        """``L ← β L + G Gᵀ``, ``R ← β R + Gᵀ G`` per matrix leaf (per block)."""
+        out = []
+        for g, st, lay in zip(jax.tree_util.tree_leaves(statistic), stats, self.layouts(statistic)):
             if not lay.matrix:
-                stats.append({"h": self.beta * st["h"] + jnp.square(g.astype(st["h"].dtype))})
+                out.append(st)
                 continue
             mat = to_blocks(g.reshape(lay.rows, lay.cols).astype(st["L"].dtype), lay)  # (nr, nc, br, bc)
             tr = jnp.swapaxes(mat, -1, -2)
             new = {}
             new["L"] = self.beta * st["L"] + (mat @ tr if lay.left_full else jnp.sum(mat * mat, axis=-1))
             new["R"] = self.beta * st["R"] + (tr @ mat if lay.right_full else jnp.sum(mat * mat, axis=-2))
-            stats.append(new)
+            out.append(new)
+        return out
+
+    def update(self, state: ShampooState, statistic: PyTree, lin: Any = None) -> ShampooState:
+        stats = [
+            {"h": self.beta * st["h"] + jnp.square(g.astype(st["h"].dtype))} if "h" in st else st
+            for g, st in zip(jax.tree_util.tree_leaves(statistic), state.stats)
+        ]
+        if self.factor_every_k == 1:
+            stats = self._fold_factors(stats, statistic)
+        else:
+            fire = state.count % self.factor_every_k == 0
+            stats = jax.lax.cond(fire, lambda s: self._fold_factors(s, statistic), lambda s: s, stats)
         graft = state.graft
         if self.graft:
             b2 = self.graft_beta
@@ -327,7 +371,7 @@ class Shampoo(Preconditioner):
             )
         return ShampooState(stats, state.roots, graft, state.count + 1)
 
-    def refresh(self, state: ShampooState) -> ShampooState:
+    def refresh(self, state: ShampooState, lam: jax.Array | None = None) -> ShampooState:
         roots = []
         for st in state.stats:
             if "h" in st:
@@ -335,7 +379,11 @@ class Shampoo(Preconditioner):
                 continue
             rt = {}
             for side in ("L", "R"):
-                if st[side].ndim == 4:  # (nr, nc, b, b): full factors, one per block
+                if st[side].ndim == 4 and self.cache_roots:
+                    q, ev = eig_factor(st[side], self.eigh_dtype)
+                    shift = jnp.asarray(self.eps, ev.dtype) + jnp.asarray(0.0 if lam is None else lam, ev.dtype)
+                    rt["P" + side] = (q * ((ev + shift) ** -0.25)[..., None, :]) @ jnp.swapaxes(q, -1, -2)
+                elif st[side].ndim == 4:  # (nr, nc, b, b): full factors, one per block
                     rt["Q" + side], rt["lam" + side] = eig_factor(st[side], self.eigh_dtype)
                 else:
                     rt["lam" + side] = st[side]

@@ -79,6 +79,8 @@ def _shampoo(o: Mapping[str, Any]) -> SecondOrderMethod:
                 "max_dim": o["max_dim"],
                 "block_size": o["block_size"],
                 "refresh_every_k": o["refresh_every_k"],
+                "factor_every_k": o["factor_every_k"],
+                "cache_roots": o["cache_roots"],
                 "eigh_dtype": o["eigh_dtype"],
                 "graft": o["graft"],
                 "graft_beta": o["b2"],
@@ -108,6 +110,15 @@ shampoo = define_preset(
             None, int | None, "None, or cut sides longer than this into blocks, each block with its own factors."
         ),
         "refresh_every_k": _REFRESH,
+        "factor_every_k": Option(
+            1, int, "fold the gradient into the factors ``L``, ``R`` every this many steps (grafting: every step)."
+        ),
+        "cache_roots": Option(
+            True,
+            bool,
+            "form the inverse roots at each refresh (two products per matrix and step instead of four; "
+            "exact here, where λ = 0).",
+        ),
         "eigh_dtype": _EIGH,
         "graft": Option("adam", str | None, 'grafting: ``"adam"``, ``"rmsprop"`` or None (raw Shampoo).'),
         "graft_eps": Option(1e-8, float, "``ε`` of the grafting direction ``m / (√ν̂ + ε)``."),
@@ -117,9 +128,9 @@ shampoo = define_preset(
     Update, per leaf as a matrix ``G`` (all axes but the last merged into rows)::
 
         m_t = EMA_{b1}(g)_t / (1 − b1^t)                  grad_tx = optax.ema(b1, debias=True)
-        L = β L + G Gᵀ,  R = β R + Gᵀ G                     PrecondSpec("shampoo") + EstimatorSpec("gradient")
-        every refresh_every_k steps: eigh(L), eigh(R)
-        s = (L + εI)^{−1/4} M (R + εI)^{−1/4}              SolverSpec("diagonal"), λ = 0
+        every factor_every_k steps: L = β L + G Gᵀ, R = β R + Gᵀ G   PrecondSpec("shampoo") + EstimatorSpec("gradient")
+        every refresh_every_k steps: P_L = (L + εI)^{−1/4}, P_R = (R + εI)^{−1/4} by eigh
+        s = P_L M P_R                                       SolverSpec("diagonal"), λ = 0
         s ← s · ‖m / (√ν̂ + graft_eps)‖ / ‖s‖  (grafting; ν̂ = bias-corrected EMA_{b2}(g²))
         w ← w − lr·(s + weight_decay·w)                      add_decayed_weights → lr
 
