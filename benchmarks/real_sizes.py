@@ -334,6 +334,7 @@ def probe_loops(model: str, cfg: dict[str, Any], vmapped: bool = True) -> dict[s
     """
     from jax.flatten_util import ravel_pytree
 
+    from somax.curvature.conv_layout import canonical_convolutions
     from somax.estimators import spectral
 
     b = cfg["batch"][model]
@@ -370,6 +371,11 @@ def probe_loops(model: str, cfg: dict[str, Any], vmapped: bool = True) -> dict[s
         fns[f"trace@{tag}"] = (lambda vj, z, k, u=unroll: spectral.hutchinson_trace(flat_matvec(vj, z), dim, k, 10,
                                                                                       dtype, unroll=u), 10)  # fmt: skip
     fns["density@loop"] = (lambda vj, z, k: spectral.slq_density(flat_matvec(vj, z), dim, k, 4, 16, dtype), 64)
+    # the same loops with the product's convolutions in the canonical layout (somax's curvature products)
+    canon = lambda vj, z: canonical_convolutions(flat_matvec(vj, z))  # noqa: E731
+    fns["eig@loop+canonical"] = (lambda vj, z, k: spectral.top_eigenvalues(canon(vj, z), dim, k, 1, 20, dtype), 20)
+    fns["trace@loop+canonical"] = (lambda vj, z, k: spectral.hutchinson_trace(canon(vj, z), dim, k, 10, dtype), 10)
+    fns["density@loop+canonical"] = (lambda vj, z, k: spectral.slq_density(canon(vj, z), dim, k, 4, 16, dtype), 64)
     if vmapped:
         fns["trace@vmap"] = (lambda vj, z, k: vmap_trace(flat_matvec(vj, z), k, 10), 10)
     args = (vjp_fn, z, jax.random.PRNGKey(0))

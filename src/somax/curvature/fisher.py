@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from somax import validate
 from somax._tree import tree_vdot
 from somax.curvature.base import Linearization
+from somax.curvature.conv_layout import canonical_convolutions
 from somax.curvature.ggn import ModelLossCurvature, _split_aux
 from somax.curvature.losses import OutputLoss, get_output_loss
 from somax.curvature.model import BatchReader, Model, as_model
@@ -103,7 +104,8 @@ class _Base(ModelLossCurvature):
             lambda p: _split_aux(apply(p, model_state, x, rng)), params, has_aux=True
         )
         transpose = jax.linear_transpose(jvp, params)
-        return x, y, w, z, jvp, (lambda u: transpose(u)[0]), new_state, aux
+        vjp = canonical_convolutions(lambda u: transpose(u)[0])
+        return x, y, w, z, canonical_convolutions(jvp), vjp, new_state, aux
 
     def _lin(self, params, batch, model_state, rng, y, w, z, vjp, matvec, new_state, aux, x) -> Linearization:
         out = self.loss.prepare(z, y, w)

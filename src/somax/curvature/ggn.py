@@ -18,6 +18,7 @@ import jax
 from somax._tree import tree_vdot
 from somax.contracts import Curvature
 from somax.curvature.base import Linearization
+from somax.curvature.conv_layout import canonical_convolutions
 from somax.curvature.losses import OutputLoss, get_output_loss
 from somax.curvature.model import BatchReader, Model, as_model
 from somax.registry import CURVATURES
@@ -66,7 +67,9 @@ class GGNCurvature(ModelLossCurvature):
             lambda p: _split_aux(apply(p, model_state, x, rng)), params, has_aux=True
         )
         transpose = jax.linear_transpose(jvp, params)
+        jvp = canonical_convolutions(jvp)
 
+        @canonical_convolutions
         def vjp(u: jax.Array) -> Any:
             return transpose(u)[0]
 

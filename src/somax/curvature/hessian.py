@@ -17,6 +17,7 @@ import jax
 from somax._tree import tree_vdot
 from somax.contracts import Curvature
 from somax.curvature.base import Linearization
+from somax.curvature.conv_layout import canonical_convolutions
 from somax.curvature.losses import OutputLoss, get_output_loss
 from somax.curvature.model import BatchReader, Model, as_model
 from somax.registry import CURVATURES
@@ -44,6 +45,7 @@ class HessianCurvature(Curvature):
             return g, (value, new_state, aux)
 
         g, hvp, (value, new_state, aux) = jax.linearize(grad_and_loss, params, has_aux=True)
+        hvp = canonical_convolutions(hvp)
         return Linearization(
             loss=value,
             grad=g,
