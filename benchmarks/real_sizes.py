@@ -399,6 +399,16 @@ def probe_loops(model: str, cfg: dict[str, Any], vmapped: bool = True) -> dict[s
             "samples_ms": wall}  # fmt: skip
 
 
+def _keep_conv_layouts() -> None:
+    """Turn off :func:`somax.curvature.conv_layout.canonical_convolutions` in the curvature modules that use it
+    (for a side-by-side run against the rewrite)."""
+    import importlib
+
+    # by module name: the package `somax.curvature` exports functions named `ggn`, `fisher`, `hessian`
+    for name in ("ggn", "fisher", "hessian"):
+        importlib.import_module(f"somax.curvature.{name}").canonical_convolutions = lambda fn: fn
+
+
 def render_probe_loops(result: dict[str, Any]) -> str:
     lines = ["| model | probe | products | median / p90 ms | × k products (median / p90) | compile s | temp MiB |",
              "|---|---|---:|---|---|---:|---:|"]  # fmt: skip
@@ -500,7 +510,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--probe-loops", action="store_true",
                     help="instead of the matrix: the spectral probes' loops, looped and unrolled, against k "
                          "standalone products (real_sizes.probe_loops.json)")  # fmt: skip
+    ap.add_argument("--no-canonical-conv", action="store_true",
+                    help="leave the curvature products' convolutions in the layouts autodiff gives them")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.no_canonical_conv:
+        _keep_conv_layouts()
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
     cfg = dict(PROFILES[profile])
     if args.models:
