@@ -109,8 +109,8 @@ def _evaluate(jaxpr: jcore.Jaxpr, consts: list[Any], args: list[Any]) -> list[An
 def canonical_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` with every ungrouped convolution it traces in the canonical layout (XLA:CPU only).
 
-    Same inputs and outputs (pytrees) as ``fn``. On a backend other than CPU, or when ``fn``
-    traces no convolution to rewrite, calls ``fn`` itself.
+    Same inputs and outputs (pytrees) as ``fn``. On a backend other than CPU it calls ``fn``
+    itself; when ``fn`` traces no convolution to rewrite, its traced program runs unchanged.
     """
 
     @functools.wraps(fn)
@@ -118,9 +118,11 @@ def canonical_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
         if jax.default_backend() != "cpu":
             return fn(*args)
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        if not _has_rewrite(closed.jaxpr):
-            return fn(*args)
-        out = _evaluate(closed.jaxpr, list(closed.consts), jax.tree_util.tree_leaves(args))
+        leaves = jax.tree_util.tree_leaves(args)
+        if _has_rewrite(closed.jaxpr):
+            out = _evaluate(closed.jaxpr, list(closed.consts), leaves)
+        else:  # the traced program as it is (no second trace of fn)
+            out = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *leaves)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
 
     return wrapped

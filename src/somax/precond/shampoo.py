@@ -326,13 +326,12 @@ class Shampoo(Preconditioner):
             grid = lay.grid
             for side, size, full in (("L", lay.row_block, lay.left_full), ("R", lay.col_block, lay.right_full)):
                 st[side] = jnp.zeros((*grid, size, size) if full else (*grid, size), dt)
-                eye = jnp.broadcast_to(jnp.eye(size, dtype=dt), (*grid, size, size))
-                if full and self.cache_roots:
-                    rt["P" + side] = eye
-                    continue
-                rt["lam" + side] = jnp.zeros((*grid, size), dt)
-                if full:
-                    rt["Q" + side] = eye
+                if full:  # the identity basis (or root) until the first refresh
+                    rt[("P" if self.cache_roots else "Q") + side] = jnp.broadcast_to(
+                        jnp.eye(size, dtype=dt), (*grid, size, size)
+                    )
+                if not (full and self.cache_roots):
+                    rt["lam" + side] = jnp.zeros((*grid, size), dt)
             stats.append(st)
             roots.append(rt)
         graft = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, stat_dtype(x.dtype)), params) if self.graft else ()
