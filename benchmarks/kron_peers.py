@@ -68,15 +68,13 @@ from benchmarks.common import (
 from benchmarks.harness import interleaved
 from benchmarks.kronecker_cost import (
     CYCLE,
-    _cycles,
     _method_cycle,
     _stats,
     build_method,
-    ce_loss,
     cycle_candidate,
     optax_cycle,
     per_step_table,
-    problem,
+    problem_setup,
 )
 from benchmarks.models import n_params
 
@@ -172,10 +170,7 @@ def _quiet(fn: Callable, *args: Any) -> Any:
 
 
 def bench_problem(name: str, cfg: dict[str, Any], factories: dict[str, Callable]) -> dict[str, Any]:
-    split, init_params, predict, desc = problem(name, cfg["width"], cfg.get("num_samples", 5000))
-    params0 = init_params(jax.random.PRNGKey(0))
-    cycles = _cycles(split, cfg["batch"], 4)
-    loss = ce_loss(predict)
+    desc, predict, params0, cycles, loss = problem_setup(name, cfg)
     calls: dict[str, Callable[[int], Any]] = {}
     compile_s: dict[str, float] = {}
     failed: dict[str, str] = {}

@@ -218,11 +218,14 @@ def _cycles(split: bdata.Split, batch: int, n_cycles: int) -> list[dict[str, jax
     return out
 
 
-def bench_problem(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def problem_setup(name: str, cfg: dict[str, Any]) -> tuple[str, Callable, Any, list[dict], Callable]:
+    """``(description, predict, initial parameters, 4 cycles of batches, CE loss)`` of a problem for ``cfg``."""
     split, init_params, predict, desc = problem(name, cfg["width"], cfg.get("num_samples", 5000))
-    params0 = init_params(jax.random.PRNGKey(0))
-    cycles = _cycles(split, cfg["batch"], 4)
-    loss = ce_loss(predict)
+    return desc, predict, init_params(jax.random.PRNGKey(0)), _cycles(split, cfg["batch"], 4), ce_loss(predict)
+
+
+def bench_problem(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    desc, predict, params0, cycles, loss = problem_setup(name, cfg)
     calls: dict[str, Callable[[int], Any]] = {}
     compile_s: dict[str, float] = {}
     for m in cfg["methods"]:
