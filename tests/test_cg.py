@@ -127,6 +127,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from somax import validate  # noqa: E402
+from somax.curvature.conv_layout import canonical_convolutions, count_loop_slow_convolutions  # noqa: E402
 from somax.solvers.cg import (  # noqa: E402
     AUTO_UNROLL_CONVOLUTIONS,
     AUTO_UNROLL_MAXITER,
@@ -286,10 +287,14 @@ def test_auto_unroll_detects_convolutions():
     assert resolve_unroll("auto", 10, conv_mv, w) and not resolve_unroll("auto", 10, dense_mv, w)
     assert not resolve_unroll("auto", AUTO_UNROLL_MAXITER + 1, conv_mv, w)
     assert resolve_unroll(True, 100, dense_mv, w) and not resolve_unroll(False, 3, conv_mv, w)
+    # only loop-slow convolutions count: the canonical forward one does not, the weight gradient
+    # does, and the same product in the canonical layout stays a loop
+    assert count_convolutions(conv_mv, w) == 3 and count_loop_slow_convolutions(conv_mv, w) == 1  # conv(v) twice
+    canonical_mv = canonical_convolutions(conv_mv)
+    assert count_loop_slow_convolutions(canonical_mv, w) == 0 and not resolve_unroll("auto", 10, canonical_mv, w)
     # the unrolled convolutions stay within a budget: a deep product unrolls fewer iterations
-    per_product = count_convolutions(conv_mv, w)
-    assert per_product >= 2  # the forward conv and its transpose, at least
+    per_product = count_loop_slow_convolutions(conv_mv, w)
     deep = lambda v: jax.tree_util.tree_reduce(lambda a, b: a + b, [conv_mv(v) for _ in range(8)])  # noqa: E731
-    assert count_convolutions(deep, w) == 8 * per_product
+    assert count_loop_slow_convolutions(deep, w) == 8 * per_product
     k = AUTO_UNROLL_CONVOLUTIONS // (8 * per_product)
     assert resolve_unroll("auto", k, deep, w) and not resolve_unroll("auto", k + 1, deep, w)

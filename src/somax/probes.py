@@ -5,8 +5,8 @@ step's ``Linearization.matvec`` — never a second linearization. Vectors are
 flattened with ``ravel_pytree`` so Lanczos can keep a dense basis. Each probe's runs
 (trace probes, SLQ probes, layer blocks) go one after another, so an idle probe's
 ``lax.cond`` reserves the temporaries of one run; the loops are unrolled by the CG
-solvers' ``"auto"`` rule (:func:`somax.solvers.cg.auto_unroll`; the product's convolutions are
-counted once) applied to the probe's total number of curvature products (see
+solvers' ``"auto"`` rule (:func:`somax.solvers.cg.auto_unroll`; the product's loop-slow
+convolutions are counted once) applied to the probe's total number of curvature products (see
 :mod:`somax.estimators.spectral`).
 """
 
@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from somax.curvature.conv_layout import count_loop_slow_convolutions
 from somax.estimators import spectral
-from somax.solvers.cg import auto_unroll, count_convolutions
+from somax.solvers.cg import auto_unroll
 from somax.specs import TelemetrySpec
 from somax.telemetry import InfoField
 
@@ -78,7 +79,7 @@ def spectral_values(
     def unrolled(products: int) -> bool:
         """The CG solvers' ``"auto"`` rule on this probe's total number of products."""
         if not convolutions:
-            convolutions.append(count_convolutions(matvec, jnp.zeros((dim,), dtype)))
+            convolutions.append(count_loop_slow_convolutions(matvec, jnp.zeros((dim,), dtype)))
         return auto_unroll(products, convolutions[0])
 
     out: dict[str, Any] = {}

@@ -30,7 +30,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
-__all__ = ["canonical_convolutions", "canonical_conv"]
+__all__ = [
+    "canonical_convolutions",
+    "canonical_conv",
+    "is_loop_slow",
+    "count_loop_slow_convolutions",
+    "count_convolution_equations",
+]
 
 _SUB_JAXPR_PRIMITIVES = ("pjit", "jit", "closed_call", "core_call")
 
@@ -46,6 +52,35 @@ def _needs_rewrite(params: dict[str, Any]) -> bool:
     if params.get("feature_group_count", 1) != 1 or params.get("batch_group_count", 1) != 1:
         return False
     return dn != _canonical_numbers(len(dn.lhs_spec) - 2)
+
+
+def is_loop_slow(params: dict[str, Any]) -> bool:
+    """Whether XLA:CPU may run a convolution with these parameters slowly inside a loop body:
+    every one not in the canonical layout, and every grouped one (which :func:`canonical_conv`
+    leaves as it is)."""
+    dn = params["dimension_numbers"]
+    grouped = params.get("feature_group_count", 1) != 1 or params.get("batch_group_count", 1) != 1
+    return grouped or dn != _canonical_numbers(len(dn.lhs_spec) - 2)
+
+
+def count_convolution_equations(jaxpr: jcore.Jaxpr, which: Callable[[dict[str, Any]], bool]) -> int:
+    """How many convolutions in ``jaxpr`` and its sub-jaxprs (any depth) have parameters ``which`` accepts."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive is lax.conv_general_dilated_p and which(eqn.params)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    n += count_convolution_equations(inner, which)
+    return n
+
+
+def count_loop_slow_convolutions(fn: Callable[..., Any], *args: Any) -> int:
+    """How many convolutions ``fn(*args)`` traces to (at any depth) that :func:`is_loop_slow`;
+    one trace, no computation. A product wrapped by :func:`canonical_convolutions` has none
+    on the CPU backend."""
+    return count_convolution_equations(jax.make_jaxpr(fn)(*args).jaxpr, is_loop_slow)
 
 
 def canonical_conv(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax.Array:

@@ -22,7 +22,8 @@ branch's temporaries whether or not it fires, so this is what an idle probe cost
 
 **Unrolled loops.** ``unroll=True`` writes the Lanczos steps and the sequence of runs as
 straight-line code instead of ``fori_loop``/``lax.map``: same operations, but XLA:CPU runs
-a convolution's gradient inside a loop body tens of times slower than outside (see
+a convolution that is not in the canonical layout inside a loop body tens of times slower
+than outside (see
 :mod:`somax.solvers.cg`, whose ``"auto"`` rule, :func:`~somax.solvers.cg.resolve_unroll`,
 the spectral probes of a step apply to their total number of products).
 """

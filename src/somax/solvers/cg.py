@@ -27,15 +27,19 @@ rule holds (converged, negative or negligible curvature) a select keeps the iter
 the rest of the state unchanged, so the result and the iteration count are those of the
 ``while_loop`` (the same operations on the same values; only XLA's fusion may round
 differently), without the early exit's saving. It exists because XLA:CPU (jax 0.10)
-runs a convolution's weight gradient inside any loop or conditional body in a slow
-generic kernel, 40× slower than the same product outside (``benchmarks/conv_loop_repro.py``;
-jax-ml/jax#12868), so a CG loop over a CNN's curvature products costs tens of times
-its products. ``"auto"`` (the default of :class:`CGOptions`) unrolls on the CPU backend
-when the product contains convolutions, ``maxiter ≤ AUTO_UNROLL_MAXITER`` and ``maxiter``
-times the product's convolutions is at most ``AUTO_UNROLL_CONVOLUTIONS``: compile time
-grows with every unrolled convolution (ResNet-20, batch 32, 3 iterations: 58 s against 29 s
-for the loop, but 1.4 s per step against 27 s; 10 iterations compiled for over ten
-minutes). Set ``unroll=True`` or ``False`` to choose.
+runs a convolution that is not in the canonical ``NHWC``/``HWIO`` layout (a weight
+gradient, as autodiff writes it) inside any loop or conditional body in a slow generic
+kernel, tens of times slower than the same product outside (``benchmarks/conv_loop_repro.py``;
+jax-ml/jax#12868). The library's curvature products are written in the canonical layout
+on the CPU (:mod:`somax.curvature.conv_layout`), so their loops run at the cost of their
+products and stay loops. ``"auto"`` (the default of :class:`CGOptions`) unrolls only a
+product that still has such convolutions (a user's own curvature, a grouped convolution:
+:func:`~somax.curvature.conv_layout.count_loop_slow_convolutions`), on the CPU backend,
+when ``maxiter ≤ AUTO_UNROLL_MAXITER`` and ``maxiter`` times the product's slow
+convolutions is at most ``AUTO_UNROLL_CONVOLUTIONS``: compile time grows with every
+unrolled convolution (ResNet-20, batch 32, 3 iterations without the canonical layout:
+58 s against 29 s for the loop; 10 iterations compiled for over ten minutes). Set
+``unroll=True`` or ``False`` to choose.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import jax.numpy as jnp
 from somax import validate
 from somax._tree import tree_axpy, tree_norm, tree_sub, tree_vdot, tree_where, tree_zeros_like
 from somax.contracts import Solver
+from somax.curvature.conv_layout import count_convolution_equations, count_loop_slow_convolutions
 from somax.precond.limited_memory import CurvaturePairs, empty_pairs, lbfgs_inverse, record_pair
 from somax.registry import SOLVERS
 
@@ -101,31 +106,19 @@ class _Carry(NamedTuple):
 #: Curvature ``pᵀAp`` below ``CURVATURE_RTOL · ε · ‖A‖ · ‖p‖²`` ends CG like negative curvature.
 CURVATURE_RTOL = 100.0
 
-#: ``unroll="auto"`` unrolls a CG loop whose product contains a convolution up to this ``maxiter``
+#: ``unroll="auto"`` unrolls a CG loop whose product contains a loop-slow convolution up to this ``maxiter``
 #: (compile time grows with every unrolled product; beyond it the ``while_loop`` is kept)
 AUTO_UNROLL_MAXITER = 32
 
-#: ... and while ``maxiter`` times the convolutions in one product stays within this budget
+#: ... and while ``maxiter`` times the loop-slow convolutions in one product stays within this budget
 #: (a 6-convolution CNN product unrolls 32 iterations; ResNet-20's 82 unroll 3, which compile
 #: in about twice the loop's time, where 10 took over ten minutes)
 AUTO_UNROLL_CONVOLUTIONS = 256
 
 
-def _jaxpr_count(jaxpr: Any, names: frozenset[str]) -> int:
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name in names
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                if hasattr(inner, "eqns"):
-                    n += _jaxpr_count(inner, names)
-    return n
-
-
 def count_convolutions(fn: Callable[..., Any], *args: Any) -> int:
     """How many convolutions ``fn(*args)`` traces to (at any depth); one trace, no computation."""
-    return _jaxpr_count(jax.make_jaxpr(fn)(*args).jaxpr, frozenset({"conv_general_dilated"}))
+    return count_convolution_equations(jax.make_jaxpr(fn)(*args).jaxpr, lambda params: True)
 
 
 def has_convolution(fn: Callable[..., Any], *args: Any) -> bool:
@@ -135,18 +128,20 @@ def has_convolution(fn: Callable[..., Any], *args: Any) -> bool:
 
 def resolve_unroll(unroll: bool | str, maxiter: int, matvec: Callable[[PyTree], PyTree], b: PyTree) -> bool:
     """``unroll`` as a bool: ``"auto"`` is True iff JAX's default backend is the CPU, ``matvec(b)``
-    has ``c > 0`` convolutions, ``maxiter ≤ AUTO_UNROLL_MAXITER`` and ``maxiter · c ≤
-    AUTO_UNROLL_CONVOLUTIONS`` (see the module docstring)."""
+    has ``c > 0`` loop-slow convolutions (:func:`~somax.curvature.conv_layout.is_loop_slow`),
+    ``maxiter ≤ AUTO_UNROLL_MAXITER`` and ``maxiter · c ≤ AUTO_UNROLL_CONVOLUTIONS`` (see the
+    module docstring)."""
     if unroll != "auto":
         return bool(unroll)
     if jax.default_backend() != "cpu" or maxiter > AUTO_UNROLL_MAXITER:
         return False
-    return auto_unroll(maxiter, count_convolutions(matvec, b))
+    return auto_unroll(maxiter, count_loop_slow_convolutions(matvec, b))
 
 
 def auto_unroll(maxiter: int, convolutions: int) -> bool:
-    """The ``"auto"`` rule for a loop of ``maxiter`` products with ``convolutions`` convolutions each
-    (counted once by the caller, e.g. with :func:`count_convolutions`)."""
+    """The ``"auto"`` rule for a loop of ``maxiter`` products with ``convolutions`` loop-slow convolutions
+    each (counted once by the caller with
+    :func:`~somax.curvature.conv_layout.count_loop_slow_convolutions`)."""
     if jax.default_backend() != "cpu" or maxiter > AUTO_UNROLL_MAXITER:
         return False
     return 0 < maxiter * convolutions <= AUTO_UNROLL_CONVOLUTIONS
