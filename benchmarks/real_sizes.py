@@ -18,17 +18,23 @@ Models (float32, synthetic data of the right shapes; ``benchmarks/models.py``):
 Methods: ``adam`` (``optax.adam``), ``sgdm`` (``optax.sgd`` with momentum 0.9), ``sgn_ce_light``
 (``sgn_ce`` with ``maxiter=3``), ``sgn_ce_heavy`` (``maxiter=10``), ``egn_ce_cg`` (row CG, its
 defaults), ``adahessian``, ``sophia_g``, ``sophia_h`` (the estimator every 10 steps, AdaHessian
-included). Two standalone pieces run in the same rounds: ``grad`` (a jitted
-``value_and_grad`` of the loss) and ``ggnvp`` (one GGN-vector product ``Jᵀ H_z J v`` from a
-linearisation passed in as an argument, so it is not recomputed).
+included; ``*_amortized``: with ``amortize_estimator=True``, not run when the batch has fewer
+than 10 examples), ``kfac``, ``shampoo``, ``soap`` (their defaults: statistics every step, refresh
+every 10 steps), ``kfac_cp`` (``kfac`` with ``fisher="curvature_prop"``) and ``gn`` (its defaults,
+the batch split into 4 micro-batches, the first one again as its line search's held-out
+micro-batch). A method that refuses a model at its first trace (``kfac``'s exact GGN rows on the
+transformer) is listed under ``skipped`` with its message. Two standalone pieces run in the same
+rounds: ``grad`` (a jitted ``value_and_grad`` of the loss) and ``ggnvp`` (one GGN-vector product
+``Jᵀ H_z J v`` from a linearisation passed in as an argument, so it is not recomputed).
 
 Every candidate is compiled ahead of time (``compile_s``: lower + XLA compile) and advances
 its own parameters and optimiser state, one jitted step per call, in interleaved rounds
 (:func:`benchmarks.harness.interleaved`; rounds are whole multiples of the 10-step estimator
 cycle where the profile allows). Per cell: ``median_ms``, ``p90_ms``, ``mean_ms``,
 ``ratio_to_adam`` (``median``, ``p90``, ``mean`` and the paired per-round ``paired_median``),
-``compile_s``, the compiled step's temporary memory (``temp_bytes``, from XLA's
-``memory_analysis()``) and ``peak_memory_ratio`` (temporary bytes over Adam's), and for the
+``compile_s``, the compiled step's memory from XLA's ``memory_analysis()`` (``peak_bytes``:
+arguments, outputs and temporaries less aliased bytes, all the executable holds while it
+runs; ``temp_bytes``: the temporaries alone), ``peak_memory_ratio`` and ``temp_memory_ratio`` (over Adam's), and for the
 inner-loop methods ``loop_overhead``: step time over ``grad + k·ggnvp`` in the same round
 (median of the per-round ratios), with ``k`` the curvature products the step made (CG
 iterations, plus one for the warm start's initial residual; plus two for row CG's warm
@@ -68,10 +74,20 @@ __all__ = ["main", "PROFILES", "METHODS", "GOALS", "MODELS"]
 DEFAULT_OUT = RESULTS_DIR / "real_sizes.json"
 #: ``<diag preset>_amortized``: the preset with ``amortize_estimator=True`` (one slice of the batch per step)
 AMORTIZED = ("adahessian_amortized", "sophia_g_amortized", "sophia_h_amortized")
+#: the Kronecker presets at their defaults (statistics every step, refresh every 10 steps); ``kfac_cp``:
+#: ``kfac`` with ``fisher="curvature_prop"`` (one row per example instead of every GGN row)
+KRONECKER = ("kfac", "kfac_cp", "shampoo", "soap")
+#: ``gn``: full Gauss-Newton with its defaults and ``GN_MICRO_BATCHES`` micro-batches of the batch
+GN_MICRO_BATCHES = 4
 METHODS = ("adam", "sgdm", "sgn_ce_light", "sgn_ce_heavy", "egn_ce_cg", "adahessian", "sophia_g", "sophia_h",
-           *AMORTIZED)  # fmt: skip
+           *AMORTIZED, *KRONECKER, "gn")  # fmt: skip
 CG_METHODS = ("sgn_ce_light", "sgn_ce_heavy", "egn_ce_cg")
 DIAG_METHODS = ("adahessian", "sophia_g", "sophia_h", *AMORTIZED)
+#: methods with something on a 10-step cadence (an estimator, a factor refresh)
+CADENCED = (*DIAG_METHODS, *KRONECKER)
+#: the presets the memory goal applies to: the parameter lane and the diagonal-estimator family (the
+#: Kronecker presets' memory is reported, not judged: a full factor of a side of length d holds d² entries)
+MEMORY_GOAL_METHODS = ("sgn_ce_light", "sgn_ce_heavy", *DIAG_METHODS, "gn")
 PIECES = ("grad", "ggnvp")
 MODELS = ("mlp", "cnn28", "resnet20", "transformer")
 #: the study's goals (see docs/benchmarks.md, "Real model sizes")
@@ -79,7 +95,7 @@ GOALS = {
     "loop_overhead": 1.2,  # every CG method, every model
     "sgn_ce_light_to_adam": 6.0,
     "diag_to_adam": 1.5,  # on cnn28 and resnet20, estimator every 10 steps (amortised: mean)
-    "peak_memory_ratio": 3.0,  # parameter-lane and diagonal presets
+    "peak_memory_ratio": 3.0,  # parameter-lane and diagonal-estimator presets (MEMORY_GOAL_METHODS)
 }
 PROFILES: dict[str, dict[str, Any]] = {
     "full": dict(
@@ -167,12 +183,27 @@ def make_method(name: str, predict: Callable, unroll: Any = None, telemetry: Any
         preset = name.removesuffix("_amortized")
         method = somax.make(preset, predict_fn=predict, loss="ce", eval_every_k=10,
                             amortize_estimator=name in AMORTIZED, **extra)  # fmt: skip
+    elif name == "kfac_cp":
+        method = somax.make("kfac", predict_fn=predict, fisher="curvature_prop", **extra)
+    elif name in KRONECKER:
+        method = somax.make(name, predict_fn=predict, **extra)
+    elif name == "gn":
+        method = somax.make("gn", predict_fn=predict, micro_batches=GN_MICRO_BATCHES, **extra)
+        return method.init, lambda p, batch, s, rng: method.step(p, gn_batch(batch), s, rng)
     else:
         raise ValueError(f"unknown method {name!r}; known: {METHODS}")
     if unroll is not None:
         spec = method.assembly["solver"]
         method = method.replace(solver=SolverSpec(spec.kind, kwargs={**spec.kwargs, "unroll": unroll}))
     return method.init, method.step
+
+
+def gn_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The batch as ``gn`` takes it: ``GN_MICRO_BATCHES`` training micro-batches ``(N, b/N, ...)`` and, for its
+    line search, the first of them again as the held-out micro-batch ``(1, b/N, ...)``."""
+    n = GN_MICRO_BATCHES
+    split = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+    return {**split, "x_val": split["x"][:1], "y_val": split["y"][:1]}
 
 
 def _pieces(predict: Callable, params: dict, batch: dict) -> dict[str, tuple[Callable, tuple]]:
@@ -199,9 +230,16 @@ def _pieces(predict: Callable, params: dict, batch: dict) -> dict[str, tuple[Cal
 
 
 def _memory(compiled: Any) -> dict[str, int]:
+    """XLA's buffer sizes of a compiled step. ``peak_bytes``: arguments + outputs + temporaries − aliased
+    bytes, everything the executable holds while it runs. (``xla_peak_bytes``, XLA's own
+    ``peak_memory_in_bytes``, is kept for reference: on the CPU backend it can be below the
+    temporaries alone, so it is not used.)"""
     mem = compiled.memory_analysis()
     keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes")
-    return {k.replace("_size_in", ""): int(getattr(mem, k, 0) or 0) for k in keys}
+    out = {k.replace("_size_in", ""): int(getattr(mem, k, 0) or 0) for k in keys}
+    out["peak_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+    out["xla_peak_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    return out
 
 
 def _products(name: str, iters: float) -> float:
@@ -221,11 +259,21 @@ def bench_model(model: str, cfg: dict[str, Any], compare_unroll: bool = False) -
     calls: dict[str, Callable[[int], Any]] = {}
     cells: dict[str, dict[str, Any]] = {}
     live: dict[str, list] = {}
+    skipped: dict[str, str] = {}
     for name, (method, unroll) in variants.items():
+        if method in AMORTIZED and b < 10:
+            skipped[name] = f"batch {b} cannot be cut into the estimator's 10 slices"
+            print(f"{model}: skipping {name}: {skipped[name]}")
+            continue
         init, step = make_method(method, predict, unroll)
         state = init(params)
         rng = jax.random.fold_in(key, 0)
-        _, ms, _, compiled = first_call(step, (params, batch, state, rng), run=False)
+        try:
+            _, ms, _, compiled = first_call(step, (params, batch, state, rng), run=False)
+        except ValueError as err:  # a method that refuses this model at its first trace says why
+            skipped[name] = str(err)
+            print(f"{model}: {name} refused the model: {err}")
+            continue
         cells[name] = {"compile_s": (ms["lower"] + ms["compile"]) / 1e3, "memory": _memory(compiled)}
         live[name] = [params, state, None]
 
@@ -241,11 +289,11 @@ def bench_model(model: str, cfg: dict[str, Any], compare_unroll: bool = False) -
         cells[name] = {"compile_s": (ms["lower"] + ms["compile"]) / 1e3, "memory": _memory(compiled)}
         calls[name] = lambda i, c=compiled, a=args: c(*a)
     # with an estimator on a 10-step cadence, stop only after whole cycles (each holds one refresh)
-    cycle = 10 if any(variants[n][0] in DIAG_METHODS for n in variants) and cfg["rounds"] >= 10 else 1
+    cycle = 10 if any(variants[n][0] in CADENCED for n in variants) and cfg["rounds"] >= 10 else 1
     timing = interleaved(calls, rounds=cfg["rounds"], warmup=cfg["warmup"], min_rounds=min(cfg["rounds"], 2),
                          max_seconds=cfg["max_seconds"], stop_every=cycle)  # fmt: skip
     wall = timing.wall_ms
-    adam_temp = max(cells["adam"]["memory"]["temp_bytes"], 1) if "adam" in cells else None
+    adam_mem = cells["adam"]["memory"] if "adam" in cells else None
     for name, cell in cells.items():
         cell.update({k: v for k, v in summarize(wall[name]).items() if k in ("median_ms", "p90_ms", "mean_ms")})
         if name in PIECES:
@@ -253,8 +301,9 @@ def bench_model(model: str, cfg: dict[str, Any], compare_unroll: bool = False) -
         if "adam" in wall and name != "adam":
             r = ratio(wall[name], wall["adam"], keys=("median", "p90", "mean", "paired_median", "paired_p90"))
             cell["ratio_to_adam"] = r
-        if adam_temp is not None:
-            cell["peak_memory_ratio"] = cell["memory"]["temp_bytes"] / adam_temp
+        if adam_mem is not None:
+            cell["peak_memory_ratio"] = cell["memory"]["peak_bytes"] / max(adam_mem["peak_bytes"], 1)
+            cell["temp_memory_ratio"] = cell["memory"]["temp_bytes"] / max(adam_mem["temp_bytes"], 1)
         info = live[name][2]
         method = variants[name][0]
         if method in CG_METHODS and info is not None:
@@ -267,7 +316,7 @@ def bench_model(model: str, cfg: dict[str, Any], compare_unroll: bool = False) -
             cell["loop_overhead"] = float(np.median(per_round))
             cell["loop_overhead_p90"] = float(np.percentile(per_round, 90))
     return {"model": model, "batch": b, "n_params": M.n_params(params), "rounds": timing.rounds, "cells": cells,
-            "samples_ms": wall}  # fmt: skip
+            "skipped": skipped, "samples_ms": wall}  # fmt: skip
 
 
 #: the spectral probes of the memory study, each compiled in on a 10-step cadence (at its defaults)
@@ -440,7 +489,7 @@ def verdicts(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 v = c[m]["ratio_to_adam"]["mean"]
                 out[f"diag_to_adam/{p['model']}/{m}"] = {"value": v, "goal": GOALS["diag_to_adam"],
                                                          "met": v <= GOALS["diag_to_adam"]}  # fmt: skip
-        for m in ("sgn_ce_light", "sgn_ce_heavy", *DIAG_METHODS):
+        for m in MEMORY_GOAL_METHODS:
             if m in c and "peak_memory_ratio" in c[m]:
                 v = c[m]["peak_memory_ratio"]
                 out[f"peak_memory_ratio/{p['model']}/{m}"] = {"value": v, "goal": GOALS["peak_memory_ratio"],
@@ -451,21 +500,27 @@ def verdicts(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     """Markdown: one row per (model, method)."""
     lines = [
-        "| model | method | median / p90 ms | × Adam med / p90 / paired / mean | compile s | temp MiB | "
-        "× Adam temp | CG iters | loop overhead |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| model | method | median / p90 ms | × Adam med / p90 / paired / mean | compile s | peak MiB | "
+        "× Adam peak | temp MiB | × Adam temp | CG iters | loop overhead |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def fmt(c: dict[str, Any], key: str, spec: str, scale: float = 1.0) -> str:
+        return "—" if c.get(key) is None else format(c[key] * scale, spec)
+
     for p in result["points"]:
         for name, c in p["cells"].items():
             r = c.get("ratio_to_adam")
             rr = "—" if r is None else (f"{r['median']:.2f} / {r['p90']:.2f} / {r['paired_median']:.2f} / "
                                         f"{r['mean']:.2f}")  # fmt: skip
-            mem = c["memory"]["temp_bytes"] / 2**20
-            pm = f"{c['peak_memory_ratio']:.2f}" if "peak_memory_ratio" in c else "—"
-            it = f"{c['cg_iters']:.0f}" if "cg_iters" in c else "—"
-            lo = f"{c['loop_overhead']:.2f}" if "loop_overhead" in c else "—"
+            mem = c["memory"]
             lines.append(f"| {p['model']} | {name} | {c['median_ms']:.1f} / {c['p90_ms']:.1f} | {rr} | "
-                         f"{c['compile_s']:.1f} | {mem:.1f} | {pm} | {it} | {lo} |")  # fmt: skip
+                         f"{c['compile_s']:.1f} | {fmt(mem, 'peak_bytes', '.1f', 2**-20)} | "
+                         f"{fmt(c, 'peak_memory_ratio', '.2f')} | {fmt(mem, 'temp_bytes', '.1f', 2**-20)} | "
+                         f"{fmt(c, 'temp_memory_ratio', '.2f')} | {fmt(c, 'cg_iters', '.0f')} | "
+                         f"{fmt(c, 'loop_overhead', '.2f')} |")  # fmt: skip
+    for p in result["points"]:
+        lines += [f"\n{p['model']}: {name} not run ({why})" for name, why in p.get("skipped", {}).items()]
     lines += ["", "| goal | value | bound | met |", "|---|---:|---:|---|"]
     for k, v in result["verdicts"].items():
         lines.append(f"| {k} | {v['value']:.2f} | ≤ {v['goal']} | {'yes' if v['met'] else 'no'} |")

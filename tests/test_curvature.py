@@ -97,12 +97,13 @@ def test_ce_sequence_logits():
     np.testing.assert_allclose(float(loss), expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("hvp", ["linearize", "jvp"])
 @pytest.mark.parametrize("form", ["loss_fn", "predict_fn+loss"])
-def test_hessian_matvec_matches_dense(form):
+def test_hessian_matvec_matches_dense(form, hvp):
     params, predict = tiny_mlp(sizes=(3, 4, 2))
     batch = regression_batch(d_out=2)
     lf = output_loss_fn(predict, "mse")
-    curv = hessian(loss_fn=lf) if form == "loss_fn" else hessian(predict_fn=predict, loss="mse")
+    curv = hessian(loss_fn=lf, hvp=hvp) if form == "loss_fn" else hessian(predict_fn=predict, loss="mse", hvp=hvp)
     lin = curv.linearize(params, batch)
     H = dense_hessian(lf, params, batch)
     v = _probe(params)
@@ -111,6 +112,11 @@ def test_hessian_matvec_matches_dense(form):
     np.testing.assert_allclose(flat(lin.grad), dense_grad(lf, params, batch), rtol=1e-10)
     # the Hessian of this tanh MLP is indefinite: exercise of the negative-curvature path below
     assert np.linalg.eigvalsh(H).min() < 0
+
+
+def test_hessian_hvp_form_is_checked():
+    with pytest.raises(ValueError, match="hvp"):
+        hessian(loss_fn=lambda p, b: 0.0, hvp="reverse")
 
 
 def test_bad_batch_and_targets_are_named():

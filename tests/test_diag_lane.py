@@ -218,9 +218,20 @@ def test_estimator_refreshes_exactly_on_its_cadence(preset, k):
     assert step._cache_size() == 1
 
 
-@pytest.mark.parametrize("preset", ["sophia_h", "sophia_g", "sophia_n", "adahessian"])
-def test_each_preset_linearizes_the_model_once(preset):
-    """Estimator probes reuse the step's linearization: the model is traced exactly once per step."""
+@pytest.mark.parametrize(
+    "preset, options, traces",
+    [
+        ("sophia_g", {}, 1),
+        ("sophia_n", {}, 1),
+        ("sophia_h", {"hvp": "linearize"}, 1),
+        ("adahessian", {"hvp": "linearize"}, 1),
+        ("sophia_h", {}, 2),  # hvp="jvp": the one Hessian product traces the model once more
+        ("adahessian", {}, 2),
+    ],
+)
+def test_each_preset_linearizes_the_model_once(preset, options, traces):
+    """Estimator probes reuse the step's linearization: the model is traced once per step, and once more
+    per Hessian-vector product with ``hvp="jvp"`` (the exact-Hessian presets' default)."""
     params, predict, batch = _mlp_problem()
     calls = []
 
@@ -228,9 +239,9 @@ def test_each_preset_linearizes_the_model_once(preset):
         calls.append(1)
         return predict(p, x)
 
-    method = somax.make(preset, predict_fn=counted, loss="ce", eval_every_k=2)
+    method = somax.make(preset, predict_fn=counted, loss="ce", eval_every_k=2, **options)
     jax.make_jaxpr(method.step)(params, batch, method.init(params), jax.random.PRNGKey(0))
-    assert len(calls) == 1
+    assert len(calls) == traces
 
 
 def test_sophia_n_is_assembled_from_specs_alone():

@@ -489,32 +489,54 @@ def test_kfac_factors_equal_per_example_definitions():
         np.testing.assert_allclose(stats[name][1], S, rtol=1e-10, atol=1e-13)
 
 
-@_jit
-def _kfac_mc_draws(params, batch, keys):
-    """``fisher="mc"`` factors for each key (vmapped), and the GGN rows' factors, at one linearization."""
+@functools.partial(jax.jit, static_argnums=3)
+def _kfac_random_draws(params, batch, keys, fisher):
+    """``fisher`` ("mc" or "curvature_prop") factors for each key (vmapped), and the GGN rows' factors, at one
+    linearization."""
     from somax.curvature import ggn_ce
     from somax.estimators.kronecker import KFACFactors
 
     lin = ggn_ce(predict_fn=_mlp).linearize(params, batch)
-    mc = KFACFactors(fisher="mc")
-    draws = jax.vmap(lambda k: mc.estimate(lin, k, mc.init(params))[0]["layers"])(keys)
+    est = KFACFactors(fisher=fisher)
+    draws = jax.vmap(lambda k: est.estimate(lin, k, est.init(params))[0]["layers"])(keys)
     return draws, KFACFactors().estimate(lin, None, ())[0]["layers"]
 
 
-def test_kfac_mc_fisher_factors_are_unbiased_for_the_ggn_rows():
-    """``fisher="mc"``: ``A`` equals the GGN-rows ``A``; the mean of ``S`` over 4,000 independent draws
+@pytest.mark.parametrize("fisher", ["mc", "curvature_prop"])
+def test_kfac_random_factors_are_unbiased_for_the_ggn_rows(fisher):
+    """``fisher="mc"`` (labels drawn from the model) and ``"curvature_prop"`` (Rademacher combinations of
+    the GGN rows): ``A`` equals the GGN-rows ``A``; the mean of ``S`` over 4,000 independent draws
     equals the GGN-rows ``S`` within 5 standard errors per entry (CE, hard labels). A 5σ bound fails
     a correct estimator with probability ≈ 6e-7 per entry, < 1e-4 for the 50 entries here
     (fixed seeds: the outcome is deterministic)."""
     params, batch = _mlp_setup(5, seed=2)
     keys = jax.random.split(jax.random.PRNGKey(11), 4000)
-    draws, ggn = _kfac_mc_draws(_dev(params), _dev(batch), keys)
+    draws, ggn = _kfac_random_draws(_dev(params), _dev(batch), keys, fisher)
     for name, (A, S) in ggn.items():
         A_mc, S_mc = np.asarray(draws[name].A), np.asarray(draws[name].S)
         np.testing.assert_allclose(A_mc, np.broadcast_to(np.asarray(A), A_mc.shape), rtol=1e-12, atol=1e-14)
         mean, se = S_mc.mean(0), S_mc.std(0, ddof=1) / np.sqrt(S_mc.shape[0])
         assert np.all(np.abs(mean - np.asarray(S)) <= 5 * se + 1e-12), (name, np.max(np.abs(mean - S) / (se + 1e-30)))
         assert np.max(se) > 0  # the draws differ
+
+
+def test_kfac_ggn_rows_refuse_a_sequence_model_beyond_max_rows():
+    """Sequence logits ``(b, T, C)``: ``T·(C − 1)`` GGN rows per example. Beyond ``max_rows`` the exact rows
+    are refused with the count and the alternatives named; ``curvature_prop`` trains there."""
+    params = {"w": jnp.ones((3, 5)) * 0.1}
+    batch = {"x": jnp.ones((2, 7, 3)), "y": jnp.zeros((2, 7), jnp.int32)}
+
+    def seq(p, x):
+        return x @ p["w"]
+
+    method = somax.make("kfac", seq, max_rows=27)  # 7 positions x 4 rows = 28
+    with pytest.raises(ValueError, match="28 rows per example.*curvature_prop"):
+        method.step(params, batch, method.init(params))
+    ok = somax.make("kfac", seq, max_rows=28)
+    ok.step(params, batch, ok.init(params))
+    cp = somax.make("kfac", seq, fisher="curvature_prop", max_rows=1)
+    _, _, info = cp.step(params, batch, cp.init(params), jax.random.PRNGKey(0))
+    assert bool(info["finite"])
 
 
 def test_kfac_mc_fisher_needs_an_rng_and_a_sampler():

@@ -24,13 +24,20 @@
   predictive distribution (one draw per position and evaluation, weighted by ``√w_p`` as in
   ``CurvatureSpec("fisher")``): the Monte-Carlo Fisher of the original K-FAC, whose
   expectation is the GGN rows' ``S`` for the negative log-likelihood losses (``ce``, ``mse``,
-  ``bce``, hard labels), at the cost of one row per example instead of ``C − 1``.
+  ``bce``, hard labels), at the cost of one row per example instead of ``C − 1``. With
+  ``fisher="curvature_prop"`` each example's row is ``Rᵢᵀ ε_i``, a Rademacher (±1)
+  combination of all of its GGN rows (curvature propagation, Martens, Sutskever & Swersky
+  2012): ``E[δ δᵀ] = Σ_c δ_c δ_cᵀ``, so ``S`` is the GGN rows' ``S`` in expectation for every
+  loss, again from one row per example. The exact rows cost ``T·(C − 1)`` backward rows per
+  example on a sequence model (``T`` positions): ``fisher="ggn"`` refuses more than
+  ``max_rows`` of them, and ``"curvature_prop"`` is the unbiased alternative.
 
 References:
   Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
   Curvature", ICML 2015. Grosse & Martens, "A Kronecker-factored approximate Fisher
   matrix for convolution layers", ICML 2016. Eschenhagen et al., "Kronecker-Factored
-  Approximate Curvature for Modern Neural Network Architectures", NeurIPS 2023.
+  Approximate Curvature for Modern Neural Network Architectures", NeurIPS 2023. Martens,
+  Sutskever & Swersky, "Estimating the Hessian by Back-propagating Curvature", ICML 2012.
 """
 
 from __future__ import annotations
@@ -51,12 +58,23 @@ from somax.registry import ESTIMATORS
 
 PyTree = Any
 
-__all__ = ["GRADIENT", "KFAC_FACTORS", "GradientStatistic", "KFACFactors", "LayerFactors", "kfac_statistics"]
+__all__ = [
+    "GRADIENT",
+    "KFAC_FACTORS",
+    "FISHER_KINDS",
+    "MAX_GGN_ROWS",
+    "GradientStatistic",
+    "KFACFactors",
+    "LayerFactors",
+    "kfac_statistics",
+]
 
 #: statistic: the mini-batch gradient ``g_t`` itself (Shampoo and SOAP form their factors from it)
 GRADIENT = "gradient"
 #: statistic: per-layer K-FAC factors ``(A, S)`` and a diagonal fallback ``n · g ⊙ g`` for other leaves
 KFAC_FACTORS = "kfac_factors"
+#: the ``fisher`` kinds of :class:`KFACFactors`
+FISHER_KINDS = ("ggn", "empirical", "mc", "curvature_prop")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,16 +111,26 @@ class LayerFactors(NamedTuple):
     S: jax.Array
 
 
+#: ``fisher="ggn"`` refuses more GGN rows per example than this by default (see :class:`KFACFactors`)
+MAX_GGN_ROWS = 1024
+
+
 def kfac_statistics(
-    lin: Linearization, layers: Any, fisher: str = "ggn", key: jax.Array | None = None
+    lin: Linearization,
+    layers: Any,
+    fisher: str = "ggn",
+    key: jax.Array | None = None,
+    max_rows: int = MAX_GGN_ROWS,
 ) -> dict[str, LayerFactors]:
     """``{kernel path: LayerFactors(A, S)}`` for the dense/conv ``layers`` at the step's linearization.
 
     ``A = 1/(nT) Σ ā āᵀ`` and ``S = 1/n Σ δ δᵀ`` as in the module docstring. ``fisher="ggn"``:
     the ``δ`` are the layer-output gradients of the rows of the GGN square-root factor
     ``R`` (``H_z = RᵀR/n``); ``"empirical"``: of the per-example loss gradients ``n ∂L/∂z_i``;
-    ``"mc"``: of ``√w_p ∇_z ℓ_p(z_p, ŷ_p)`` with ``ŷ_p`` drawn from the model with ``key``.
-    Needs a GGN linearization (``lin.output_loss``, ``lin.extras``).
+    ``"mc"``: of ``√w_p ∇_z ℓ_p(z_p, ŷ_p)`` with ``ŷ_p`` drawn from the model with ``key``;
+    ``"curvature_prop"``: of ``Rᵢᵀ ε_i`` with Rademacher ``ε_i`` drawn with ``key``.
+    Needs a GGN linearization (``lin.output_loss``, ``lin.extras``). ``max_rows``: the most
+    GGN rows per example ``fisher="ggn"`` backpropagates (``ValueError`` beyond it).
     """
     from somax.curvature.layer_signals import layer_inputs_and_output_grads, row_cotangents
 
@@ -112,7 +140,18 @@ def kfac_statistics(
     factor = lin.output_loss.row_factor(lin.outputs, lin.targets, lin.weights)
     dtype = lin.outputs.dtype
     if fisher == "ggn":
+        rows = math.prod(tuple(factor.row_shape)[1:])
+        if rows > max_rows:
+            raise ValueError(
+                f"EstimatorSpec('kfac_factors', fisher='ggn'): the GGN square root has {rows} rows per example "
+                f"here (outputs {tuple(lin.outputs.shape[1:])}), each a backward pass through the model, more than "
+                f"max_rows={max_rows}; use fisher='curvature_prop' (unbiased, one row per example), 'mc' or "
+                f"'empirical', or raise max_rows"
+            )
         cot = row_cotangents(factor, lin.outputs.shape[1:], dtype)  # (b, rows, *out)
+    elif fisher == "curvature_prop":
+        signs = jax.random.rademacher(key, tuple(factor.row_shape), dtype=dtype)
+        cot = factor.apply_t(signs).astype(dtype)[:, None]  # Rᵢᵀ εᵢ: (b, 1, *out)
     elif fisher == "mc":
         cot = _sampled_gradients(lin, key)[:, None]
     else:
@@ -189,20 +228,26 @@ class KFACFactors(Estimator):
     Args:
       eval_every_k: evaluate on steps ``0, k, 2k, …``.
       fisher: ``"ggn"`` (the GGN square-root rows; the default), ``"empirical"`` (the
-        per-example loss gradients: empirical Fisher, one row per example) or ``"mc"`` (loss
+        per-example loss gradients: empirical Fisher, one row per example), ``"mc"`` (loss
         gradients at labels drawn from the model: Monte-Carlo Fisher, one row per example;
-        the step needs an ``rng``).
+        the step needs an ``rng``) or ``"curvature_prop"`` (a Rademacher combination of each
+        example's GGN rows: unbiased for the ``"ggn"`` statistic, one row per example; the
+        step needs an ``rng``).
+      max_rows: ``fisher="ggn"`` raises a ``ValueError`` at the first trace when the GGN square
+        root has more rows per example than this (a sequence model: positions × classes).
     """
 
     eval_every_k: int = 1
     fisher: str = "ggn"
+    max_rows: int = MAX_GGN_ROWS
 
     produces = KFAC_FACTORS
     needs_model_outputs = True
 
     def __post_init__(self) -> None:
         validate.cadence("EstimatorSpec('kfac_factors'): eval_every_k", self.eval_every_k)
-        validate.choice("EstimatorSpec('kfac_factors'): fisher", self.fisher, ("ggn", "empirical", "mc"))
+        validate.choice("EstimatorSpec('kfac_factors'): fisher", self.fisher, FISHER_KINDS)
+        validate.integer("EstimatorSpec('kfac_factors'): max_rows", self.max_rows, minimum=1)
 
     @property
     def every_k(self) -> int:  # type: ignore[override]
@@ -210,10 +255,10 @@ class KFACFactors(Estimator):
 
     @property
     def uses_rng(self) -> bool:  # type: ignore[override]
-        return self.fisher == "mc"
+        return self.fisher in ("mc", "curvature_prop")
 
     def init(self, params: PyTree) -> PyTree:
-        return init_state() if self.fisher == "mc" else ()
+        return init_state() if self.uses_rng else ()
 
     def estimate(self, lin: Linearization, rng: jax.Array | None, state: PyTree) -> tuple[PyTree, PyTree]:
         from somax.curvature.layers import discover_layers
@@ -228,11 +273,12 @@ class KFACFactors(Estimator):
                 if perm is not None:
                     perms[name] = perm
         key = None
-        if self.fisher == "mc":
+        if self.uses_rng:
             if rng is None:
-                raise ValueError("EstimatorSpec('kfac_factors', fisher='mc') draws labels: the step needs an rng")
+                raise ValueError(f"EstimatorSpec('kfac_factors', fisher={self.fisher!r}) draws random numbers: the "
+                                 f"step needs an rng")  # fmt: skip
             key, state = refresh_key(rng, state), EstimatorState(state.refreshes + 1)
-        stats = kfac_statistics(lin, list(perms), self.fisher, key) if perms else {}
+        stats = kfac_statistics(lin, list(perms), self.fisher, key, self.max_rows) if perms else {}
         stats = {name: _to_leaf_order(f, perms[name]) for name, f in stats.items()}
         factor_n = lin.output_loss.row_factor(lin.outputs, lin.targets, lin.weights).n
         diag = jax.tree_util.tree_map(lambda g: jnp.asarray(factor_n, g.dtype) * g * g, lin.grad)

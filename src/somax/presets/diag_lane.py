@@ -50,7 +50,17 @@ def _positive(preset: str, name: str, value: Any, *, upper: float | None = None)
 def _hessian_curvature(preset: str, o: Mapping[str, Any]) -> CurvatureSpec:
     kwargs = model_kwargs(preset, o, ("loss_fn", "predict_fn", "loss"))
     require(preset, kwargs, ("loss_fn",), ("predict_fn", "loss"))
-    return CurvatureSpec("hessian", kwargs=kwargs)
+    return CurvatureSpec("hessian", kwargs={**kwargs, "hvp": o["hvp"]})
+
+
+#: the exact-Hessian diagonal presets make ``n_probes`` products per refresh: a fresh JVP each holds no
+#: residuals between steps (``somax.curvature.hessian``)
+_HVP = Option(
+    "jvp",
+    str,
+    '``"jvp"`` (each Hessian-vector product a fresh forward-over-reverse JVP: less memory) or ``"linearize"`` '
+    "(products from residuals kept for the step: less work per product).",
+)
 
 
 def _ggn_curvature(preset: str, o: Mapping[str, Any]) -> CurvatureSpec:
@@ -161,6 +171,7 @@ sophia_h = define_preset(
         **HESSIAN_MODEL_OPTIONS,
         **BATCH_OPTIONS,
         **_SOPHIA_OPTIONS,
+        "hvp": _HVP,
         "gamma": _GAMMA.replace(default=0.01),
         "n_probes": _N_PROBES,
     },
@@ -170,7 +181,7 @@ sophia_h = define_preset(
         what="Hutchinson estimate of the Hessian diagonal",
         estimate="z ⊙ (∇²L z),  z Rademacher",
         est_kind="hutchinson",
-        curvature='exact Hessian, ``CurvatureSpec("hessian")`` (HVPs from the step\'s one linearization)',
+        curvature='exact Hessian, ``CurvatureSpec("hessian", kwargs={"hvp": "jvp"})`` (a fresh JVP per product)',
         gamma="0.01",
         gamma_src="Liu et al. 2023 experimental setup (Sophia-H) and Somax App. C.3",
         count_key="n_probes",
@@ -268,6 +279,7 @@ adahessian = define_preset(
     options={
         **HESSIAN_MODEL_OPTIONS,
         **BATCH_OPTIONS,
+        "hvp": _HVP,
         **combine(
             DIAG_OPTIONS,
             learning_rate=0.15,

@@ -23,6 +23,7 @@ from typing import Any
 import optax
 
 from somax.assemble import assemble
+from somax.estimators.kronecker import MAX_GGN_ROWS
 from somax.method import SecondOrderMethod
 from somax.presets._common import (
     BATCH_OPTIONS,
@@ -216,8 +217,15 @@ _KFAC_OPTIONS = {
     "fisher": Option(
         "ggn",
         str,
-        '``"ggn"`` (GGN square-root rows), ``"empirical"`` (empirical Fisher) or ``"mc"`` (Monte-Carlo Fisher: '
-        "labels drawn from the model, one row per example; the step needs an rng).",
+        '``"ggn"`` (GGN square-root rows), ``"empirical"`` (empirical Fisher), ``"mc"`` (Monte-Carlo Fisher: '
+        'labels drawn from the model, one row per example; the step needs an rng) or ``"curvature_prop"`` '
+        '(a Rademacher combination of the GGN rows, unbiased for ``"ggn"``, one row per example; the step '
+        'needs an rng; for sequence models, where ``"ggn"`` has positions × classes rows per example).',
+    ),
+    "max_rows": Option(
+        MAX_GGN_ROWS,
+        int,
+        'with ``fisher="ggn"``: refuse (``ValueError`` at the first trace) more GGN rows per example than this.',
     ),
     "eigh_dtype": _EIGH,
 }
@@ -236,7 +244,9 @@ def _kfac_parts(o: Mapping[str, Any]) -> dict[str, Any]:
                 "eigh_dtype": o["eigh_dtype"],
             },
         ),  # fmt: skip
-        "estimator": EstimatorSpec("kfac_factors", kwargs={"eval_every_k": o["eval_every_k"], "fisher": o["fisher"]}),
+        "estimator": EstimatorSpec(
+            "kfac_factors", kwargs={"eval_every_k": o["eval_every_k"], "fisher": o["fisher"], "max_rows": o["max_rows"]}
+        ),
         "damping": damping_spec(o),
         "telemetry": o["telemetry"],
         "reject_nonfinite": o["reject_nonfinite"],
