@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from somax.curvature.conv_layout import canonical_convolutions
+
 __all__ = [
     "he_mlp",
     "mlp_apply",
@@ -266,10 +268,16 @@ def cg(matvec: Callable[[Any], Any], b: Any, lam: jax.Array, tol: float, maxiter
 
 def optax_step(loss_fn: Callable[[Any, Any], Any], tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
     """``(init, step)`` of plain first-order training:
-    ``step(params, batch, opt_state, rng=None) -> (params, opt_state, loss)``."""
+    ``step(params, batch, opt_state, rng=None) -> (params, opt_state, loss)``.
+
+    The gradient's convolutions are written in the canonical layout on CPU
+    (:func:`somax.curvature.conv_layout.canonical_convolutions`), as somax's own gradients are:
+    in a ``lax.scan`` over steps XLA:CPU runs the layouts autodiff gives in a slow emitter, and a
+    baseline without the rewrite would be slowed by that, not by its algorithm."""
+    value_and_grad = canonical_convolutions(jax.value_and_grad(loss_fn))
 
     def step(params, batch, opt_state, rng=None):
-        loss, g = jax.value_and_grad(loss_fn)(params, batch)
+        loss, g = value_and_grad(params, batch)
         updates, opt_state = tx.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
