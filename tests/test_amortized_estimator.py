@@ -98,8 +98,9 @@ def test_the_amortized_step_has_no_conditional(amortize):
 @given(b=st.integers(1, 13), k=st.integers(1, 6), t=st.integers(0, 30))
 def test_batch_slices_partition_the_leading_examples(b, k, t):
     """Slices ``0 … k−1`` are consecutive, disjoint, cover the first ``k·⌊b/k⌋`` examples, repeat with period
-    ``k``; a batch smaller than ``k`` is refused naming ``eval_every_k``."""
-    batch = {"x": np.arange(b * 2).reshape(b, 2), "y": np.arange(b)}
+    ``k``; a scalar entry goes to every slice unchanged; a batch smaller than ``k`` is refused naming
+    ``eval_every_k``."""
+    batch = {"x": np.arange(b * 2).reshape(b, 2), "y": np.arange(b), "scale": np.float32(2.5)}
     if b < k:
         with pytest.raises(ValueError, match="eval_every_k"):
             batch_slice(batch, jnp.asarray(t), k)
@@ -108,11 +109,14 @@ def test_batch_slices_partition_the_leading_examples(b, k, t):
     got = batch_slice(batch, jnp.asarray(t), k)
     np.testing.assert_array_equal(got["y"], np.arange((t % k) * m, (t % k + 1) * m))
     np.testing.assert_array_equal(got["x"], batch["x"][(t % k) * m : (t % k + 1) * m])
+    assert float(got["scale"]) == 2.5
 
 
 def test_bad_batches_and_cadences_are_named():
-    with pytest.raises(ValueError, match="leading example axis"):
+    with pytest.raises(ValueError, match="same leading size"):
         batch_slice({"x": np.zeros((4, 2)), "y": np.zeros(3)}, jnp.asarray(0), 2)
+    with pytest.raises(ValueError, match="only scalar entries"):
+        batch_slice({"n": np.float32(3.0)}, jnp.asarray(0), 2)
     with pytest.raises(ValueError, match="amortize=True needs a cadence"):
         somax.make("sophia_g", predict_fn=lambda p, x: x, eval_every_k=-1, amortize_estimator=True)
     with pytest.raises(ValueError, match="amortize must be True or False"):

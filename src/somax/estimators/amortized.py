@@ -59,16 +59,17 @@ def init_amortized(inner: PyTree, params: PyTree) -> AmortizedState:
 def batch_slice(batch: Any, index: jax.Array, parts: int) -> Any:
     """Slice ``index`` of ``parts`` equal slices of every leaf's leading (example) axis.
 
-    Every array leaf of ``batch`` must have the same leading size ``b ≥ parts``; slice ``i``
-    holds examples ``[i·m, (i+1)·m)``, ``m = ⌊b/parts⌋``.
+    Every array leaf of ``batch`` with at least one axis must have the same leading size
+    ``b ≥ parts``; slice ``i`` holds examples ``[i·m, (i+1)·m)``, ``m = ⌊b/parts⌋``. Scalar
+    (0-d) leaves belong to the whole batch and go to every slice unchanged.
     """
     leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
-    sizes = {jax.tree_util.keystr(p): (jnp.shape(x)[0] if jnp.ndim(x) else None) for p, x in leaves}
+    sizes = {jax.tree_util.keystr(p): jnp.shape(x)[0] for p, x in leaves if jnp.ndim(x)}
     distinct = set(sizes.values())
-    if len(distinct) != 1 or None in distinct:
+    if len(distinct) != 1:
         raise ValueError(
-            "amortized estimator: every batch entry needs the same leading example axis to be cut into "
-            f"slices; got leading sizes {sizes}"
+            "amortized estimator: every batch entry with an example axis needs the same leading size to be cut "
+            f"into slices; got leading sizes {sizes or 'none (only scalar entries)'}"
         )
     (b,) = distinct
     if b < parts:
@@ -78,7 +79,12 @@ def batch_slice(batch: Any, index: jax.Array, parts: int) -> Any:
         )
     m = b // parts
     start = (index % parts) * m
-    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(jnp.asarray(x), start, m, axis=0), batch)
+
+    def cut(x: Any) -> Any:
+        x = jnp.asarray(x)
+        return x if x.ndim == 0 else jax.lax.dynamic_slice_in_dim(x, start, m, axis=0)
+
+    return jax.tree_util.tree_map(cut, batch)
 
 
 def accumulate(state: AmortizedState, statistic: PyTree, inner: PyTree) -> AmortizedState:
