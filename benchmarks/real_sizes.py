@@ -1,7 +1,7 @@
 """Second-order presets at real model sizes: step time, compile time, memory and CG loop overhead.
 
-    python -m benchmarks real_sizes            # every model, 10 rounds (a few minutes on 2 cores)
-    python -m benchmarks real_sizes --quick    # smaller batches on the conv nets, 4 rounds
+    python -m benchmarks real_sizes            # every model and method, 20 rounds (most of an hour on 2 cores)
+    python -m benchmarks real_sizes --quick    # smaller ResNet-20 and transformer batches, 10 rounds (~15 min)
     python -m benchmarks real_sizes --tiny     # a tiny MLP, seconds (the smoke test)
     python -m benchmarks real_sizes --quick --models resnet20 --batch 32 --max-seconds 300
     python -m benchmarks real_sizes --quick --probe-memory   # temporary memory with each probe compiled in
