@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
@@ -147,3 +148,38 @@ def test_ggn_cg_step_on_a_cnn_matches_the_dense_damped_solve():
 
     step = flat - ravel_pytree(new)[0]
     np.testing.assert_allclose(np.asarray(step), np.asarray(dense(flat)), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "curvature",
+    [
+        ("ggn_ce", {}),
+        ("empirical_fisher", {"loss": "ce"}),
+        ("hessian", {"loss": "ce", "hvp": "linearize"}),
+        ("hessian", {"loss": "ce", "hvp": "jvp"}),
+    ],
+)
+def test_a_scan_over_steps_has_only_canonical_convolutions(curvature):
+    """Every convolution of a step (gradient and curvature products) is canonical, so a ``lax.scan`` over
+    steps runs no convolution in XLA:CPU's slow loop emitter."""
+    from somax.curvature.conv_layout import count_loop_slow_convolutions
+
+    kind, kwargs = curvature
+    rng = np.random.default_rng(2)
+    params = _cnn_params(rng)
+    batch = {"x": jnp.asarray(rng.normal(size=(6, 6, 6, 2))), "y": jnp.asarray(rng.integers(0, 5, 6))}
+    method = somax.assemble(
+        curvature=CurvatureSpec(kind, kwargs={"predict_fn": _cnn, **kwargs}),
+        solver=SolverSpec("cg", kwargs={"maxiter": 3, "unroll": False}),
+        damping=DampingSpec("constant", lam0=1.0),
+    )
+
+    def scan(p, s):
+        def body(carry, _):
+            p, s = carry
+            p, s, _ = method.step(p, batch, s)
+            return (p, s), None
+
+        return jax.lax.scan(body, (p, s), None, length=2)[0]
+
+    assert count_loop_slow_convolutions(scan, params, method.init(params)) == 0

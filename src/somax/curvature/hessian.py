@@ -58,6 +58,9 @@ class HessianCurvature(Curvature):
     def linearize(
         self, params: Any, batch: Any, model_state: Any = None, rng: jax.Array | None = None
     ) -> Linearization:
+        # the gradient's convolutions in the canonical layout too: in a user's scan over steps
+        # XLA:CPU would otherwise run the weight gradients in its slow loop emitter
+        @canonical_convolutions
         def grad_and_loss(p: Any) -> tuple[Any, tuple[jax.Array, Any, Any]]:
             (value, (new_state, aux)), g = jax.value_and_grad(self.loss, has_aux=True)(p, batch, model_state, rng)
             return g, (value, new_state, aux)
