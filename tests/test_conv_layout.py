@@ -183,3 +183,15 @@ def test_a_scan_over_steps_has_only_canonical_convolutions(curvature):
         return jax.lax.scan(body, (p, s), None, length=2)[0]
 
     assert count_loop_slow_convolutions(scan, params, method.init(params)) == 0
+
+
+def test_gn_inner_loop_has_only_canonical_convolutions():
+    """Full Gauss-Newton's inner ``lax.scan`` over micro-batches: every JVP/VJP convolution canonical."""
+    from somax.curvature.conv_layout import count_loop_slow_convolutions
+
+    rng = np.random.default_rng(3)
+    params = _cnn_params(rng)
+    x, y = jnp.asarray(rng.normal(size=(6, 6, 6, 2))), jnp.asarray(rng.integers(0, 5, 6))
+    batch = {"x": x.reshape(2, 3, 6, 6, 2), "y": y.reshape(2, 3), "x_val": x[None, :3], "y_val": y[None, :3]}
+    method = somax.make("gn", predict_fn=_cnn, micro_batches=2)
+    assert count_loop_slow_convolutions(method.step, params, batch, method.init(params)) == 0

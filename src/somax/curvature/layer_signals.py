@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from somax.curvature.conv_layout import canonical_convolutions
 from somax.curvature.layer_map import Layer, LayerMap, Path
 from somax.curvature.layer_walk import _CALLS, PyTree, _discover, _prod, _single_example_jaxpr
 from somax.curvature.losses import RowFactor
@@ -70,21 +71,26 @@ def _perturbed_pass(
     kernels = {u.eqn: u.kernel_operand for u in layers}
     y_avals = {u.eqn: _find_eqn(closed.jaxpr, u.eqn).outvars[0].aval for u in layers}
 
-    def per_example(xi_leaves: list, cot_i: jax.Array) -> tuple[dict, dict, list]:
-        def f(perts: dict, fb: list) -> tuple[jax.Array, dict]:
-            args = list(leaves)
-            for i, v in zip(wrt, fb):
-                args[i] = v
-            record: dict[Path, jax.Array] = {}
-            (out,) = _eval(closed.jaxpr, closed.consts, args + list(xi_leaves), perts, kernels, record, ())
-            return out, record
+    def batched(leaves: list, x_leaves: list, cot: jax.Array) -> tuple[dict, dict, list]:
+        def per_example(xi_leaves: list, cot_i: jax.Array) -> tuple[dict, dict, list]:
+            def f(perts: dict, fb: list) -> tuple[jax.Array, dict]:
+                args = list(leaves)
+                for i, v in zip(wrt, fb):
+                    args[i] = v
+                record: dict[Path, jax.Array] = {}
+                (out,) = _eval(closed.jaxpr, closed.consts, args + list(xi_leaves), perts, kernels, record, ())
+                return out, record
 
-        zeros = {p: jnp.zeros(a.shape, a.dtype) for p, a in y_avals.items()}
-        _, vjp_fn, acts = jax.vjp(f, zeros, [leaves[i] for i in wrt], has_aux=True)
-        deltas, grads = jax.vmap(vjp_fn)(cot_i)
-        return acts, deltas, grads
+            zeros = {p: jnp.zeros(a.shape, a.dtype) for p, a in y_avals.items()}
+            _, vjp_fn, acts = jax.vjp(f, zeros, [leaves[i] for i in wrt], has_aux=True)
+            deltas, grads = jax.vmap(vjp_fn)(cot_i)
+            return acts, deltas, grads
 
-    return jax.vmap(per_example)(x_leaves, cot)
+        return jax.vmap(per_example)(x_leaves, cot)
+
+    # the reverse pass's convolutions in the canonical layout, as the curvature products'
+    # (a step inside a user's scan over steps would otherwise run XLA:CPU's slow loop emitter)
+    return canonical_convolutions(batched)(list(leaves), list(x_leaves), cot)
 
 
 def _as_matrices(layer: Layer, a: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:

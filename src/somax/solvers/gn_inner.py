@@ -72,6 +72,7 @@ from somax import validate
 from somax._tree import tree_scale, tree_vdot, tree_where, tree_zeros_like
 from somax.contracts import Solver
 from somax.curvature.base import Linearization
+from somax.curvature.conv_layout import canonical_convolutions
 from somax.curvature.ggn import ModelLossCurvature
 from somax.curvature.losses import OutputLoss, get_output_loss
 from somax.curvature.model import BatchReader, Model, as_model
@@ -132,7 +133,8 @@ class MicroBatchGGN(ModelLossCurvature):
             zs = jax.vmap(lambda x: self.outputs(p, x, model_state, rng))(xs)
             return jnp.mean(jax.vmap(self.loss.value)(zs, ys, ws)), zs
 
-        (value, zs), grad = jax.value_and_grad(mean_and_outputs, has_aux=True)(params)
+        value_and_grad = canonical_convolutions(jax.value_and_grad(mean_and_outputs, has_aux=True))
+        (value, zs), grad = value_and_grad(params)
         valid = self.loss.valid(zs[0], ys[0]) if n else None
         if valid is not None:
             valid = jnp.all(jax.vmap(self.loss.valid)(zs, ys))
@@ -146,6 +148,8 @@ class MicroBatchGGN(ModelLossCurvature):
             hv = jax.vmap(lambda zk, yk, wk, jk: self.loss.prepare(zk, yk, wk).hvp(jk))(z, ys, ws, jv)
             return pullback(hv / n)[0]
 
+        matvec = canonical_convolutions(matvec)
+
         return Linearization(
             loss=value,
             grad=grad,
@@ -157,6 +161,14 @@ class MicroBatchGGN(ModelLossCurvature):
             valid=valid,
             extras={"gn_microbatches": self, "params": params, "batch": batch, "model_state": model_state, "rng": rng},
         )
+
+
+def _linearized(curv: Any, theta: Any, x: Any, model_state: Any, rng: Any) -> tuple[Any, Callable, Callable]:
+    """``(z, v ↦ J v, u ↦ Jᵀ u)`` of the model on micro-batch ``x`` at ``θ``, the products' convolutions in
+    the canonical layout (they run inside the inner ``lax.scan``)."""
+    z, jvp = jax.linearize(lambda p: curv.outputs(p, x, model_state, rng), theta)
+    transpose = jax.linear_transpose(jvp, theta)
+    return z, canonical_convolutions(jvp), canonical_convolutions(lambda u: transpose(u)[0])
 
 
 def _leading(x: Any, what: str, key: str) -> int:
@@ -326,8 +338,7 @@ class GNInnerSolver(Solver):
         """One inner step on micro-batch ``k``: linearize at ``θ_t``, inner gradient, Optax update."""
         delta, inner = carry
         x, y, w = data
-        z, jvp = jax.linearize(lambda p: curv.outputs(p, x, model_state, rng), theta)
-        transpose = jax.linear_transpose(jvp, theta)
+        z, jvp, transpose = _linearized(curv, theta, x, model_state, rng)
         jd = jvp(delta)
         prox = 0.5 * lam * tree_vdot(delta, delta)
         if self.mode == "quadratic":
@@ -338,7 +349,7 @@ class GNInnerSolver(Solver):
         else:  # prox_linear: the loss of the linearized model
             out = curv.loss.prepare(z + jd, y, w)
             cot, value = out.grad, out.value + prox
-        grad = jax.tree_util.tree_map(lambda a, d: a + lam.astype(d.dtype) * d, transpose(cot)[0], delta)
+        grad = jax.tree_util.tree_map(lambda a, d: a + lam.astype(d.dtype) * d, transpose(cot), delta)
         delta, inner = self._inner_update(grad, inner, delta, theta)
         return (delta, inner), value
 
@@ -346,8 +357,7 @@ class GNInnerSolver(Solver):
         """One inner step per group: group ``l`` sees only ``J_{k,l} Δ_l`` (block-diagonal GN)."""
         delta, inner = carry
         x, y, w = data
-        z, jvp = jax.linearize(lambda p: curv.outputs(p, x, model_state, rng), theta)
-        transpose = jax.linear_transpose(jvp, theta)
+        z, jvp, transpose = _linearized(curv, theta, x, model_state, rng)
         masks = self._group_masks(theta)
         leaves, treedef = jax.tree_util.tree_flatten(delta)
         tangents = [
@@ -358,7 +368,7 @@ class GNInnerSolver(Solver):
         jds = jax.vmap(jvp)(stacked)  # (G, *z.shape): J_{k,l} Δ_l
         out = curv.loss.prepare(z, y, w)
         hjds = jax.vmap(out.hvp)(jds)
-        grads = jax.vmap(lambda c: transpose(c)[0])(out.grad[None] + hjds)  # leading axis: the group
+        grads = jax.vmap(transpose)(out.grad[None] + hjds)  # leading axis: the group
         grad_leaves = jax.tree_util.tree_leaves(grads)
         theta_leaves = jax.tree_util.tree_leaves(theta)
         new_leaves, new_inner, value = list(leaves), [], out.value
