@@ -264,10 +264,10 @@ class CGOptions:
       unroll: ``True``: the ``maxiter`` iterations as straight-line code with a masked
         early exit (same result and iteration count as the loop, but every iteration is
         computed); ``False``: a ``lax.while_loop`` that stops at the exit; ``"auto"``:
-        unroll on the CPU backend when the curvature product contains convolutions
-        (XLA:CPU runs a convolution's gradient inside a loop body tens of times slower),
-        ``maxiter ≤ AUTO_UNROLL_MAXITER`` and ``maxiter`` times the product's
-        convolutions is at most ``AUTO_UNROLL_CONVOLUTIONS`` (compile time).
+        unroll on the CPU backend when the curvature product contains convolutions outside
+        the canonical layout (XLA:CPU runs those inside a loop body tens of times slower;
+        somax's own products have none), ``maxiter ≤ AUTO_UNROLL_MAXITER`` and ``maxiter``
+        times those convolutions is at most ``AUTO_UNROLL_CONVOLUTIONS`` (compile time).
     """
 
     maxiter: int = 10
