@@ -47,20 +47,24 @@ def _canonical_numbers(nd: int) -> lax.ConvDimensionNumbers:
     return lax.ConvDimensionNumbers(feature, (nd + 1, nd, *range(nd)), feature)
 
 
-def _needs_rewrite(params: dict[str, Any]) -> bool:
+def _grouped(params: dict[str, Any]) -> bool:
+    return params.get("feature_group_count", 1) != 1 or params.get("batch_group_count", 1) != 1
+
+
+def _canonical(params: dict[str, Any]) -> bool:
     dn = params["dimension_numbers"]
-    if params.get("feature_group_count", 1) != 1 or params.get("batch_group_count", 1) != 1:
-        return False
-    return dn != _canonical_numbers(len(dn.lhs_spec) - 2)
+    return dn == _canonical_numbers(len(dn.lhs_spec) - 2)
+
+
+def _needs_rewrite(params: dict[str, Any]) -> bool:
+    return not _grouped(params) and not _canonical(params)
 
 
 def is_loop_slow(params: dict[str, Any]) -> bool:
     """Whether XLA:CPU may run a convolution with these parameters slowly inside a loop body:
     every one not in the canonical layout, and every grouped one (which :func:`canonical_conv`
     leaves as it is)."""
-    dn = params["dimension_numbers"]
-    grouped = params.get("feature_group_count", 1) != 1 or params.get("batch_group_count", 1) != 1
-    return grouped or dn != _canonical_numbers(len(dn.lhs_spec) - 2)
+    return _grouped(params) or not _canonical(params)
 
 
 def count_convolution_equations(jaxpr: jcore.Jaxpr, which: Callable[[dict[str, Any]], bool]) -> int:
@@ -105,15 +109,6 @@ def canonical_conv(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax.Array:
     return jnp.transpose(out, perm)
 
 
-def _has_rewrite(jaxpr: jcore.Jaxpr) -> bool:
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is lax.conv_general_dilated_p and _needs_rewrite(eqn.params):
-            return True
-        if eqn.primitive.name in _SUB_JAXPR_PRIMITIVES and _has_rewrite(eqn.params["jaxpr"].jaxpr):
-            return True
-    return False
-
-
 def _evaluate(jaxpr: jcore.Jaxpr, consts: list[Any], args: list[Any]) -> list[Any]:
     """``jax.core.eval_jaxpr`` with convolutions through :func:`canonical_conv` (``jit`` bodies inlined)."""
     env: dict[Any, Any] = {}
@@ -154,7 +149,7 @@ def canonical_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args)
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
         leaves = jax.tree_util.tree_leaves(args)
-        if _has_rewrite(closed.jaxpr):
+        if count_convolution_equations(closed.jaxpr, _needs_rewrite):
             out = _evaluate(closed.jaxpr, list(closed.consts), leaves)
         else:  # the traced program as it is (no second trace of fn)
             out = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *leaves)
