@@ -245,6 +245,42 @@ def test_each_preset_linearizes_the_model_once(preset, options):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("every_k,n_probes", [(1, 1), (3, 1), (3, 2)])
+def test_refresh_takes_gradient_and_products_from_one_pass(every_k, n_probes, monkeypatch):
+    """With ``hvp="jvp"`` a refresh's gradient and probe products come from one JVP of the gradient
+    function (``linearize_with_products``, the only linearization the step makes); the trajectory
+    equals the one with the products taken separately (``hvp="linearize"``) to float64 rounding, on
+    refresh steps and in between."""
+    from somax.curvature.hessian import HessianCurvature
+
+    params, predict, batch = _mlp_problem()
+    calls = {"linearize": 0, "linearize_with_products": 0}
+    for name in calls:
+        original = getattr(HessianCurvature, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            calls[_name] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(HessianCurvature, name, counted)
+
+    def run(hvp):
+        method = somax.make("adahessian", predict_fn=predict, loss="ce", eval_every_k=every_k, n_probes=n_probes,
+                            hvp=hvp, learning_rate=0.05)  # fmt: skip
+        step, state, p = jax.jit(method.step), method.init(params), params
+        for t in range(5):
+            p, state, _ = step(p, batch, state, jax.random.PRNGKey(t))
+        return p, state
+
+    fused_params, fused_state = run("jvp")
+    assert calls == {"linearize": 0, "linearize_with_products": 1}
+    separate_params, separate_state = run("linearize")
+    assert calls == {"linearize": 1, "linearize_with_products": 1}
+    np.testing.assert_allclose(flat(fused_params), flat(separate_params), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(flat(fused_state.precond), flat(separate_state.precond), rtol=1e-12, atol=1e-14)
+    assert int(fused_state.estimator.refreshes) == len(range(0, 5, every_k))
+
+
 def test_sophia_n_is_assembled_from_specs_alone():
     """Sophia-N = GGN curvature + Hutchinson estimator + the Sophia outer update: public specs, no new code."""
     params, predict, batch = _mlp_problem()

@@ -401,3 +401,55 @@ def test_warm_started_cg_on_an_indefinite_system_returns_a_descent_direction():
     b = np.array([1.0, 0.5])
     res = _cg(False, True)(*_pad(2, a, b, np.array([-1.0, 0.0]), np.ones(2)), 1e-8)
     assert float(np.asarray(res.x)[:2] @ b) > 0
+
+
+# ============================================================================ probe products
+
+
+@functools.cache
+def _probe_products_problem():
+    """A tiny float64 MLP with its dense Hessian, GGN, gradient and loss, and for each curvature
+    and probe count a jitted ``linearize_with_products`` with a traced ``fire``."""
+    from oracles import classification_batch, dense_ggn, dense_grad, dense_hessian, output_loss_fn, tiny_mlp
+
+    from somax.curvature import ggn_ce, hessian
+
+    params, predict = tiny_mlp(sizes=(3, 4, 3))
+    batch = classification_batch(c=3, b=5)
+    loss_fn = output_loss_fn(predict, "ce")
+    dense = {"hessian": dense_hessian(loss_fn, params, batch), "ggn": dense_ggn(predict, params, batch, "ce")}
+    curvatures = {"hessian": hessian(predict_fn=predict, loss="ce", hvp="jvp"), "ggn": ggn_ce(predict_fn=predict)}
+
+    @functools.cache
+    def compiled(kind, n):
+        def run(probes, fire):
+            lin, products = curvatures[kind].linearize_with_products(params, batch, None, None, probes, n, fire)
+            return lin.grad, lin.loss, products
+
+        return jax.jit(run)
+
+    want = (dense_grad(loss_fn, params, batch), float(loss_fn(params, batch)))
+    return params, curvatures, dense, compiled, want
+
+
+@settings(PROPERTY, max_examples=16)
+@given(st.sampled_from(["hessian", "ggn"]), st.sampled_from([None, 3]), st.booleans(), st.integers(0, 2**31 - 1))
+def test_linearize_with_products_is_the_gradient_and_the_dense_products(kind, n, fire, seed):
+    """For every probe set ``z`` (``n`` stacked, or one unstacked) and either value of a traced
+    ``fire``: ``linearize_with_products`` returns the batch gradient and loss, and ``H z`` (dense
+    float64 Hessian or GGN times each probe) where ``fire`` holds, zeros where it does not — for
+    the Hessian's one-pass form (``hvp="jvp"``) and for the default (``linearize`` + ``matvec``)."""
+    from jax.flatten_util import ravel_pytree
+
+    params, curvatures, dense, compiled, (grad, loss) = _probe_products_problem()
+    flat_params, unravel = ravel_pytree(params)
+    z = np.random.default_rng(seed).standard_normal((1 if n is None else n, flat_params.size))
+    stacked = jax.vmap(unravel)(jnp.asarray(z))
+    probes = jax.tree.map(lambda a: a[0], stacked) if n is None else stacked
+    g, value, products = compiled(kind, n)(probes, jnp.asarray(fire))
+    flatten = lambda t: ravel_pytree(t)[0]  # noqa: E731
+    got = np.asarray(flatten(products) if n is None else jax.vmap(flatten)(products))
+    expected = z @ dense[kind].T if fire else np.zeros_like(z)
+    np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(flatten(g)), grad, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(float(value), loss, rtol=1e-12)

@@ -144,7 +144,9 @@ class Curvature(Component):
     Declarations: ``has_rows`` (a row form ``Ĵ`` for the row lane), ``has_model_outputs``
     (the linearization carries ``z``, its VJP and the output loss), ``uses_rng`` (the model
     draws randomness), ``has_aux`` (the step returns ``info["aux"]``), ``couples_examples``
-    (the model's examples interact, e.g. BatchNorm in training mode).
+    (the model's examples interact, e.g. BatchNorm in training mode), ``fuses_products``
+    (:meth:`linearize_with_products` makes the gradient and an estimator's probe products in
+    one pass).
     """
 
     has_rows: ClassVar[bool] = False
@@ -157,6 +159,34 @@ class Curvature(Component):
     def linearize(self, params: PyTree, batch: Any, model_state: Any = None, rng: Any = None) -> Linearization:
         """The step's one curvature snapshot at ``params`` on ``batch``."""
 
+    @property
+    def fuses_products(self) -> bool:
+        """Whether :meth:`linearize_with_products` computes the gradient and the products in one
+        pass (cheaper than ``linearize`` followed by ``matvec``); the step then uses it for an
+        estimator that :attr:`~Estimator.draws_probes`."""
+        return False
+
+    def linearize_with_products(
+        self,
+        params: PyTree,
+        batch: Any,
+        model_state: Any,
+        rng: Any,
+        probes: PyTree,
+        n: int | None,
+        fire: bool | jax.Array,
+    ) -> tuple[Linearization, PyTree]:
+        """The snapshot and, where ``fire`` holds, the products ``H z`` of the probes ``z``.
+
+        ``probes`` holds ``n`` probes stacked on a leading axis, or one probe without that
+        axis when ``n`` is ``None``; the products have the probes' shapes, and are zeros
+        where ``fire`` is false. This default takes them from ``linearize``'s ``matvec``.
+        """
+        from somax.curvature.base import gated_products  # the curvature package imports this module
+
+        lin = self.linearize(params, batch, model_state, rng)
+        return lin, gated_products(lin.matvec, probes, n, fire)
+
 
 class Estimator(Component):
     """Produces the statistic named ``produces`` from the step's linearization, every ``every_k`` steps.
@@ -165,7 +195,9 @@ class Estimator(Component):
     (needs ``z`` and the VJP: rejected with the Hessian), ``uses_rng``, ``amortize`` (the
     step estimates on one of ``every_k`` slices of the batch at every step and hands the mean
     over to the preconditioner on the cadence: :mod:`somax.estimators.amortized`; only for
-    a params-shaped statistic).
+    a params-shaped statistic), ``draws_probes`` (the statistic is ``from_products(z, H z)`` for
+    probes ``z`` drawn before the step's linearization, so a curvature that ``fuses_products``
+    can make ``H z`` together with the gradient).
     """
 
     produces: ClassVar[str]
@@ -173,10 +205,25 @@ class Estimator(Component):
     needs_model_outputs: ClassVar[bool] = False
     uses_rng: ClassVar[bool] = True
     amortize: bool = False
+    draws_probes: ClassVar[bool] = False
 
     @abc.abstractmethod
     def estimate(self, lin: Linearization, rng: jax.Array | None, state: PyTree) -> tuple[PyTree, PyTree]:
         """``(statistic, new_state)``."""
+
+    def probes(self, rng: jax.Array | None, state: PyTree, like: PyTree) -> tuple[PyTree, int | None]:
+        """``(z, n)``: the probes this refresh multiplies by ``H``, ``n`` stacked on a leading axis
+        (``None``: one, without that axis), shaped like ``like`` (the parameters).
+
+        Only for an estimator that declares ``draws_probes``: its statistic is
+        ``from_products(z, H z, state)``, and a curvature that ``fuses_products`` computes
+        ``H z`` together with the gradient.
+        """
+        raise NotImplementedError(f"{type(self).__name__} declares no probes (draws_probes=False)")
+
+    def from_products(self, probes: PyTree, products: PyTree, state: PyTree) -> tuple[PyTree, PyTree]:
+        """``(statistic, new_state)`` from the probes ``z`` and their products ``H z`` (``draws_probes``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no probes (draws_probes=False)")
 
 
 class Preconditioner(Component):

@@ -179,7 +179,8 @@ class SecondOrderMethod:
         user_params, params = params, self._working(params)
         fdt = scalar_dtype(params)
         count = state.count
-        lin = self._linearize(params, batch, state, rng, grad)
+        fused = self._fused_probes(params, state, rng, grad)
+        lin, products = self._linearize(params, batch, state, rng, grad, fused)
         values: dict[str, Any] = {}
         if any(self.plan.enabled(p) for p in ("trace", "eig", "density", "block_eig")):
             gate = lambda p: self.plan.gate(p, count)  # noqa: E731
@@ -188,7 +189,7 @@ class SecondOrderMethod:
         if self.grad_tx is not None:
             rhs, grad_tx_state = self.grad_tx.update(lin.grad, state.grad_tx, params)
         lam = state.damping.lam
-        precond_state, estimator_state, inverse = self._precondition(lin, rng, state, params, batch)
+        precond_state, estimator_state, inverse = self._precondition(lin, rng, state, params, batch, fused, products)
         direction, solver_state, solver_stats = self.solver.solve(lin, rhs, lam, inverse, state.solver)
         updates, tx_state, ls_state, finite = self._apply(lin, params, direction, state, values, fdt)
         rho = self._post_update(lin, params, direction, updates, count, values, fdt)
@@ -225,8 +226,30 @@ class SecondOrderMethod:
         check_params(params)
         check_state(self.init, params, state)
 
-    def _linearize(self, params: PyTree, batch: Any, state: MethodState, rng: Any, grad: PyTree | None = None):
-        """The step's one linearization; with ``grad`` given, it replaces the batch gradient ``lin.grad``."""
+    def _fused_probes(self, params: PyTree, state: MethodState, rng: Any, grad: PyTree | None):
+        """``(probes, n, fire)`` when the estimator's products come with the gradient from one pass
+        (an estimator that ``draws_probes`` on a curvature that ``fuses_products``), else ``None``.
+
+        Not with an external ``grad`` (the batch gradient is not needed then), an amortized
+        estimator (its own linearization) or a line search (it may reuse the last gradient).
+        """
+        est = self.estimator
+        if (est is None or est.amortize or not est.draws_probes or not self.curvature.fuses_products
+                or grad is not None or self.line_search is not None):  # fmt: skip
+            return None
+        fire = self.plan.gate("estimator", state.count)
+        if fire is False:
+            return None
+        probes, n = est.probes(self._estimator_key(rng), state.estimator, params)
+        return probes, n, fire
+
+    def _estimator_key(self, rng: Any) -> Any:
+        return jax.random.fold_in(rng, 1) if self.estimator.uses_rng and rng is not None else None
+
+    def _linearize(self, params: PyTree, batch: Any, state: MethodState, rng: Any, grad: PyTree | None = None,
+                   fused: tuple | None = None):  # fmt: skip
+        """``(lin, products)``: the step's one linearization (with ``grad`` given, it replaces the batch
+        gradient ``lin.grad``) and, with ``fused`` probes, their products from the same pass."""
         if grad is not None and self.solver.needs_gradient_rhs:
             raise ValueError(
                 f"step: grad= was given, but the solver {type(self.solver).__name__} (lane {self.solver.lane!r}) "
@@ -237,22 +260,27 @@ class SecondOrderMethod:
             grad = _external_grad(grad, params)  # checked before the model runs
         model_rng = self._model_rng(rng, state.count, stream=2)
 
-        def linearize():
+        def linearize(with_probes: tuple | None = None):
             try:
-                return self.curvature.linearize(params, batch, state.model_state, model_rng)
+                if with_probes is None:
+                    return self.curvature.linearize(params, batch, state.model_state, model_rng)
+                return self.curvature.linearize_with_products(params, batch, state.model_state, model_rng,
+                                                              *with_probes)  # fmt: skip
             except (TypeError, ValueError) as e:
                 if type(e) not in (TypeError, ValueError):
                     raise
                 msg = f"step: evaluating the model and loss on the batch failed; batch: {describe_batch(batch)}. {e}"
                 raise type(e)(msg) from e
 
+        if fused is not None:
+            return linearize(fused)
         lin = linearize()
         if grad is not None:
-            return dataclasses.replace(lin, grad=grad)
+            return dataclasses.replace(lin, grad=grad), None
         known = self.line_search.known_value_and_grad(state.line_search) if self.line_search is not None else None
         if known is None:
-            return lin
-        return self._reuse(lin, linearize, known, state)
+            return lin, None
+        return self._reuse(lin, linearize, known, state), None
 
     def _model_rng(self, rng: Any, count: jax.Array, stream: int) -> Any:
         """The model's key for one linearization (``stream``: which one), fresh every step; ``None``
@@ -286,17 +314,25 @@ class SecondOrderMethod:
         loss, grad = jax.lax.cond(jnp.asarray(ok, bool), kept, evaluate)
         return dataclasses.replace(lin, loss=loss, grad=grad)
 
-    def _precondition(self, lin, rng: Any, state: MethodState, params: PyTree, batch: Any) -> tuple[Any, Any, Any]:
-        """Statistic (estimator cadence) → ``update`` → ``refresh`` (own cadence) → ``M⁻¹`` for this λ."""
+    def _precondition(
+        self, lin, rng: Any, state: MethodState, params: PyTree, batch: Any, fused: tuple | None, products: Any
+    ) -> tuple[Any, Any, Any]:
+        """Statistic (estimator cadence) → ``update`` → ``refresh`` (own cadence) → ``M⁻¹`` for this λ.
+
+        With ``fused`` probes the statistic comes from ``products``, made with the gradient.
+        """
         precond_state, estimator_state, count = state.precond, state.estimator, state.count
         est = self.estimator
         if est is not None and est.amortize:
             precond_state, estimator_state = self._amortized_estimate(lin, rng, state, params, batch)
         elif est is not None:
-            key = jax.random.fold_in(rng, 1) if est.uses_rng and rng is not None else None
+            key = self._estimator_key(rng)
 
             def update() -> tuple[PyTree, PyTree]:
-                statistic, new_est = est.estimate(lin, key, estimator_state)
+                if fused is None:
+                    statistic, new_est = est.estimate(lin, key, estimator_state)
+                else:
+                    statistic, new_est = est.from_products(fused[0], products, estimator_state)
                 return self.precond.update(precond_state, statistic, lin), new_est
 
             fire = self.plan.gate("estimator", count)
@@ -318,8 +354,7 @@ class SecondOrderMethod:
         est, acc, count = self.estimator, state.estimator, state.count
         sub = amortized.batch_slice(batch, count, est.every_k)
         lin_slice = self.curvature.linearize(params, sub, state.model_state, self._model_rng(rng, count, stream=3))
-        key = jax.random.fold_in(rng, 1) if est.uses_rng and rng is not None else None
-        statistic, inner = est.estimate(lin_slice, key, acc.inner)
+        statistic, inner = est.estimate(lin_slice, self._estimator_key(rng), acc.inner)
         fire = self.plan.gate("estimator", count)
         mean, acc = amortized.hand_over(amortized.accumulate(acc, statistic, inner), fire)
         updated = self.precond.update(state.precond, mean, lin)

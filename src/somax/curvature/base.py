@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from somax._tree import tree_vdot
 
 PyTree = Any
 
-__all__ = ["Linearization"]
+__all__ = ["Linearization", "apply_to_probes", "gated_products"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +67,21 @@ class Linearization:
 
     def quad_from_matvec(self, v: PyTree) -> jax.Array:
         return tree_vdot(v, self.matvec(v))
+
+
+def apply_to_probes(fn: Callable[[PyTree], PyTree], probes: PyTree, n: int | None) -> PyTree:
+    """``fn`` on each probe: ``fn(probes)`` for one probe (``n`` is ``None``), else ``vmap(fn)`` over the
+    leading axis of ``n`` stacked probes (one batched pass)."""
+    return fn(probes) if n is None else jax.vmap(fn)(probes)
+
+
+def gated_products(matvec: Callable[[PyTree], PyTree], probes: PyTree, n: int | None, fire: bool | jax.Array) -> PyTree:
+    """``H z`` for the probes (:func:`apply_to_probes`) where ``fire`` holds, zeros where it does not
+    (a ``lax.cond`` for a traced ``fire``, so a step that does not fire makes no product)."""
+    compute = lambda: apply_to_probes(matvec, probes, n)  # noqa: E731
+    zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, probes)  # noqa: E731
+    if fire is True:
+        return compute()
+    if fire is False:
+        return zeros()
+    return jax.lax.cond(fire, compute, zeros)

@@ -11,6 +11,9 @@ Forward-over-reverse [Pearlmutter 1994], in one of two forms (``hvp=``):
   tangents): one gradient's work more per product, nothing held between products. For
   one product per step or fewer (a diagonal estimator on a cadence) it needs far less
   memory (the 2-layer transformer of ``real_sizes``: 90 MiB of temporaries against 155 MiB).
+  An estimator's probe products on a refresh come with the gradient from that one JVP
+  (``linearize_with_products``), so a refresh costs one forward-over-reverse pass, not a
+  gradient and a product.
 
 The Hessian may be indefinite; damping and the solver's negative-curvature exit make the
 direction well defined.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from somax import validate
 from somax._tree import tree_vdot
@@ -55,9 +59,14 @@ class HessianCurvature(Curvature):
     def __post_init__(self) -> None:
         validate.choice("CurvatureSpec('hessian'): hvp", self.hvp, HVP_FORMS)
 
-    def linearize(
-        self, params: Any, batch: Any, model_state: Any = None, rng: jax.Array | None = None
-    ) -> Linearization:
+    @property
+    def fuses_products(self) -> bool:
+        """With ``hvp="jvp"`` one JVP of the gradient function gives ``g`` and the products."""
+        return self.hvp == "jvp"
+
+    def _grad_and_loss(self, batch: Any, model_state: Any, rng: Any) -> Callable[[Any], tuple[Any, tuple]]:
+        """``p ↦ (∇L(p), (L(p), new model state, aux))`` on this batch."""
+
         # the gradient's convolutions in the canonical layout too: in a user's scan over steps
         # XLA:CPU would otherwise run the weight gradients in its slow loop emitter
         @canonical_convolutions
@@ -65,14 +74,70 @@ class HessianCurvature(Curvature):
             (value, (new_state, aux)), g = jax.value_and_grad(self.loss, has_aux=True)(p, batch, model_state, rng)
             return g, (value, new_state, aux)
 
+        return grad_and_loss
+
+    def linearize(
+        self, params: Any, batch: Any, model_state: Any = None, rng: jax.Array | None = None
+    ) -> Linearization:
+        grad_and_loss = self._grad_and_loss(batch, model_state, rng)
         if self.hvp == "jvp":
-            g, (value, new_state, aux) = grad_and_loss(params)
+            g, rest = grad_and_loss(params)
+            return self._linearization(params, batch, model_state, rng, grad_and_loss, g, rest)
+        g, hvp, rest = jax.linearize(grad_and_loss, params, has_aux=True)
+        return self._linearization(params, batch, model_state, rng, hvp, g, rest)
+
+    def linearize_with_products(
+        self,
+        params: Any,
+        batch: Any,
+        model_state: Any,
+        rng: Any,
+        probes: Any,
+        n: int | None,
+        fire: bool | jax.Array,
+    ) -> tuple[Linearization, Any]:
+        """With ``hvp="jvp"``: where ``fire`` holds, one JVP of the gradient function along the probes
+        gives ``g`` (its primal output) and ``H z`` (its tangent) — the forward and backward pass run
+        once with tangents instead of once without and once with; elsewhere the gradient alone.
+        A ``lax.cond`` chooses, so the gradient sits inside the branch (on XLA:CPU a product left
+        outside a branch that holds the model's derivatives made every step about a third slower)."""
+        if self.hvp != "jvp":
+            return super().linearize_with_products(params, batch, model_state, rng, probes, n, fire)
+        grad_and_loss = self._grad_and_loss(batch, model_state, rng)
+
+        def with_products() -> tuple[Any, Any, tuple]:
+            def one(z: Any) -> tuple[Any, Any, tuple]:
+                return jax.jvp(grad_and_loss, (params,), (z,), has_aux=True)
+
+            if n is None:
+                return one(probes)
+            return jax.vmap(one, out_axes=(None, 0, None))(probes)
+
+        def gradient_only() -> tuple[Any, Any, tuple]:
+            g, rest = grad_and_loss(params)
+            return g, jax.tree_util.tree_map(jnp.zeros_like, probes), rest
+
+        if fire is False:
+            g, products, rest = gradient_only()
+        elif fire is True:
+            g, products, rest = with_products()
+        else:
+            g, products, rest = jax.lax.cond(fire, with_products, gradient_only)
+        return self._linearization(params, batch, model_state, rng, grad_and_loss, g, rest), products
+
+    def _linearization(
+        self, params: Any, batch: Any, model_state: Any, rng: Any, product: Callable, g: Any, rest: tuple
+    ) -> Linearization:
+        """The snapshot from the gradient and ``product``: the linearized HVP (``hvp="linearize"``)
+        or, for ``"jvp"``, the gradient function itself, whose JVP each product takes."""
+        value, new_state, aux = rest
+        if self.hvp == "jvp":
 
             def hvp(v: Any) -> Any:
-                return jax.jvp(lambda p: grad_and_loss(p)[0], (params,), (v,))[1]
+                return jax.jvp(lambda p: product(p)[0], (params,), (v,))[1]
 
         else:
-            g, hvp, (value, new_state, aux) = jax.linearize(grad_and_loss, params, has_aux=True)
+            hvp = product
         hvp = canonical_convolutions(hvp)
         return Linearization(
             loss=value,

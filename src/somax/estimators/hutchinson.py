@@ -9,7 +9,9 @@ so ``d̂`` is an unbiased estimate of ``diag(H)`` [Hutchinson 1989; Bekas, Kokio
 probes are averaged (variance ``/ n_probes``). ``H v`` is the step's own matrix-free
 product ``lin.matvec`` — an HVP for ``CurvatureSpec("hessian")`` (AdaHessian
 [Yao et al. 2021], Sophia-H [Liu et al. 2023]) or ``Jᵀ H_z J v`` for a GGN kind
-(Sophia-N, Somax paper §4.4) — so no second linearization is made.
+(Sophia-N, Somax paper §4.4) — so no second linearization is made. With the exact Hessian in its ``hvp="jvp"`` form,
+the step computes the gradient and the probes' products in one forward-over-reverse pass
+on a refresh (``Curvature.linearize_with_products``).
 
 The estimate is *signed* for an indefinite Hessian; the preconditioner decides what
 to do with negative entries (``diag_ema`` clamps them at 0, or squares ``|d̂|`` for
@@ -22,17 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from somax.contracts import DIAGONAL
-from somax.curvature.base import Linearization
-from somax.estimators.base import (
-    EstimatorState,
-    RefreshCounted,
-    check_count,
-    mean_over_samples,
-    rademacher_like,
-    refresh_key,
-)
+from somax.curvature.base import Linearization, apply_to_probes
+from somax.estimators.base import EstimatorState, RefreshCounted, check_count, rademacher_like, refresh_key
 from somax.registry import ESTIMATORS
 
 PyTree = Any
@@ -54,6 +50,7 @@ class HutchinsonDiagonal(RefreshCounted):
 
     produces = DIAGONAL
     kind = "hutchinson"
+    draws_probes = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,13 +58,19 @@ class HutchinsonDiagonal(RefreshCounted):
 
     def estimate(self, lin: Linearization, rng: jax.Array, state: EstimatorState) -> tuple[PyTree, EstimatorState]:
         """One refresh: the averaged probe estimate and the state with ``refreshes + 1``."""
-        n = self.n_probes
-        probes = rademacher_like(refresh_key(rng, state), lin.grad, None if n == 1 else n)
+        probes, n = self.probes(rng, state, lin.grad)
+        return self.from_products(probes, apply_to_probes(lin.matvec, probes, n), state)
 
-        def one(z: PyTree) -> PyTree:
-            return jax.tree_util.tree_map(lambda a, b: (a * b).astype(a.dtype), z, lin.matvec(z))
+    def probes(self, rng: jax.Array, state: EstimatorState, like: PyTree) -> tuple[PyTree, int | None]:
+        """This refresh's Rademacher probes, like ``like`` (``n_probes`` on a leading axis when > 1)."""
+        n = None if self.n_probes == 1 else self.n_probes
+        return rademacher_like(refresh_key(rng, state), like, n), n
 
-        diag = mean_over_samples(one, probes, n)
+    def from_products(self, probes: PyTree, products: PyTree, state: EstimatorState) -> tuple[PyTree, EstimatorState]:
+        """``d̂ = 1/n Σ_k z_k ⊙ (H z_k)`` and the state with ``refreshes + 1``."""
+        diag = jax.tree_util.tree_map(lambda z, hz: (z * hz).astype(z.dtype), probes, products)
+        if self.n_probes > 1:
+            diag = jax.tree_util.tree_map(lambda d: jnp.mean(d, axis=0).astype(d.dtype), diag)
         return diag, EstimatorState(state.refreshes + 1)
 
 
