@@ -48,6 +48,9 @@ STUDIES: dict[str, Study] = {
     "kronecker_cost": Study(
         "kronecker_cost", "kfac, shampoo, soap, kfac_cg, sgn_ce, muon vs Adam per step; K-FAC's CG products", out="dir"
     ),
+    "kronecker_flops": Study(
+        "kronecker_flops", "XLA's FLOP count of a kfac, shampoo, soap step vs Adam's (refresh on, off)", out="dir"
+    ),
     "kronecker_time_to_target": Study(
         "kronecker_time_to_target", "Kronecker methods, Muon, SGN vs tuned Adam: time to target accuracy", out="dir"
     ),

@@ -63,6 +63,19 @@ def test_real_sizes_tiny_smoke(tmp_path):
     assert (tmp_path / "real_sizes.t.md").exists()
 
 
+def test_kronecker_flops_tiny_smoke(tmp_path):
+    """XLA's FLOP counts: Shampoo does more arithmetic than Adam, and a refresh step more than the others."""
+    from benchmarks import kronecker_flops
+
+    kronecker_flops.main(["--tiny", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "kronecker_flops_tiny.json").read_text())
+    (point,) = data["points"]
+    assert set(point["flops"]) == {"adam", "shampoo", "shampoo_off"}
+    ratio = point["ratio_to_adam"]
+    assert 1 < ratio["shampoo_off"] < ratio["shampoo"]
+    assert "every step (refresh off)" in (tmp_path / "kronecker_flops_tiny.md").read_text()
+
+
 def test_kronecker_cost_tiny_smoke(tmp_path):
     from benchmarks import kronecker_cost
 
