@@ -159,6 +159,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "shampoo_eig": ("shampoo", {"cache_roots": False}),
     "shampoo_s10": ("shampoo", {"factor_every_k": 10}),
     "shampoo_b128_s10": ("shampoo", {"block_size": 128, "factor_every_k": 10}),
+    "soap_eigh": ("soap", {"eigenbasis": "eigh"}),
     "kfac_cached": ("kfac", {"kfac_damping": "pi", "kfac_cache_inverse": True}),
     "kfac_cached_ef": ("kfac", {"kfac_damping": "pi", "kfac_cache_inverse": True, "fisher": "empirical"}),
     "kfac_cached_mc": ("kfac", {"kfac_damping": "pi", "kfac_cache_inverse": True, "fisher": "mc"}),

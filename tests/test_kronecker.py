@@ -332,7 +332,7 @@ def test_shampoo_assembles_with_explicit_estimator_and_rejects_wrong_statistic()
 # ------------------------------------------------------------------------------------------ SOAP
 
 
-def _soap_reference(batches, w0, b0, lr, b1, b2, eps, f):
+def _soap_reference(batches, w0, b0, lr, b1, b2, eps, f, eigenbasis="eigh"):
     """NumPy transcription of SOAP (Vyas et al. 2024, Alg. 3) for ``z = x W + b`` with MSE.
 
     Assumptions (stated in somax.precond.soap): ``Q_L = Q_R = I`` before the first basis
@@ -340,7 +340,10 @@ def _soap_reference(batches, w0, b0, lr, b1, b2, eps, f):
     correction ``M̂ = M/(1−β₁ᵗ)``, ``V̂ = V/(1−β₂ᵗ)`` with ``ε`` added to ``√V̂``; the factors
     ``L, R`` (decay ``β₂``) and the basis are updated after the parameter step, the basis on
     steps ``t`` with ``(t−1) mod f = 0``; ``V`` is not re-projected when the basis changes;
-    the bias vector ``b`` is not rotated (plain Adam).
+    the bias vector ``b`` is not rotated (plain Adam). ``eigenbasis="power_qr"``: after the first
+    ``eigh``, each basis computation is the reference code's ``get_orthogonal_matrix_QR`` (Alg. 4):
+    columns sorted by ``diag(Qᵀ L Q)`` (decreasing), ``V``'s rows (columns for ``R``) permuted alike,
+    ``Q = qr(L Q)``.
     """
     W, b = w0.copy(), b0.copy()
     M, V = np.zeros_like(W), np.zeros_like(W)
@@ -362,17 +365,24 @@ def _soap_reference(batches, w0, b0, lr, b1, b2, eps, f):
         W, b = W - lr * N, b - lr * nb
         L = b2 * L + (1 - b2) * G @ G.T
         R = b2 * R + (1 - b2) * G.T @ G
-        if (t - 1) % f == 0:
+        if (t - 1) % f == 0 and (eigenbasis == "eigh" or t == 1):
             QL = np.linalg.eigh(L)[1][:, ::-1]
             QR = np.linalg.eigh(R)[1][:, ::-1]
+        elif (t - 1) % f == 0:
+            order = np.argsort(-np.diag(QL.T @ L @ QL), kind="stable")
+            V, QL = V[order, :], np.linalg.qr(L @ QL[:, order])[0]
+            order = np.argsort(-np.diag(QR.T @ R @ QR), kind="stable")
+            V, QR = V[:, order], np.linalg.qr(R @ QR[:, order])[0]
     return W, b
 
 
-def test_soap_matches_numpy_reference_10_steps():
+@pytest.mark.parametrize("eigenbasis", ["eigh", "power_qr"])
+def test_soap_matches_numpy_reference_10_steps(eigenbasis):
     lr, b1, b2, eps, f = 0.05, 0.9, 0.95, 1e-8, 3
+    kwargs = {"b2": b2, "eps": eps, "refresh_every_k": f, "eigh_dtype": "float64", "eigenbasis": eigenbasis}
     method = somax.assemble(
         curvature=CurvatureSpec("ggn_mse", kwargs={"predict_fn": _linear_model}),
-        precondition=PrecondSpec("soap", kwargs={"b2": b2, "eps": eps, "refresh_every_k": f, "eigh_dtype": "float64"}),
+        precondition=PrecondSpec("soap", kwargs=kwargs),
         solver=SolverSpec("diagonal"),
         damping=DampingSpec("constant", lam0=0.0),
         grad_tx=optax.ema(b1, debias=True),
@@ -386,7 +396,7 @@ def test_soap_matches_numpy_reference_10_steps():
     p = params
     for batch in batches:
         p, state, _ = step(p, batch, state)
-    W, b = _soap_reference(batches, np.asarray(params["w"]), np.asarray(params["b"]), lr, b1, b2, eps, f)
+    W, b = _soap_reference(batches, np.asarray(params["w"]), np.asarray(params["b"]), lr, b1, b2, eps, f, eigenbasis)
     np.testing.assert_allclose(np.asarray(p["w"]), W, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(np.asarray(p["b"]), b, rtol=1e-9, atol=1e-11)
 

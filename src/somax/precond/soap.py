@@ -9,10 +9,18 @@ every update does, with ``Q_L``, ``Q_R`` the *current* eigenbases,
     L_t  = β_s L_{t−1} + (1−β_s) G_t G_tᵀ,  R_t = β_s R_{t−1} + (1−β_s) G_tᵀ G_t
 
 and every refresh (``refresh_every_k``, the paper's ``precondition_frequency`` ``f``)
-computes the eigenvectors of ``L_t`` and ``R_t`` (``eigh``, eigenvalues in decreasing
-order) as the *next* basis, which the following update starts to use (so the basis
-that rotates ``G_t`` never contains ``G_t``, as in the paper's algorithm, where the
-factors and the basis are updated after the parameter step). At every step,
+computes the *next* basis of each side, which the following update starts to use (so the
+basis that rotates ``G_t`` never contains ``G_t``, as in the paper's algorithm, where the
+factors and the basis are updated after the parameter step). With ``eigenbasis="eigh"`` it is
+the eigenvectors of ``L_t`` (``eigh``, eigenvalues in decreasing order). With ``"power_qr"``
+(the paper's Alg. 4 and its reference code) only the first refresh calls ``eigh``; each later
+one takes one step of power iteration from the current basis ``Q``:
+
+    order = argsort(−diag(Qᵀ L Q)),   Q ← qr(L Q[:, order]).Q,
+
+and permutes ``V``'s rows (columns for ``R``) by the same ``order`` when the new basis takes
+effect, so that each coordinate keeps its second moment. A QR costs a fraction of an
+``eigh`` (256×256 in float32 on a 2-core CPU: 1.5 ms against 3.6 ms). At every step,
 
     M⁻¹ V = Q_L [ (Q_Lᵀ V Q_R) / (√V̂_t + ε + λ) ] Q_Rᵀ,     V̂_t = V_t / (1 − β₂^t),
 
@@ -27,11 +35,12 @@ vector or scalar is not rotated (identity basis): one-sided SOAP for large dimen
 plain Adam for vectors (the reference code's ``precondition_1d=False``).
 
 Cost per step: four rotations ``O(m²n + mn²)`` for ``M⁻¹``, two for ``G'``, two for the
-factors; per refresh one ``eigh`` per side ``O(m³ + n³)``. Memory: ``2(m² + n²) + mn``.
+factors; per refresh one ``eigh`` (or a product and a QR) per side ``O(m³ + n³)``. Memory:
+``2(m² + n²) + mn``.
 
 Reference:
   Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson & Kakade, "SOAP: Improving
-  and Stabilizing Shampoo using Adam", arXiv:2409.11321 (ICLR 2025), Algorithm 3.
+  and Stabilizing Shampoo using Adam", arXiv:2409.11321 (ICLR 2025), Algorithms 3 and 4.
 """
 
 from __future__ import annotations
@@ -50,20 +59,42 @@ from somax.registry import PRECONDITIONERS
 
 PyTree = Any
 
-__all__ = ["SOAP", "SOAPState", "soap"]
+__all__ = ["SOAP", "SOAPState", "soap", "EIGENBASES", "power_qr"]
+
+#: how a refresh computes the next basis (see the module docstring)
+EIGENBASES = ("eigh", "power_qr")
 
 
 class SOAPState(NamedTuple):
     """``factors``: per leaf ``{"L", "R"}`` for its rotated sides; ``basis``: per leaf the bases in
     use ``{"QL", "QR"}``; ``next_basis``: the bases computed at the last refresh (taken into use
     by the next update); ``v``: per leaf the rotated second moment ``V`` (matrix- or leaf-shaped);
-    ``count``: updates folded in."""
+    ``count``: updates folded in; ``next_order``: per leaf ``{"L", "R"}`` the permutation of
+    ``V``'s rows / columns that comes with ``next_basis`` (the identity after an ``eigh``);
+    ``has_basis``: whether a refresh has computed a basis (``power_qr`` starts from it)."""
 
     factors: list
     basis: list
     next_basis: list
     v: list
     count: jax.Array
+    next_order: list
+    has_basis: jax.Array
+
+
+def power_qr(mat: jax.Array, q: jax.Array, dtype: str) -> tuple[jax.Array, jax.Array]:
+    """One power-iteration step with QR from the basis ``q`` (Vyas et al. 2024, Alg. 4):
+    ``(qr(mat q[:, order]).Q, order)`` with ``order`` sorting the Rayleigh quotients
+    ``diag(qᵀ mat q)`` in decreasing order; the decomposition in ``dtype``, cast back."""
+    work = mat.astype(jnp.float64 if dtype == "float64" else jnp.float32)
+    mq = work @ q.astype(work.dtype)
+    order = jnp.argsort(-jnp.sum(q.astype(work.dtype) * mq, axis=0))
+    new, _ = jnp.linalg.qr(mq[:, order])
+    return new.astype(mat.dtype), order.astype(jnp.int32)
+
+
+def _identity_order(factors: dict) -> dict:
+    return {side: jnp.arange(mat.shape[0], dtype=jnp.int32) for side, mat in factors.items()}
 
 
 def _rotate(x: jax.Array, basis: dict, back: bool) -> jax.Array:
@@ -88,7 +119,9 @@ class SOAP(Preconditioner):
       max_dim: a side longer than this is not rotated.
       refresh_every_k: recompute the eigenbases on steps ``0, k, 2k, …`` (paper: ``f = 10``).
       bias_correction: divide ``V`` by ``1 − β₂^t``.
-      eigh_dtype: ``"float32"`` or ``"float64"``.
+      eigh_dtype: ``"float32"`` or ``"float64"``: the dtype of the refresh's decompositions.
+      eigenbasis: ``"eigh"`` (every refresh) or ``"power_qr"`` (``eigh`` once, then one step of
+        power iteration with QR per refresh, as the paper's Alg. 4).
     """
 
     b2: float = 0.95
@@ -98,6 +131,7 @@ class SOAP(Preconditioner):
     refresh_every_k: int = 10
     bias_correction: bool = True
     eigh_dtype: str = "float32"
+    eigenbasis: str = "eigh"
 
     consumes = (GRADIENT,)
     default_estimator = "gradient"
@@ -113,6 +147,7 @@ class SOAP(Preconditioner):
         validate.cadence(f"{where}: refresh_every_k", self.refresh_every_k)
         validate.boolean(f"{where}: bias_correction", self.bias_correction)
         validate.choice(f"{where}: eigh_dtype", self.eigh_dtype, ("float32", "float64"))
+        validate.choice(f"{where}: eigenbasis", self.eigenbasis, EIGENBASES)
 
     def layouts(self, params: PyTree) -> list[LeafLayout]:
         """The :class:`~somax.precond.shampoo.LeafLayout` of every leaf (``tree_leaves`` order)."""
@@ -133,15 +168,21 @@ class SOAP(Preconditioner):
                 v.append(jnp.zeros(x.shape, dt))
             factors.append(f)
             basis.append(b)
-        return SOAPState(factors, basis, basis, v, jnp.zeros((), jnp.int32))
+        orders = [_identity_order(f) for f in factors]
+        return SOAPState(factors, basis, basis, v, jnp.zeros((), jnp.int32), orders, jnp.asarray(False))
 
     def update(self, state: SOAPState, statistic: PyTree, lin: Any = None) -> SOAPState:
         bs = self.b2 if self.shampoo_beta is None else self.shampoo_beta
         basis = state.next_basis  # a refresh at the previous step takes effect now
         factors, v = [], []
-        for g, f, b, v_old, lay in zip(
-            jax.tree_util.tree_leaves(statistic), state.factors, basis, state.v, self.layouts(statistic)
-        ):
+        for g, f, b, v_old, order, lay in zip(
+            jax.tree_util.tree_leaves(statistic), state.factors, basis, state.v, state.next_order,
+            self.layouts(statistic),
+        ):  # fmt: skip
+            if "L" in order:
+                v_old = v_old[order["L"], :]
+            if "R" in order:
+                v_old = v_old[:, order["R"]]
             mat = g.reshape(v_old.shape).astype(v_old.dtype)
             rot = _rotate(mat, b, back=False) if lay.matrix else mat
             v.append(self.b2 * v_old + (1.0 - self.b2) * rot * rot)
@@ -151,12 +192,28 @@ class SOAP(Preconditioner):
             if "R" in f:
                 new["R"] = bs * f["R"] + (1.0 - bs) * (mat.T @ mat)
             factors.append(new)
-        return SOAPState(factors, basis, basis, v, state.count + 1)
+        orders = [_identity_order(f) for f in factors]
+        return SOAPState(factors, basis, basis, v, state.count + 1, orders, state.has_basis)
 
     def refresh(self, state: SOAPState) -> SOAPState:
-        nxt = [{"Q" + side: eig_factor(mat, self.eigh_dtype, descending=True)[0] for side, mat in f.items()}
-               for f in state.factors]  # fmt: skip
-        return SOAPState(state.factors, state.basis, nxt, state.v, state.count)
+        def by_eigh() -> tuple[list, list]:
+            nxt = [{"Q" + side: eig_factor(mat, self.eigh_dtype, descending=True)[0] for side, mat in f.items()}
+                   for f in state.factors]  # fmt: skip
+            return nxt, [_identity_order(f) for f in state.factors]
+
+        def by_power_qr() -> tuple[list, list]:
+            nxt, orders = [], []
+            for f, b in zip(state.factors, state.basis):
+                pairs = {side: power_qr(mat, b["Q" + side], self.eigh_dtype) for side, mat in f.items()}
+                nxt.append({"Q" + side: q for side, (q, _) in pairs.items()})
+                orders.append({side: order for side, (_, order) in pairs.items()})
+            return nxt, orders
+
+        if self.eigenbasis == "eigh":
+            nxt, orders = by_eigh()
+        else:
+            nxt, orders = jax.lax.cond(state.has_basis, by_power_qr, by_eigh)
+        return state._replace(next_basis=nxt, next_order=orders, has_basis=jnp.asarray(True))
 
     def inverse(self, state: SOAPState, lam: jax.Array):
         t = jnp.maximum(state.count, 1)

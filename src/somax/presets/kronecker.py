@@ -159,6 +159,7 @@ def _soap(o: Mapping[str, Any]) -> SecondOrderMethod:
                 "max_dim": o["max_dim"],
                 "refresh_every_k": o["precondition_frequency"],
                 "eigh_dtype": o["eigh_dtype"],
+                "eigenbasis": o["eigenbasis"],
             },
         ),  # fmt: skip
     )
@@ -182,6 +183,12 @@ soap = define_preset(
         "precondition_frequency": Option(10, int, "recompute the eigenbases every this many steps (paper: 10)."),
         "max_dim": Option(10000, int, "a side longer than this is not rotated (one-sided SOAP)."),
         "eigh_dtype": _EIGH,
+        "eigenbasis": Option(
+            "power_qr",
+            str,
+            '``"power_qr"`` (``eigh`` at the first refresh, then one power-iteration step with QR per refresh, '
+            'as the paper\'s Alg. 4) or ``"eigh"`` (an ``eigh`` at every refresh).',
+        ),
     },
     doc="""SOAP [Vyas et al. 2024]: Adam in the eigenbasis of Shampoo's factors, diagonal lane.
 
@@ -191,6 +198,7 @@ soap = define_preset(
         G' = Q_Lᵀ G Q_R,  V = b2 V + (1 − b2) G'²           PrecondSpec("soap") + EstimatorSpec("gradient")
         L = β_s L + (1−β_s) G Gᵀ,  R likewise
         every precondition_frequency steps: Q_L, Q_R ← eigenvectors(L, R), used from the next step
+            (eigenbasis="power_qr": Q ← qr(L Q[:, order]).Q after the first eigh, V permuted by order)
         s = Q_L [(Q_Lᵀ M̂ Q_R) / (√(V/(1−b2^t)) + eps)] Q_Rᵀ  SolverSpec("diagonal"), λ = 0
         w ← w − lr·(s + weight_decay·w)                      add_decayed_weights → lr
 
