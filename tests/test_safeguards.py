@@ -169,6 +169,72 @@ def test_a_zero_predicted_decrease_keeps_lambda_and_the_step():
     assert float(state.damping.lam) == 0.3 and int(info["tr_action"]) == somax.damping.KEEP
 
 
+# ---------------------------------------------------------------------------- trust-region floors
+
+_SIGNALS = st.lists(
+    st.tuples(st.sampled_from([-1.0, 0.0, 0.1, 0.5, 0.9, 1.0, 3.0, float("nan")]), st.booleans(), st.booleans()),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(_SIGNALS, st.sampled_from([1e-3, 1.0, 10.0]), st.sampled_from([None, 0.5, 1.0]))
+def test_trust_region_never_lowers_lambda_below_its_lam0_floor(signals, lam0, lam0_floor):
+    """For every sequence of (rho, finite, capped) signals: ``λ ≥ lam0_floor·λ₀`` after each update (and
+    ``λ ≥ lam_min`` without that floor), ``λ ≤ lam_max``; λ moves by the policy's factors otherwise."""
+    policy = somax.damping.TrustRegion(lam0_floor=lam0_floor, lam_max=1e3)
+    state = policy.init({"w": jnp.zeros(3)}, lam0)
+    floor = policy.lam_min if lam0_floor is None else lam0_floor * lam0
+    for rho, finite, capped in signals:
+        before = float(state.lam)
+        sig = {"rho": jnp.asarray(rho), "finite": jnp.asarray(finite), "capped": jnp.asarray(capped)}
+        state, _, action = policy.update(state, sig)
+        lam = float(state.lam)
+        assert floor * (1 - 1e-6) <= lam <= policy.lam_max * (1 + 1e-6), (lam, floor)
+        factor = {0: 1.0, 1: policy.increase, 2: policy.decrease}[int(action)]
+        expected = min(max(before * factor, floor, policy.lam_min), policy.lam_max)
+        assert lam == pytest.approx(expected, rel=1e-6)
+
+
+def test_curvature_floor_tracks_the_top_eigenvalue():
+    """``curvature_floor=f``: one power-iteration product per check; on ``H = diag(h)`` the estimate
+    converges to ``max(h)`` and every check leaves ``λ ≥ f·λ̂_max``, even when rho says lower it."""
+    h = jnp.asarray([0.5, 2.0, 8.0, 1.0])
+
+    class Lin:
+        matvec = staticmethod(lambda v: jax.tree_util.tree_map(lambda x: h * x, v))
+
+    policy = somax.damping.TrustRegion(curvature_floor=0.5, lam0_floor=None)
+    state = policy.init({"w": jnp.zeros(4)}, 1.0)
+    sig = {"rho": jnp.asarray(1.0), "finite": jnp.asarray(True), "capped": jnp.asarray(False), "lin": Lin()}
+    for _ in range(30):
+        state, _, _ = policy.update(state, sig)
+        assert float(state.lam) >= 0.5 * float(state.top) * (1 - 1e-6)
+    assert float(state.top) == pytest.approx(8.0, rel=1e-3)
+    assert float(state.lam) == pytest.approx(4.0, rel=1e-3)
+
+
+def test_lam0_floor_keeps_lambda_at_lam0_on_a_quadratic():
+    """rho = 1 on a quadratic says "lower λ" at every check; the default floor keeps ``λ = λ₀``, the
+    textbook policy (``lam0_floor=None``) halves it (no step bound in either, so no check is capped)."""
+    w = jnp.asarray([[1.0], [-2.0], [0.5]], jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 3), jnp.float64)
+    batch = {"x": x, "y": x @ w + 0.1}
+    lams = {}
+    for name, kwargs in (
+        ("default", {"max_rel_update": None}),
+        ("textbook", {"lam0_floor": None, "max_rel_update": None}),
+    ):
+        method = somax.make("sgn_mse", predict_fn=lambda p, x: x @ p["w"],
+                            damping=DampingSpec("trust_region", lam0=0.3, kwargs=kwargs))  # fmt: skip
+        p, state, step = {"w": jnp.zeros_like(w)}, method.init({"w": jnp.zeros_like(w)}), jax.jit(method.step)
+        for _ in range(3):
+            p, state, _ = step(p, batch, state)
+        lams[name] = float(state.damping.lam)
+    assert lams == {"default": pytest.approx(0.3), "textbook": pytest.approx(0.3 * 0.5**3)}
+
+
 # ---------------------------------------------------------------------------- bad batches, parameters, counter
 
 

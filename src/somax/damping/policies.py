@@ -22,9 +22,12 @@ update was not finite, whatever its cadence, and keeps that λ (``on_nonfinite =
   On mini-batches the same-batch rho stays near 1 while the step grows in directions
   the batch says little about, so two safeguards are on by default: every step, checked
   or not, is bounded by ``‖u_t‖ ≤ max_rel_update · max(‖w_t‖, 1)`` (a check whose step
-  hit the bound raises λ), and λ is floored at ``curvature_floor · λ̂_max(H_t)``, with
-  ``λ̂_max`` tracked by one power-iteration product per check. ``max_rel_update=None,
-  curvature_floor=None`` is the textbook policy (measurements: ``docs/telemetry.md``).
+  hit the bound raises λ), and λ never falls below ``lam0_floor · λ_0`` (default λ_0
+  itself): the trust region raises λ when steps fail and lowers it back, not below the
+  damping the method started from. Optionally (``curvature_floor``) λ is also floored at
+  ``curvature_floor · λ̂_max(H_t)``, with ``λ̂_max`` tracked by one power-iteration product
+  per check. ``max_rel_update=None, lam0_floor=None`` is the textbook policy
+  (measurements: ``docs/telemetry.md``).
 * ``step_norm``: keeps the update norm ``‖u_t‖`` (or ``‖u_t‖/‖w_t‖`` with
   ``relative=True``) in the band ``[low, high]``: ``λ ← λ·increase`` above it,
   ``λ ← λ·decrease`` below it. Needs no extra forward pass.
@@ -70,11 +73,13 @@ class DampingState(NamedTuple):
 
 
 class TrustRegionState(NamedTuple):
-    """``lam``: λ; ``top``: the running estimate of ``λ_max(H)``; ``v``: its power-iteration vector."""
+    """``lam``: λ; ``top``: the running estimate of ``λ_max(H)``; ``v``: its power-iteration vector;
+    ``floor``: ``lam0_floor · λ_0`` (0 without that floor)."""
 
     lam: jax.Array
     top: jax.Array
     v: Any
+    floor: jax.Array
 
 
 def _scale_lam(state: DampingState, up: jax.Array, down: jax.Array, increase: float, decrease: float,
@@ -118,9 +123,11 @@ class TrustRegion(Damping):
       reject_below: reject a step whose rho is below this (``None``: never reject).
       max_rel_update: at every step, checked or not, ``‖u‖ ≤ c · max(‖w‖, 1)``; a check whose
         step hit the bound raises λ. ``None`` turns the bound off.
+      lam0_floor: ``λ ≥ f · λ_0`` after each update (``λ_0``: the method's ``lam0``). ``None``
+        leaves only ``lam_min``.
       curvature_floor: ``λ ≥ f · λ̂_max(H)`` after each update, with ``λ̂_max`` tracked by one
         power-iteration product ``H v`` per check (kept as ``max(vᵀHv, floor_decay · λ̂_prev)``).
-        ``None`` turns the floor off (and saves the product and the parameter-sized ``v``).
+        ``None`` (the default) turns it off (and saves the product and the parameter-sized ``v``).
       floor_decay: how fast the ``λ̂_max`` estimate may fall between checks.
     """
 
@@ -134,7 +141,8 @@ class TrustRegion(Damping):
     rho_clip: float = 5.0
     reject_below: float | None = 0.0
     max_rel_update: float | None = 0.03
-    curvature_floor: float | None = 0.15
+    lam0_floor: float | None = 1.0
+    curvature_floor: float | None = None
     floor_decay: float = 0.9
 
     needs_rho = True
@@ -152,6 +160,7 @@ class TrustRegion(Damping):
         validate.number(f"{where}: reject_below", self.reject_below, allow_none=True)
         positive = {"minimum": 0.0, "exclusive_minimum": True, "allow_none": True}
         validate.number(f"{where}: max_rel_update", self.max_rel_update, **positive)
+        validate.number(f"{where}: lam0_floor", self.lam0_floor, **positive)
         validate.number(f"{where}: curvature_floor", self.curvature_floor, **positive)
         validate.number(f"{where}: floor_decay", self.floor_decay, minimum=0.0, maximum=1.0)
         if not self.lower < self.upper:
@@ -164,14 +173,16 @@ class TrustRegion(Damping):
         if self.curvature_floor is not None:
             probe = rademacher_like(jax.random.PRNGKey(0), params)
             v = tree_scale(1.0 / max(tree_size(params), 1) ** 0.5, probe)
-        return TrustRegionState(jnp.asarray(lam0, dtype), jnp.zeros((), dtype), v)
+        floor = 0.0 if self.lam0_floor is None else self.lam0_floor * lam0
+        return TrustRegionState(jnp.asarray(lam0, dtype), jnp.zeros((), dtype), v, jnp.asarray(floor, dtype))
 
     def update(self, state: TrustRegionState, signals: Mapping[str, jax.Array]):
         r = jnp.minimum(signals["rho"], self.rho_clip)
         failed = ~signals["finite"] | signals["capped"]  # a capped step means λ was too small for it
         new, action = _scale_lam(DampingState(state.lam), (r < self.lower) | failed, (r > self.upper) & ~failed,
                                  self.increase, self.decrease, self.lam_min, self.lam_max)  # fmt: skip
-        lam, top, v = new.lam, state.top, state.v
+        lam = jnp.clip(jnp.maximum(new.lam, state.floor), self.lam_min, self.lam_max).astype(new.lam.dtype)
+        top, v = state.top, state.v
         if self.curvature_floor is not None:
             hv = signals["lin"].matvec(v)
             rayleigh, hv_norm = tree_vdot(v, hv).astype(top.dtype), tree_norm(hv)
@@ -180,7 +191,7 @@ class TrustRegion(Damping):
             v = tree_where(ok, tree_scale(1.0 / jnp.maximum(hv_norm, jnp.finfo(top.dtype).tiny), hv), v)
             lam = jnp.clip(jnp.maximum(lam, self.curvature_floor * top), self.lam_min, self.lam_max).astype(lam.dtype)
         accept = jnp.asarray(True) if self.reject_below is None else ~(r < self.reject_below)
-        return TrustRegionState(lam, top, v), accept, action
+        return TrustRegionState(lam, top, v, state.floor), accept, action
 
 
 @dataclass(frozen=True, kw_only=True)
