@@ -106,7 +106,9 @@ def test_rejected_steps_leave_the_history_as_declared():
     """``keep``: statistics of w_t stay, the post-step hook records nothing; ``rollback``: the whole state stays."""
     params, predict = tiny_mlp()
     # the paper's trust region, without the mini-batch safeguards, rejects some of these steps
-    damping = DampingSpec("trust_region", lam0=1.0, kwargs={"max_rel_update": None, "lam0_floor": None})
+    damping = DampingSpec(
+        "trust_region", lam0=1.0, kwargs={"max_rel_update": None, "lam0_floor": None, "curvature_floor": None}
+    )
     batches = _batches(10)
     for precond in ("history_jacobi_test", "rollback_history_jacobi_test"):
         method = _method(predict, precond=precond, maxiter=5, damping=damping, tx=optax.scale(-3.0))

@@ -366,7 +366,7 @@ def test_trust_region_in_row_lane_matches_parameter_lane():
     """Same rho semantics: rho, λ and accept/reject agree step by step with an exact param-lane solve."""
     loss, predict, params, _ = _case("ce_int")
     damping = DampingSpec("trust_region", lam0=1e-3, kwargs={"every_k": 1, "max_rel_update": None,
-                                                             "lam0_floor": None})  # fmt: skip
+                                                             "lam0_floor": None, "curvature_floor": None})  # fmt: skip
     telemetry = TelemetrySpec(rho_every_k=1)
     tx = optax.scale(-2.0)  # an over-long step so that some steps are rejected
     row = _method(loss, predict, SolverSpec("row_cholesky"), damping=damping, telemetry=telemetry, tx=tx)

@@ -183,7 +183,7 @@ _SIGNALS = st.lists(
 def test_trust_region_never_lowers_lambda_below_its_lam0_floor(signals, lam0, lam0_floor):
     """For every sequence of (rho, finite, capped) signals: ``λ ≥ lam0_floor·λ₀`` after each update (and
     ``λ ≥ lam_min`` without that floor), ``λ ≤ lam_max``; λ moves by the policy's factors otherwise."""
-    policy = somax.damping.TrustRegion(lam0_floor=lam0_floor, lam_max=1e3)
+    policy = somax.damping.TrustRegion(lam0_floor=lam0_floor, curvature_floor=None, lam_max=1e3)
     state = policy.init({"w": jnp.zeros(3)}, lam0)
     floor = policy.lam_min if lam0_floor is None else lam0_floor * lam0
     for rho, finite, capped in signals:
@@ -216,15 +216,15 @@ def test_curvature_floor_tracks_the_top_eigenvalue():
 
 
 def test_lam0_floor_keeps_lambda_at_lam0_on_a_quadratic():
-    """rho = 1 on a quadratic says "lower λ" at every check; the default floor keeps ``λ = λ₀``, the
-    textbook policy (``lam0_floor=None``) halves it (no step bound in either, so no check is capped)."""
+    """rho = 1 on a quadratic says "lower λ" at every check; the λ₀ floor keeps ``λ = λ₀``, the
+    textbook policy (``lam0_floor=None``) halves it (no step bound or curvature floor in either)."""
     w = jnp.asarray([[1.0], [-2.0], [0.5]], jnp.float64)
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 3), jnp.float64)
     batch = {"x": x, "y": x @ w + 0.1}
     lams = {}
     for name, kwargs in (
-        ("default", {"max_rel_update": None}),
-        ("textbook", {"lam0_floor": None, "max_rel_update": None}),
+        ("default", {"max_rel_update": None, "curvature_floor": None}),
+        ("textbook", {"lam0_floor": None, "max_rel_update": None, "curvature_floor": None}),
     ):
         method = somax.make("sgn_mse", predict_fn=lambda p, x: x @ p["w"],
                             damping=DampingSpec("trust_region", lam0=0.3, kwargs=kwargs))  # fmt: skip

@@ -23,7 +23,7 @@ from somax.specs import CurvatureSpec, DampingSpec, SolverSpec, TelemetrySpec
 EXACT_CG = SolverSpec("cg", kwargs={"maxiter": 500, "tol": 1e-13})
 
 #: the trust region without its mini-batch safeguards: the Levenberg–Marquardt mechanics alone
-TEXTBOOK_TR = {"max_rel_update": None, "lam0_floor": None}
+TEXTBOOK_TR = {"max_rel_update": None, "lam0_floor": None, "curvature_floor": None}
 
 
 def _direction(method, params, batch):

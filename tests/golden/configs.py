@@ -28,7 +28,7 @@ from somax.specs import (
 STEPS = 20
 B = 6
 #: the trust region as the paper states it (no mini-batch safeguards), as recorded
-PAPER_TR = {"max_rel_update": None, "lam0_floor": None}
+PAPER_TR = {"max_rel_update": None, "lam0_floor": None, "curvature_floor": None}
 
 
 def _predict(p, x):

@@ -20,14 +20,14 @@ update was not finite, whatever its cadence, and keeps that λ (``on_nonfinite =
   parameters and Optax state stay as they were.
 
   On mini-batches the same-batch rho stays near 1 while the step grows in directions
-  the batch says little about, so two safeguards are on by default: every step, checked
+  the batch says little about, so three safeguards are on by default: every step, checked
   or not, is bounded by ``‖u_t‖ ≤ max_rel_update · max(‖w_t‖, 1)`` (a check whose step
-  hit the bound raises λ), and λ never falls below ``lam0_floor · λ_0`` (default λ_0
-  itself): the trust region raises λ when steps fail and lowers it back, not below the
-  damping the method started from. Optionally (``curvature_floor``) λ is also floored at
-  ``curvature_floor · λ̂_max(H_t)``, with ``λ̂_max`` tracked by one power-iteration product
-  per check. ``max_rel_update=None, lam0_floor=None`` is the textbook policy
-  (measurements: ``docs/telemetry.md``).
+  hit the bound raises λ); λ never falls below ``lam0_floor · λ_0`` (default λ_0 itself:
+  the trust region raises λ when steps fail and lowers it back, not below the damping the
+  method started from); and λ is floored at ``curvature_floor · λ̂_max(H_t)``, with
+  ``λ̂_max`` tracked by one power-iteration product per check, which protects a λ_0 far
+  below the problem's curvature. ``max_rel_update=None, lam0_floor=None,
+  curvature_floor=None`` is the textbook policy (measurements: ``docs/telemetry.md``).
 * ``step_norm``: keeps the update norm ``‖u_t‖`` (or ``‖u_t‖/‖w_t‖`` with
   ``relative=True``) in the band ``[low, high]``: ``λ ← λ·increase`` above it,
   ``λ ← λ·decrease`` below it. Needs no extra forward pass.
@@ -127,7 +127,7 @@ class TrustRegion(Damping):
         leaves only ``lam_min``.
       curvature_floor: ``λ ≥ f · λ̂_max(H)`` after each update, with ``λ̂_max`` tracked by one
         power-iteration product ``H v`` per check (kept as ``max(vᵀHv, floor_decay · λ̂_prev)``).
-        ``None`` (the default) turns it off (and saves the product and the parameter-sized ``v``).
+        ``None`` turns it off (and saves the product and the parameter-sized ``v``).
       floor_decay: how fast the ``λ̂_max`` estimate may fall between checks.
     """
 
@@ -142,7 +142,7 @@ class TrustRegion(Damping):
     reject_below: float | None = 0.0
     max_rel_update: float | None = 0.03
     lam0_floor: float | None = 1.0
-    curvature_floor: float | None = None
+    curvature_floor: float | None = 0.15
     floor_decay: float = 0.9
 
     needs_rho = True
