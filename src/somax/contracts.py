@@ -172,20 +172,20 @@ class Curvature(Component):
         batch: Any,
         model_state: Any,
         rng: Any,
-        draw: Callable[[], tuple[PyTree, int | None]],
+        probes: PyTree,
+        n: int | None,
         fire: bool | jax.Array,
-    ) -> tuple[Linearization, PyTree, PyTree]:
-        """``(lin, z, H z)``: the snapshot and, where ``fire`` holds, probes ``z`` from ``draw()``
-        and their products ``H z``; zeros of their shapes where it does not (nothing is drawn).
+    ) -> tuple[Linearization, PyTree]:
+        """The snapshot and, where ``fire`` holds, the products ``H z`` of the probes ``z``.
 
-        ``draw() -> (z, n)`` gives ``n`` probes stacked on a leading axis, or one probe without
-        that axis when ``n`` is ``None``; the products have the probes' shapes. This default
-        takes them from ``linearize``'s ``matvec``.
+        ``probes`` holds ``n`` probes stacked on a leading axis, or one probe without that
+        axis when ``n`` is ``None``; the products have the probes' shapes, and are zeros
+        where ``fire`` is false. This default takes them from ``linearize``'s ``matvec``.
         """
-        from somax.curvature.base import gated_probe_products  # the curvature package imports this module
+        from somax.curvature.base import gated_products  # the curvature package imports this module
 
         lin = self.linearize(params, batch, model_state, rng)
-        return lin, *gated_probe_products(lin.matvec, draw, fire)
+        return lin, gated_products(lin.matvec, probes, n, fire)
 
 
 class Estimator(Component):
@@ -196,8 +196,8 @@ class Estimator(Component):
     step estimates on one of ``every_k`` slices of the batch at every step and hands the mean
     over to the preconditioner on the cadence: :mod:`somax.estimators.amortized`; only for
     a params-shaped statistic), ``draws_probes`` (the statistic is ``from_products(z, H z)`` for
-    probes ``z`` that the curvature draws through ``probes`` in its own pass, so a curvature
-    that ``fuses_products`` can make ``H z`` together with the gradient).
+    probes ``z`` drawn before the step's linearization, so a curvature that ``fuses_products``
+    can make ``H z`` together with the gradient).
     """
 
     produces: ClassVar[str]
@@ -216,8 +216,8 @@ class Estimator(Component):
         (``None``: one, without that axis), shaped like ``like`` (the parameters).
 
         Only for an estimator that declares ``draws_probes``: its statistic is
-        ``from_products(z, H z, state)``, and a curvature that ``fuses_products`` draws the
-        probes and computes ``H z`` together with the gradient, on the refreshes only.
+        ``from_products(z, H z, state)``, and a curvature that ``fuses_products`` computes
+        ``H z`` together with the gradient.
         """
         raise NotImplementedError(f"{type(self).__name__} declares no probes (draws_probes=False)")
 

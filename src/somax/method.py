@@ -180,7 +180,7 @@ class SecondOrderMethod:
         fdt = scalar_dtype(params)
         count = state.count
         fused = self._fused_probes(params, state, rng, grad)
-        lin, probe_products = self._linearize(params, batch, state, rng, grad, fused)
+        lin, products = self._linearize(params, batch, state, rng, grad, fused)
         values: dict[str, Any] = {}
         if any(self.plan.enabled(p) for p in ("trace", "eig", "density", "block_eig")):
             gate = lambda p: self.plan.gate(p, count)  # noqa: E731
@@ -189,7 +189,7 @@ class SecondOrderMethod:
         if self.grad_tx is not None:
             rhs, grad_tx_state = self.grad_tx.update(lin.grad, state.grad_tx, params)
         lam = state.damping.lam
-        precond_state, estimator_state, inverse = self._precondition(lin, rng, state, params, batch, probe_products)
+        precond_state, estimator_state, inverse = self._precondition(lin, rng, state, params, batch, fused, products)
         direction, solver_state, solver_stats = self.solver.solve(lin, rhs, lam, inverse, state.solver)
         updates, tx_state, ls_state, finite = self._apply(lin, params, direction, state, values, fdt)
         rho = self._post_update(lin, params, direction, updates, count, values, fdt)
@@ -227,9 +227,8 @@ class SecondOrderMethod:
         check_state(self.init, params, state)
 
     def _fused_probes(self, params: PyTree, state: MethodState, rng: Any, grad: PyTree | None):
-        """``(draw, fire)`` when the estimator's products come with the gradient from one pass (an
-        estimator that ``draws_probes`` on a curvature that ``fuses_products``), else ``None``;
-        ``draw()`` gives this refresh's probes (called only where the refresh fires).
+        """``(probes, n, fire)`` when the estimator's products come with the gradient from one pass
+        (an estimator that ``draws_probes`` on a curvature that ``fuses_products``), else ``None``.
 
         Not with an external ``grad`` (the batch gradient is not needed then), an amortized
         estimator (its own linearization) or a line search (it may reuse the last gradient).
@@ -241,16 +240,16 @@ class SecondOrderMethod:
         fire = self.plan.gate("estimator", state.count)
         if fire is False:
             return None
-        key = self._estimator_key(rng)
-        return (lambda: est.probes(key, state.estimator, params)), fire
+        probes, n = est.probes(self._estimator_key(rng), state.estimator, params)
+        return probes, n, fire
 
     def _estimator_key(self, rng: Any) -> Any:
         return jax.random.fold_in(rng, 1) if self.estimator.uses_rng and rng is not None else None
 
     def _linearize(self, params: PyTree, batch: Any, state: MethodState, rng: Any, grad: PyTree | None = None,
                    fused: tuple | None = None):  # fmt: skip
-        """``(lin, probe_products)``: the step's one linearization (with ``grad`` given, it replaces the
-        batch gradient ``lin.grad``) and, with ``fused`` probes, ``(z, H z)`` from the same pass."""
+        """``(lin, products)``: the step's one linearization (with ``grad`` given, it replaces the batch
+        gradient ``lin.grad``) and, with ``fused`` probes, their products from the same pass."""
         if grad is not None and self.solver.needs_gradient_rhs:
             raise ValueError(
                 f"step: grad= was given, but the solver {type(self.solver).__name__} (lane {self.solver.lane!r}) "
@@ -274,8 +273,7 @@ class SecondOrderMethod:
                 raise type(e)(msg) from e
 
         if fused is not None:
-            lin, probes, products = linearize(fused)
-            return lin, (probes, products)
+            return linearize(fused)
         lin = linearize()
         if grad is not None:
             return dataclasses.replace(lin, grad=grad), None
@@ -317,11 +315,11 @@ class SecondOrderMethod:
         return dataclasses.replace(lin, loss=loss, grad=grad)
 
     def _precondition(
-        self, lin, rng: Any, state: MethodState, params: PyTree, batch: Any, probe_products: tuple | None
+        self, lin, rng: Any, state: MethodState, params: PyTree, batch: Any, fused: tuple | None, products: Any
     ) -> tuple[Any, Any, Any]:
         """Statistic (estimator cadence) → ``update`` → ``refresh`` (own cadence) → ``M⁻¹`` for this λ.
 
-        With ``probe_products`` ``(z, H z)``, made with the gradient, the statistic comes from them.
+        With ``fused`` probes the statistic comes from ``products``, made with the gradient.
         """
         precond_state, estimator_state, count = state.precond, state.estimator, state.count
         est = self.estimator
@@ -331,10 +329,10 @@ class SecondOrderMethod:
             key = self._estimator_key(rng)
 
             def update() -> tuple[PyTree, PyTree]:
-                if probe_products is None:
+                if fused is None:
                     statistic, new_est = est.estimate(lin, key, estimator_state)
                 else:
-                    statistic, new_est = est.from_products(*probe_products, estimator_state)
+                    statistic, new_est = est.from_products(fused[0], products, estimator_state)
                 return self.precond.update(precond_state, statistic, lin), new_est
 
             fire = self.plan.gate("estimator", count)

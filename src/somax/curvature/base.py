@@ -21,7 +21,7 @@ from somax._tree import tree_vdot
 
 PyTree = Any
 
-__all__ = ["Linearization", "apply_to_probes", "gated_probe_products", "zeros_like_draw"]
+__all__ = ["Linearization", "apply_to_probes", "gated_products"]
 
 
 @dataclass(frozen=True)
@@ -75,27 +75,11 @@ def apply_to_probes(fn: Callable[[PyTree], PyTree], probes: PyTree, n: int | Non
     return fn(probes) if n is None else jax.vmap(fn)(probes)
 
 
-def zeros_like_draw(draw: Callable[[], tuple[PyTree, int | None]]) -> PyTree:
-    """Zeros shaped like the probes ``draw()`` would give (traced abstractly: nothing is drawn)."""
-    shapes = jax.eval_shape(lambda: draw()[0])
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-def gated_probe_products(
-    matvec: Callable[[PyTree], PyTree], draw: Callable[[], tuple[PyTree, int | None]], fire: bool | jax.Array
-) -> tuple[PyTree, PyTree]:
-    """``(z, H z)`` for probes ``z, n = draw()`` (:func:`apply_to_probes`) where ``fire`` holds, zeros
-    where it does not: a ``lax.cond`` for a traced ``fire``, so a step that does not fire draws no
-    probe and makes no product."""
-
-    def compute() -> tuple[PyTree, PyTree]:
-        probes, n = draw()
-        return probes, apply_to_probes(matvec, probes, n)
-
-    def zeros() -> tuple[PyTree, PyTree]:
-        z = zeros_like_draw(draw)
-        return z, z
-
+def gated_products(matvec: Callable[[PyTree], PyTree], probes: PyTree, n: int | None, fire: bool | jax.Array) -> PyTree:
+    """``H z`` for the probes (:func:`apply_to_probes`) where ``fire`` holds, zeros where it does not
+    (a ``lax.cond`` for a traced ``fire``, so a step that does not fire makes no product)."""
+    compute = lambda: apply_to_probes(matvec, probes, n)  # noqa: E731
+    zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, probes)  # noqa: E731
     if fire is True:
         return compute()
     if fire is False:

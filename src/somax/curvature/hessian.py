@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from somax import validate
 from somax._tree import tree_vdot
 from somax.contracts import Curvature
-from somax.curvature.base import Linearization, zeros_like_draw
+from somax.curvature.base import Linearization
 from somax.curvature.conv_layout import canonical_convolutions
 from somax.curvature.losses import OutputLoss, get_output_loss
 from somax.curvature.model import BatchReader, Model, as_model
@@ -91,40 +92,38 @@ class HessianCurvature(Curvature):
         batch: Any,
         model_state: Any,
         rng: Any,
-        draw: Callable[[], tuple[Any, int | None]],
+        probes: Any,
+        n: int | None,
         fire: bool | jax.Array,
-    ) -> tuple[Linearization, Any, Any]:
+    ) -> tuple[Linearization, Any]:
         """With ``hvp="jvp"``: where ``fire`` holds, one JVP of the gradient function along the probes
         gives ``g`` (its primal output) and ``H z`` (its tangent) — the forward and backward pass run
         once with tangents instead of once without and once with; elsewhere the gradient alone.
-        A ``lax.cond`` chooses, so the gradient and the probes' draw sit inside the branch (on
-        XLA:CPU a gradient left outside a branch that holds the model's derivatives made every
-        step about a third slower)."""
+        A ``lax.cond`` chooses, so the gradient sits inside the branch (on XLA:CPU a product left
+        outside a branch that holds the model's derivatives made every step about a third slower)."""
         if self.hvp != "jvp":
-            return super().linearize_with_products(params, batch, model_state, rng, draw, fire)
+            return super().linearize_with_products(params, batch, model_state, rng, probes, n, fire)
         grad_and_loss = self._grad_and_loss(batch, model_state, rng)
 
-        def with_products() -> tuple[Any, Any, Any, tuple]:
-            probes, n = draw()
-
+        def with_products() -> tuple[Any, Any, tuple]:
             def one(z: Any) -> tuple[Any, Any, tuple]:
                 return jax.jvp(grad_and_loss, (params,), (z,), has_aux=True)
 
-            g, products, rest = one(probes) if n is None else jax.vmap(one, out_axes=(None, 0, None))(probes)
-            return g, probes, products, rest
+            if n is None:
+                return one(probes)
+            return jax.vmap(one, out_axes=(None, 0, None))(probes)
 
-        def gradient_only() -> tuple[Any, Any, Any, tuple]:
+        def gradient_only() -> tuple[Any, Any, tuple]:
             g, rest = grad_and_loss(params)
-            z = zeros_like_draw(draw)
-            return g, z, z, rest
+            return g, jax.tree_util.tree_map(jnp.zeros_like, probes), rest
 
         if fire is False:
-            g, probes, products, rest = gradient_only()
+            g, products, rest = gradient_only()
         elif fire is True:
-            g, probes, products, rest = with_products()
+            g, products, rest = with_products()
         else:
-            g, probes, products, rest = jax.lax.cond(fire, with_products, gradient_only)
-        return self._linearization(params, batch, model_state, rng, grad_and_loss, g, rest), probes, products
+            g, products, rest = jax.lax.cond(fire, with_products, gradient_only)
+        return self._linearization(params, batch, model_state, rng, grad_and_loss, g, rest), products
 
     def _linearization(
         self, params: Any, batch: Any, model_state: Any, rng: Any, product: Callable, g: Any, rest: tuple
