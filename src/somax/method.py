@@ -240,6 +240,8 @@ class SecondOrderMethod:
         fire = self.plan.gate("estimator", state.count)
         if fire is False:
             return None
+        # drawn at every step, before the refresh's lax.cond: drawn inside it, the probes left the
+        # branch as an output and the other branch wrote zeros for them (measured slower on XLA:CPU)
         probes, n = est.probes(self._estimator_key(rng), state.estimator, params)
         return probes, n, fire
 
