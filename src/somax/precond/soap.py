@@ -18,9 +18,10 @@ one takes one step of power iteration from the current basis ``Q``:
 
     order = argsort(−diag(Qᵀ L Q)),   Q ← qr(L Q[:, order]).Q,
 
-and permutes ``V``'s rows (columns for ``R``) by the same ``order`` when the new basis takes
-effect, so that each coordinate keeps its second moment. A QR costs a fraction of an
-``eigh`` (256×256 in float32 on a 2-core CPU: 1.5 ms against 3.6 ms). At every step,
+and permutes ``V``'s rows (columns for ``R``) by the same ``order`` (with the current basis's
+columns, so this step's ``M⁻¹`` is unchanged), so that each coordinate keeps its second
+moment. A QR costs a fraction of an ``eigh`` (256×256 in float32 on a 2-core CPU: 1.5 ms
+against 3.6 ms). At every step,
 
     M⁻¹ V = Q_L [ (Q_Lᵀ V Q_R) / (√V̂_t + ε + λ) ] Q_Rᵀ,     V̂_t = V_t / (1 − β₂^t),
 
@@ -69,16 +70,14 @@ class SOAPState(NamedTuple):
     """``factors``: per leaf ``{"L", "R"}`` for its rotated sides; ``basis``: per leaf the bases in
     use ``{"QL", "QR"}``; ``next_basis``: the bases computed at the last refresh (taken into use
     by the next update); ``v``: per leaf the rotated second moment ``V`` (matrix- or leaf-shaped);
-    ``count``: updates folded in; ``next_order``: per leaf ``{"L", "R"}`` the permutation of
-    ``V``'s rows / columns that comes with ``next_basis`` (the identity after an ``eigh``);
-    ``has_basis``: whether a refresh has computed a basis (``power_qr`` starts from it)."""
+    ``count``: updates folded in; ``has_basis``: whether a refresh has computed a basis
+    (``power_qr`` starts from it)."""
 
     factors: list
     basis: list
     next_basis: list
     v: list
     count: jax.Array
-    next_order: list
     has_basis: jax.Array
 
 
@@ -91,10 +90,6 @@ def power_qr(mat: jax.Array, q: jax.Array, dtype: str) -> tuple[jax.Array, jax.A
     order = jnp.argsort(-jnp.sum(q.astype(work.dtype) * mq, axis=0))
     new, _ = jnp.linalg.qr(mq[:, order])
     return new.astype(mat.dtype), order.astype(jnp.int32)
-
-
-def _identity_order(factors: dict) -> dict:
-    return {side: jnp.arange(mat.shape[0], dtype=jnp.int32) for side, mat in factors.items()}
 
 
 def _rotate(x: jax.Array, basis: dict, back: bool) -> jax.Array:
@@ -168,21 +163,15 @@ class SOAP(Preconditioner):
                 v.append(jnp.zeros(x.shape, dt))
             factors.append(f)
             basis.append(b)
-        orders = [_identity_order(f) for f in factors]
-        return SOAPState(factors, basis, basis, v, jnp.zeros((), jnp.int32), orders, jnp.asarray(False))
+        return SOAPState(factors, basis, basis, v, jnp.zeros((), jnp.int32), jnp.asarray(False))
 
     def update(self, state: SOAPState, statistic: PyTree, lin: Any = None) -> SOAPState:
         bs = self.b2 if self.shampoo_beta is None else self.shampoo_beta
         basis = state.next_basis  # a refresh at the previous step takes effect now
         factors, v = [], []
-        for g, f, b, v_old, order, lay in zip(
-            jax.tree_util.tree_leaves(statistic), state.factors, basis, state.v, state.next_order,
-            self.layouts(statistic),
-        ):  # fmt: skip
-            if "L" in order:
-                v_old = v_old[order["L"], :]
-            if "R" in order:
-                v_old = v_old[:, order["R"]]
+        for g, f, b, v_old, lay in zip(
+            jax.tree_util.tree_leaves(statistic), state.factors, basis, state.v, self.layouts(statistic)
+        ):
             mat = g.reshape(v_old.shape).astype(v_old.dtype)
             rot = _rotate(mat, b, back=False) if lay.matrix else mat
             v.append(self.b2 * v_old + (1.0 - self.b2) * rot * rot)
@@ -192,28 +181,34 @@ class SOAP(Preconditioner):
             if "R" in f:
                 new["R"] = bs * f["R"] + (1.0 - bs) * (mat.T @ mat)
             factors.append(new)
-        orders = [_identity_order(f) for f in factors]
-        return SOAPState(factors, basis, basis, v, state.count + 1, orders, state.has_basis)
+        return SOAPState(factors, basis, basis, v, state.count + 1, state.has_basis)
 
     def refresh(self, state: SOAPState) -> SOAPState:
-        def by_eigh() -> tuple[list, list]:
+        def by_eigh() -> tuple[list, list, list]:
             nxt = [{"Q" + side: eig_factor(mat, self.eigh_dtype, descending=True)[0] for side, mat in f.items()}
                    for f in state.factors]  # fmt: skip
-            return nxt, [_identity_order(f) for f in state.factors]
+            return state.basis, state.v, nxt
 
-        def by_power_qr() -> tuple[list, list]:
-            nxt, orders = [], []
-            for f, b in zip(state.factors, state.basis):
-                pairs = {side: power_qr(mat, b["Q" + side], self.eigh_dtype) for side, mat in f.items()}
-                nxt.append({"Q" + side: q for side, (q, _) in pairs.items()})
-                orders.append({side: order for side, (_, order) in pairs.items()})
-            return nxt, orders
+        def by_power_qr() -> tuple[list, list, list]:
+            # the current basis's columns and V's rows / columns take the new order together, which
+            # leaves this step's M⁻¹ unchanged; the next basis starts from that order
+            basis, vs, nxt = [], [], []
+            for f, b, v in zip(state.factors, state.basis, state.v):
+                cur, new = dict(b), {}
+                for side, mat in f.items():
+                    new["Q" + side], order = power_qr(mat, b["Q" + side], self.eigh_dtype)
+                    cur["Q" + side] = b["Q" + side][:, order]
+                    v = v[order, :] if side == "L" else v[:, order]
+                basis.append(cur)
+                vs.append(v)
+                nxt.append(new)
+            return basis, vs, nxt
 
         if self.eigenbasis == "eigh":
-            nxt, orders = by_eigh()
+            basis, v, nxt = by_eigh()
         else:
-            nxt, orders = jax.lax.cond(state.has_basis, by_power_qr, by_eigh)
-        return state._replace(next_basis=nxt, next_order=orders, has_basis=jnp.asarray(True))
+            basis, v, nxt = jax.lax.cond(state.has_basis, by_power_qr, by_eigh)
+        return state._replace(basis=basis, v=v, next_basis=nxt, has_basis=jnp.asarray(True))
 
     def inverse(self, state: SOAPState, lam: jax.Array):
         t = jnp.maximum(state.count, 1)
