@@ -26,7 +26,7 @@ import optax
 from somax._tree import scalar_dtype, tree_norm, tree_scale, tree_vdot, tree_where, tree_zeros_like
 from somax.contracts import Component, Curvature, Damping, Estimator, LineSearch, Preconditioner, Solver
 from somax.estimators import amortized
-from somax.plan import Plan, cadence_gate
+from somax.plan import Plan, cadence_gate, gated
 from somax.probes import block_names, spectral_values
 from somax.specs import TelemetrySpec
 from somax.step_checks import check_batch, check_params, check_rng, check_state, describe_batch
@@ -497,11 +497,7 @@ def _add(params: PyTree, updates: PyTree) -> PyTree:
 
 def _gated(fire: bool | jax.Array, compute, sentinel: Any) -> Any:
     """``compute()`` where ``fire`` holds, else ``sentinel``; nothing is compiled for ``False``."""
-    if fire is False:
-        return sentinel
-    if fire is True:
-        return compute()
-    return jax.lax.cond(fire, compute, lambda: sentinel)
+    return gated(fire, compute, lambda: sentinel)
 
 
 def _external_grad(grad: PyTree, like: PyTree) -> PyTree:

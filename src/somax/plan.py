@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 
 from somax.specs import OFF
 from somax.telemetry import InfoField
 
-__all__ = ["ProbeRequest", "Plan", "cadence_gate"]
+__all__ = ["ProbeRequest", "Plan", "cadence_gate", "gated"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,16 @@ class ProbeRequest:
     probe: str
     requester: str
     every_k: int
+
+
+def gated(fire: bool | jax.Array, compute: Callable[[], Any], otherwise: Callable[[], Any]) -> Any:
+    """``compute()`` where the gate ``fire`` (from :func:`cadence_gate`) holds, else ``otherwise()``:
+    a constant gate compiles one side only, a traced one a ``lax.cond``."""
+    if fire is True:
+        return compute()
+    if fire is False:
+        return otherwise()
+    return jax.lax.cond(fire, compute, otherwise)
 
 
 def cadence_gate(count: jax.Array, ks: Sequence[int]) -> bool | jax.Array:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from somax._tree import tree_vdot
+from somax.plan import gated
 
 PyTree = Any
 
@@ -78,10 +79,5 @@ def apply_to_probes(fn: Callable[[PyTree], PyTree], probes: PyTree, n: int | Non
 def gated_products(matvec: Callable[[PyTree], PyTree], probes: PyTree, n: int | None, fire: bool | jax.Array) -> PyTree:
     """``H z`` for the probes (:func:`apply_to_probes`) where ``fire`` holds, zeros where it does not
     (a ``lax.cond`` for a traced ``fire``, so a step that does not fire makes no product)."""
-    compute = lambda: apply_to_probes(matvec, probes, n)  # noqa: E731
-    zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, probes)  # noqa: E731
-    if fire is True:
-        return compute()
-    if fire is False:
-        return zeros()
-    return jax.lax.cond(fire, compute, zeros)
+    return gated(fire, lambda: apply_to_probes(matvec, probes, n),
+                 lambda: jax.tree_util.tree_map(jnp.zeros_like, probes))  # fmt: skip

@@ -35,6 +35,7 @@ from somax.curvature.base import Linearization
 from somax.curvature.conv_layout import canonical_convolutions
 from somax.curvature.losses import OutputLoss, get_output_loss
 from somax.curvature.model import BatchReader, Model, as_model
+from somax.plan import gated
 from somax.registry import CURVATURES
 
 __all__ = ["HessianCurvature", "hessian", "HVP_FORMS"]
@@ -117,12 +118,7 @@ class HessianCurvature(Curvature):
             g, rest = grad_and_loss(params)
             return g, jax.tree_util.tree_map(jnp.zeros_like, probes), rest
 
-        if fire is False:
-            g, products, rest = gradient_only()
-        elif fire is True:
-            g, products, rest = with_products()
-        else:
-            g, products, rest = jax.lax.cond(fire, with_products, gradient_only)
+        g, products, rest = gated(fire, with_products, gradient_only)
         return self._linearization(params, batch, model_state, rng, grad_and_loss, g, rest), products
 
     def _linearization(
