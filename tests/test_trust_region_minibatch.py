@@ -43,23 +43,17 @@ def _train(split, sizes, damping, seed=0):
     return float(jnp.mean(jnp.argmax(mlp_apply(params, xt), -1) == yt)), float(jnp.max(norms))
 
 
-@pytest.mark.parametrize("dataset", ["digits", "mnist1d"])
-def test_table4_trust_region_ends_near_constant_damping(dataset):
+@pytest.mark.parametrize("dataset,lam0s", [("digits", (1.0,)), ("mnist1d", (1.0, 1e-6))])
+def test_table4_trust_region_ends_near_constant_damping(dataset, lam0s):
+    """λ₀ = 1 (the paper's setting), and on MNIST-1D also λ₀ = 1e-6 (constant λ = 1e-3 already diverges
+    there: update norms above 1e18, chance accuracy; the curvature floor lifts λ to the problem's scale):
+    the trust region trains like constant λ = 1."""
     if dataset == "digits":
         split, sizes = bdata.digits(0), (64, 128, 10)
     else:
         split, sizes = bdata.mnist1d(0, num_samples=2000), (40, 64, 64, 10)
-    tr_acc, tr_norm = _train(split, sizes, DampingSpec("trust_region", lam0=1.0, kwargs={"every_k": 5}))
     const_acc, _ = _train(split, sizes, DampingSpec("constant", lam0=1.0))
-    assert tr_norm < 5.0, tr_norm  # no step beyond this bound (a diverging run exceeds 1e3)
-    assert tr_acc >= const_acc - 0.05, (tr_acc, const_acc)
-
-
-def test_a_tiny_lam0_trains_like_constant_damping():
-    """λ₀ = 1e-6 (constant λ = 1e-3 already diverges here: update norms above 1e18, chance accuracy):
-    the curvature floor lifts λ to the problem's scale, so the trust region trains like constant λ = 1."""
-    split, sizes = bdata.mnist1d(0, num_samples=2000), (40, 64, 64, 10)
-    tr_acc, tr_norm = _train(split, sizes, DampingSpec("trust_region", lam0=1e-6, kwargs={"every_k": 5}))
-    const_acc, _ = _train(split, sizes, DampingSpec("constant", lam0=1.0))
-    assert tr_norm < 5.0, tr_norm
-    assert tr_acc >= const_acc - 0.05, (tr_acc, const_acc)
+    for lam0 in lam0s:
+        tr_acc, tr_norm = _train(split, sizes, DampingSpec("trust_region", lam0=lam0, kwargs={"every_k": 5}))
+        assert tr_norm < 5.0, (lam0, tr_norm)  # no step beyond this bound (a diverging run exceeds 1e3)
+        assert tr_acc >= const_acc - 0.05, (lam0, tr_acc, const_acc)
